@@ -1,0 +1,48 @@
+"""The module DeepSpeed trains: the decoder plus (when meta-learning is on) the meta head.
+
+Both objectives run inside this module's forward, so every parameter the meta step touches is in
+ZeRO's view (partitioned, gathered, reduced and stepped by the one optimizer), and gradient accumulation
+and clipping apply to AR and meta steps alike.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+import kernels
+from metalm.config import Config
+from metalm.model import build_model
+
+
+class PretrainModule(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.lm = build_model(cfg.model)
+        self.head: Optional[nn.Module] = None
+        if cfg.meta.enabled:
+            from metalm.meta.head import build_head
+
+            self.head = build_head(cfg.meta, cfg.model.d_model, cfg.model.vocab_size)
+
+    def ar_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Next-token CE over a (B, T+1) batch: inputs batch[:, :-1], targets batch[:, 1:]."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        backend = self.cfg.model.kernels
+        if self.cfg.model.fused_linear_ce:
+            h = self.lm.hidden_states(inputs)
+            return kernels.linear_cross_entropy(h, self.lm.lm_head.weight, targets, backend=backend)
+        logits = self.lm(inputs)
+        return kernels.masked_cross_entropy(logits, targets, backend=backend)
+
+    def forward(self, batch: torch.Tensor, episode=None):
+        """AR step: returns (loss, {}). Meta step (episode given): returns (query loss, stats)."""
+        if episode is None:
+            return self.ar_loss(batch), {}
+        from metalm.meta.fomaml import meta_loss_with_stats
+
+        m = self.cfg.meta
+        return meta_loss_with_stats(self.lm.hidden_states, self.head, episode, inner_steps=m.inner_steps,
+                                    inner_lr=m.inner_lr, head_init=m.head_init, second_order=m.second_order)

@@ -1,0 +1,108 @@
+from pathlib import Path
+
+import pytest
+
+from metalm.config import ConfigError, deepspeed_config, grad_accum, load_config, to_yaml
+from metalm.model import num_params
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_every_shipped_yaml_loads():
+    assert len(CONFIGS) >= 5
+    for path in CONFIGS:
+        cfg = load_config(path)
+        assert cfg.model.d_model % cfg.model.n_heads == 0, path
+
+
+@pytest.mark.parametrize("name,millions", [("11m", 11.28), ("65m", 64.60), ("181m", 181.10), ("570m", 569.81)])
+def test_size_configs_match_their_names(name, millions):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    # the paper's table (PAPER.md section 2): untied embeddings, V=50,304
+    assert num_params(cfg.model) / 1e6 == pytest.approx(millions, abs=0.01)
+    assert (cfg.model.n_layers, cfg.model.n_heads, cfg.model.n_kv_heads) == (12, 12, 4)
+    assert cfg.model.ffn_hidden == 4 * cfg.model.d_model
+    assert cfg.train.global_batch == 1024 and cfg.train.seq_len == 2048
+    assert cfg.meta.enabled and cfg.optim.lr == 3e-4 and cfg.optim.warmup_steps == 2500
+
+
+def test_cpu_tiny_is_small_and_meta_on():
+    cfg = load_config(REPO / "configs" / "cpu-tiny.yaml")
+    assert 1e6 <= num_params(cfg.model) <= 3e6
+    assert cfg.meta.enabled
+
+
+def test_overrides_apply_and_are_typed():
+    cfg = load_config(None, ["train.max_steps=7", "meta.hybrid_ratio=0.25", "logging.tags=[a,b]"])
+    assert cfg.train.max_steps == 7 and cfg.meta.hybrid_ratio == 0.25 and list(cfg.logging.tags) == ["a", "b"]
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.no_such_key=1", "no_such_key"),
+    ("nosection.x=1", "nosection"),
+    ("train.max_steps=abc", "train.max_steps"),
+    ("model.d_model=100", "model.d_model=100"),
+    ("meta.hybrid_ratio=1.5", "meta.hybrid_ratio=1.5"),
+    ("meta.sampler=bogus", "meta.sampler='bogus'"),
+    ("train.zero_stage=4", "train.zero_stage=4"),
+    ("model.n_kv_heads=5", "model.n_kv_heads=5"),
+    ("train.seq_len=4096", "train.seq_len=4096"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("train.max_steps", "key=value"),
+])
+def test_bad_values_name_key_and_value(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  max_step: 10\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "max_step" in str(e.value) and str(p) in str(e.value)
+
+
+def test_interpolation_is_rejected(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  run_dir: ${oc.env:HOME}\n")
+    with pytest.raises(ConfigError, match="interpolation"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="interpolation"):
+        load_config(None, ["train.run_dir=${oc.env:HOME}"])
+
+
+def test_yaml_tags_cannot_construct_objects(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_batch_geometry_checked_against_world_size():
+    cfg = load_config(None, ["train.global_batch=64", "train.micro_batch=8"], world_size=2)
+    assert grad_accum(cfg, 2) == 4
+    with pytest.raises(ConfigError, match="train.global_batch=64"):
+        load_config(None, ["train.global_batch=64", "train.micro_batch=8", "train.grad_accum=3"], world_size=2)
+    with pytest.raises(ConfigError, match="not divisible"):
+        load_config(None, ["train.global_batch=60", "train.micro_batch=8"], world_size=2)
+
+
+def test_deepspeed_config_is_derived():
+    cfg = load_config(None, ["train.global_batch=64", "train.micro_batch=4", "train.zero_stage=3",
+                             "train.precision=bf16", "optim.grad_clip=0.5"], world_size=2)
+    ds = deepspeed_config(cfg, 2)
+    assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 8
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": True}
+    assert ds["gradient_clipping"] == 0.5 and "fp16" not in ds
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(REPO / "configs" / "cpu-tiny.yaml", ["train.max_steps=3"])
+    p = tmp_path / "saved.yaml"
+    p.write_text(to_yaml(cfg))
+    again = load_config(p)
+    assert to_yaml(again) == to_yaml(cfg)
