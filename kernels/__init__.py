@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+import types
 
 import torch
 
@@ -61,3 +63,21 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 __all__ = ["rmsnorm", "masked_cross_entropy", "linear_cross_entropy", "reference", "triton_available", "BACKENDS"]
+
+_DISPATCHERS = ("rmsnorm", "masked_cross_entropy", "linear_cross_entropy")
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule `kernels.rmsnorm` makes Python bind it as the package attribute `rmsnorm`,
+    replacing the dispatch function of the same name: after the first Triton call, `kernels.rmsnorm(...)`
+    would raise "'module' object is not callable". Refuse that one rebinding so the names stay functions;
+    reach the Triton modules with importlib.import_module("kernels.rmsnorm") (sys.modules is unaffected).
+    """
+
+    def __setattr__(self, name, value):
+        if name in _DISPATCHERS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -32,6 +32,9 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     t = targets.reshape(-1)
     valid = t != ignore_index
     safe_t = torch.where(valid, t, torch.zeros_like(t))
+    # Ignored rows (padding) may hold garbage: zero them before any op whose backward reads them, or a
+    # NaN there would leak into the gradient (0 * NaN) even though the row's loss is masked out.
+    z = z.masked_fill(~valid[:, None], 0.0)
     lse = torch.logsumexp(z, dim=-1)
     nll = lse - z.gather(1, safe_t[:, None]).squeeze(1)
     if label_smoothing > 0:
