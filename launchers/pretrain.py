@@ -31,21 +31,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from dist_env import DistEnvError, derive  # launchers/ is sys.path[0] when this file runs as a script
     from metalm.config import ConfigError, load_config
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
+        os.environ.update(derive(os.environ))  # under srun: RANK/WORLD_SIZE/... from SLURM_*; else a no-op
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg = load_config(args.config, args.overrides, world_size=world)
-    except ConfigError as e:
+    except (ConfigError, DistEnvError) as e:
         print(f"metalm: configuration error: {e}", file=sys.stderr)
         return 2
+    from metalm.data.errors import DataError
+    from metalm.train.checkpoint import CheckpointError
     from metalm.train.engine import init_distributed
     from metalm.train.loop import Trainer
 
     dist = init_distributed(cfg)
-    trainer = Trainer(cfg, dist)
-    trainer.setup()
-    return trainer.run()
+    try:
+        trainer = Trainer(cfg, dist)
+        trainer.setup()
+        return trainer.run()
+    except (DataError, CheckpointError, ConfigError) as e:
+        print(f"metalm: error (rank {dist.rank}): {e}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

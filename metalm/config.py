@@ -51,6 +51,9 @@ class DataConfig:
     num_workers: int = 0
     shuffle: bool = True
     on_bad_sample: str = "error"  # error | skip (skipped samples are counted in the logs)
+    text_split: str = "file"  # plain-text sources: file (one document per file) | blank_line (blank-line separated)
+    prepare_num_proc: int = 0  # tokenizer processes for prepare_if_missing (0: one per available core)
+    verify_shards: bool = True  # check each shard's sha256 against the manifest when the loader reads it
 
 
 @dataclass
@@ -70,6 +73,7 @@ class TrainConfig:
     run_dir: str = "runs/cpu-tiny"
     seed: int = 0
     max_steps: int = 1000
+    stop_at: int = 0  # >0: checkpoint and exit after this step (schedule still follows max_steps)
     seq_len: int = 2048
     global_batch: int = 1024  # sequences per optimizer step, all ranks together
     micro_batch: int = 8  # sequences per rank per forward
@@ -81,8 +85,6 @@ class TrainConfig:
     val_batches: int = 8
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
-    nonfinite_policy: str = "skip"  # skip the step and count it | stop
-    max_nonfinite_in_row: int = 10
 
 
 @dataclass
@@ -101,7 +103,7 @@ class MetaConfig:
     sampler: str = "smlmt"  # smlmt (ours) | reference (the paper code's construction)
     n_way: int = 32
     k_shot: int = 4
-    q_queries: int = 4
+    q_queries: int = 4  # query occurrences per class (smlmt; the reference sampler takes one per sequence)
     inner_steps: int = 10
     inner_lr: float = 0.01
     head_init: str = "persistent"  # persistent | zero | prototype
@@ -145,6 +147,15 @@ class NerConfig:
     seed: int = 42
     crf: bool = False
     early_stopping: bool = False
+    patience: int = 3  # early stopping: epochs without a dev-F1 improvement before stopping
+    log_every: int = 10  # fine-tuning loss logged every N steps (t90 / AUC resolution)
+    token_col: int = 1  # IOB2 columns (0-based): UNER files are index, token, tag, ...
+    tag_col: int = 2
+    max_sentences: int = 0  # 0: all; else the first N sentences of each file (quick checks)
+    word_sep: str = " "  # put before every word but the first when encoding; "" for ja/zh (no spaces in text)
+    label_token: str = "first"  # sub-token carrying a word's label: first (paper) | last (sees the whole word)
+    langs: list = field(default_factory=list)  # [{lang, train, test, dev?}, ...]: in-language runs + average
+    crosslingual: bool = False  # with langs: also test each model on every language's test set
 
 
 @dataclass
@@ -153,6 +164,7 @@ class EvalConfig:
     seq_len: int = 256
     val_batches: int = 16
     metrics: list = field(default_factory=lambda: ["val_loss", "rank", "entropy"])
+    probe_text: Optional[str] = None  # text/jsonl file for the fixed rank/entropy batch when no val shards
     ner: NerConfig = field(default_factory=NerConfig)
 
 
@@ -171,17 +183,21 @@ class Config:
 CHOICES = {
     "model.kernels": ("auto", "triton", "torch"),
     "data.on_bad_sample": ("error", "skip"),
+    "data.text_split": ("file", "blank_line"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
-    "train.nonfinite_policy": ("skip", "stop"),
     "meta.branch": ("per_step", "per_microbatch"),
     "meta.sampler": ("smlmt", "reference"),
     "meta.head_init": ("persistent", "zero", "prototype"),
     "meta.head.init": ("xavier", "normal"),
     "logging.mode": ("auto", "online", "offline"),
     "eval.ner.mode": ("head", "full"),
+    "eval.ner.label_token": ("first", "last"),
 }
+
+
+EVAL_METRICS = ("val_loss", "rank", "entropy", "ner")
 
 
 def _reject_interpolation(node: Any, where: str) -> None:
@@ -279,6 +295,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         bad("train.seq_len", t.seq_len, f"expected 1..model.max_seq_len={m.max_seq_len}")
     if t.max_steps <= 0:
         bad("train.max_steps", t.max_steps, "expected a positive integer")
+    if t.stop_at < 0:
+        bad("train.stop_at", t.stop_at, "expected 0 (off) or a step number")
     if t.micro_batch <= 0:
         bad("train.micro_batch", t.micro_batch, "expected a positive integer")
     if t.zero_stage not in (0, 1, 2, 3):
@@ -307,6 +325,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         bad("meta.head.layers", me.head.layers, "expected >= 1 layer with meta.head.hidden > 0")
     if not 0.0 <= me.head.dropout < 1.0:
         bad("meta.head.dropout", me.head.dropout, "expected a probability in [0, 1)")
+    if me.min_token_freq < 1:
+        bad("meta.min_token_freq", me.min_token_freq, "expected >= 1")
     if me.max_token_freq and me.max_token_freq < me.min_token_freq:
         bad("meta.max_token_freq", me.max_token_freq, f"must be 0 or >= meta.min_token_freq={me.min_token_freq}")
     if o.lr <= 0:
@@ -321,10 +341,31 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         bad("optim.grad_clip", o.grad_clip, "expected >= 0 (0 disables clipping)")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         bad("data.val_fraction", cfg.data.val_fraction, "expected a fraction in [0, 1)")
+    if cfg.data.samples_per_shard <= 0:
+        bad("data.samples_per_shard", cfg.data.samples_per_shard, "expected a positive integer")
+    if cfg.data.num_workers < 0:
+        bad("data.num_workers", cfg.data.num_workers, "expected >= 0 (0: load in the training process)")
+    if cfg.data.prepare_num_proc < 0:
+        bad("data.prepare_num_proc", cfg.data.prepare_num_proc, "expected >= 0 (0: one per available core)")
     if cfg.checkpoint.every <= 0:
         bad("checkpoint.every", cfg.checkpoint.every, "expected a positive integer")
     if cfg.checkpoint.keep_last_k < 1:
         bad("checkpoint.keep_last_k", cfg.checkpoint.keep_last_k, "expected >= 1")
+    ev, ner = cfg.eval, cfg.eval.ner
+    for key in ("batch_size", "seq_len", "val_batches"):
+        if getattr(ev, key) <= 0:
+            bad(f"eval.{key}", getattr(ev, key), "expected a positive integer")
+    for mname in ev.metrics:
+        if mname not in EVAL_METRICS:
+            bad("eval.metrics", list(ev.metrics), f"unknown metric {mname!r}; expected some of {', '.join(EVAL_METRICS)}")
+    for key in ("epochs", "batch_size", "max_len", "log_every", "patience"):
+        if getattr(ner, key) <= 0:
+            bad(f"eval.ner.{key}", getattr(ner, key), "expected a positive integer")
+    if ner.lr <= 0:
+        bad("eval.ner.lr", ner.lr, "expected > 0")
+    for i, entry in enumerate(ner.langs):
+        if not hasattr(entry, "keys") or not all(entry.get(k) for k in ("lang", "train", "test")):
+            bad(f"eval.ner.langs[{i}]", entry, "expected a mapping with lang, train, test (and optionally dev)")
 
 
 def grad_accum(cfg: Config, world_size: int) -> int:

@@ -151,27 +151,29 @@ class Trainer:
         gen = episode_generator(self.cfg.train.seed, self.step, micro, self.dist.rank)
         exclude = tuple(int(v) for v in self.special.values() if v is not None)
         try:
-            ep = sample_episode(batch[:, :-1].cpu(), n_way=m.n_way, k_shot=m.k_shot, q_queries=m.q_queries,
+            ep = sample_episode(batch[:, :-1], n_way=m.n_way, k_shot=m.k_shot, q_queries=m.q_queries,
                                 mask_id=int(self.special["mask"]), sampler=m.sampler, generator=gen,
                                 min_freq=m.min_token_freq, max_freq=m.max_token_freq, exclude_ids=exclude)
             ok = torch.ones(1)
         except EpisodeError as e:
             ep, ok = None, torch.zeros(1)
-            self._episode_error = str(e)
+            log.warning("rank %d step %d: no episode from this batch (%s); all ranks take an AR micro-batch",
+                        self.dist.rank, self.step, e)
         # Every rank must take the same branch (ZeRO reduces gradients in lock-step): if any rank could
         # not build an episode, all fall back to an AR micro-batch, and the fallback is counted.
         if self.dist.world_size > 1:
             tdist.all_reduce(ok, op=tdist.ReduceOp.MIN)
         if ok.item() < 1:
             return None
-        return ep.to(self.dist.device) if hasattr(ep, "to") else ep
+        return ep.to(self.dist.device, non_blocking=True)
 
     def train_step(self) -> None:
         dev = self.dist.device
         for micro in range(self.accum):
-            batch = next(self.loader_iter).to(dev, non_blocking=True)
+            batch = next(self.loader_iter)  # on the host: episodes are sampled there, without device syncs
             meta = self.schedule is not None and self.schedule.is_meta(self.step, micro)
             episode = self._episode(batch, micro) if meta else None
+            batch = batch.to(dev, non_blocking=True)
             if meta and episode is None:
                 self.acc["meta_fallback"] += 1
             loss, stats = self.engine(batch, episode=episode)
@@ -295,7 +297,8 @@ class Trainer:
     # ---------------------------------------------------------------- run
     def run(self) -> int:
         cfg, d = self.cfg, self.dist
-        self.stop.install()
+        if cfg.checkpoint.save_on_signal:
+            self.stop.install()
         self.loader_iter = iter(self.loader)
         self._reset_acc()
         t0, tok0, fl0 = time.time(), self.tokens, self.flops
@@ -316,6 +319,8 @@ class Trainer:
             if self.step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
                 last_saved = self.step
+            if cfg.train.stop_at and self.step >= cfg.train.stop_at and self.step < cfg.train.max_steps:
+                self.stop.requested, self.stop.signame = True, f"train.stop_at={cfg.train.stop_at}"
             if self._stop_requested():
                 if last_saved != self.step:
                     self.save_checkpoint()

@@ -21,6 +21,11 @@ class PretrainModule(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.lm = build_model(cfg.model)
+        if cfg.train.compile:
+            # Per-block, in place (state-dict names unchanged): the meta branch's data-dependent episode
+            # shapes stay eager, while every block (the bulk of AR and meta FLOPs) runs compiled.
+            for block in self.lm.model.layers:
+                block.compile()
         self.head: Optional[nn.Module] = None
         if cfg.meta.enabled:
             from metalm.meta.head import build_head

@@ -1,0 +1,126 @@
+"""End-to-end training: the real launcher, real shards from the shared corpus, 1-2 CPU processes."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metalm.train import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = REPO / "launchers" / "pretrain.py"
+
+# a small model on the real tokenizer; 2 processes x micro 4 x accum 2 = global 16
+COMMON = [
+    "--config", str(REPO / "configs" / "cpu-tiny.yaml"),
+    "train.seq_len=64", "model.max_seq_len=64", "train.micro_batch=4", "train.global_batch=16",
+    "model.n_layers=2", "train.max_steps=12", "train.log_every=1", "train.val_every=0", "optim.warmup_steps=3",
+    "checkpoint.every=100", "logging.wandb=false", "logging.progress=false", "data.prepare_if_missing=false",
+    "meta.n_way=4", "meta.k_shot=2", "meta.q_queries=2", "meta.inner_steps=3", "meta.hybrid_ratio=0.5",
+]
+
+
+@pytest.fixture(scope="session")
+def shards(shared_data, tmp_path_factory) -> Path:
+    from metalm.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("train-shards")
+    src = root / "slice.jsonl"
+    with open(shared_data / "corpus" / "wiki-vital-en-fr-es.jsonl") as f, open(src, "w") as out:
+        for i, line in enumerate(f):
+            if i >= 400:
+                break
+            out.write(line)
+    prepare(str(src), str(shared_data / "tokenizers" / "olmo-gpt-neox-dolma-v1_5.json"), str(root / "shards"),
+            64, val_fraction=0.05, samples_per_shard=256, num_proc=1, text_field="text", seed=0)
+    return root / "shards"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def run_torchrun(run_dir: Path, shards: Path, *extra: str, nproc: int = 2, timeout: int = 240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
+           str(LAUNCHER), *COMMON, f"data.shards={shards}", f"train.run_dir={run_dir}", *extra]
+    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def losses(run_dir: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("ar_loss"), r.get("meta_loss"), r.get("meta/query_acc")) for r in rows if "lr" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 2])
+def test_two_process_hybrid_resume_is_bit_identical(tmp_path, shards, zero):
+    full, split = tmp_path / "full", tmp_path / "split"
+    run_torchrun(full, shards, f"train.zero_stage={zero}")
+    first = run_torchrun(split, shards, f"train.zero_stage={zero}", "train.stop_at=6")
+    assert "stopped by train.stop_at=6" in first.stdout
+    assert ckpt.find_latest(split / "checkpoints").name == "step_00000006"
+    second = run_torchrun(split, shards, f"train.zero_stage={zero}")
+    assert "resumed from" in second.stdout
+    a, b = losses(full), losses(split)
+    assert [r[0] for r in a] == list(range(1, 13))
+    assert a == b  # exact equality: AR losses, meta losses and query accuracies after the resume
+    kinds = {(r[1] is not None, r[2] is not None) for r in a}
+    assert (True, False) in kinds and (False, True) in kinds, "the schedule should mix AR and meta steps"
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_end_to_end(tmp_path, shards):
+    """The README's main command shape: the `deepspeed` runner, 2 CPU processes, meta on, checkpoints."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank",
+           "--master_port", str(_port()), str(LAUNCHER), *COMMON, f"data.shards={shards}",
+           f"train.run_dir={run_dir}", "checkpoint.every=5", "checkpoint.keep_last_k=2", "logging.progress=true",
+           "train.val_every=6", "train.val_batches=2"]
+    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "step 12/12" in out.stdout and "tok/s" in out.stdout and "eta" in out.stdout
+    assert "metalm: done" in out.stdout and str(run_dir.resolve()) in out.stdout
+    kept = [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")]
+    assert kept == ["step_00000010", "step_00000012"]  # keep_last_k=2 pruned step 5
+    latest = ckpt.find_latest(run_dir / "checkpoints")
+    assert latest.name == "step_00000012" and (latest / "meta_head.safetensors").is_file()
+    state = ckpt.read_state(latest)
+    assert state["step"] == 12 and state["world_size"] == 2
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in rows)
+    assert any(r.get("meta_loss") is not None for r in rows) and any(r.get("ar_loss") is not None for r in rows)
+    model, cfg = ckpt.load_model(latest)
+    assert cfg.train.max_steps == 12 and model.cfg.n_layers == 2
+
+
+def test_unknown_key_exits_nonzero_naming_it(tmp_path):
+    out = subprocess.run([sys.executable, str(LAUNCHER), "--config", str(REPO / "configs" / "cpu-tiny.yaml"),
+                          "train.max_stepz=3"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "max_stepz" in out.stderr
+
+
+def test_resume_with_other_world_size_is_refused(tmp_path, shards):
+    run_dir = tmp_path / "ws"
+    run_torchrun(run_dir, shards, "meta.enabled=false", "train.max_steps=2", "train.global_batch=8",
+                 "train.grad_accum=1")
+    cmd = [sys.executable, str(LAUNCHER), *COMMON, f"data.shards={shards}", f"train.run_dir={run_dir}",
+           "meta.enabled=false", "train.max_steps=4", "train.global_batch=8", "train.micro_batch=4",
+           "train.grad_accum=2"]
+    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "cannot resume" in out.stderr and "world_size" in out.stderr
