@@ -1,0 +1,34 @@
+"""Data pipeline: document sources -> tokenizer -> packed WebDataset shards -> resumable training stream.
+
+    prepare(source, tokenizer_spec, out_dir, seq_len, ...) -> manifest      (CLI: metalm-prepare)
+    ensure_prepared(cfg) -> manifest                                         (launcher)
+    build_loader(cfg, split=..., rank=..., world_size=...) -> ShardLoader    (trainer / evaluator)
+
+The loader names (torch) are imported lazily: `metalm-prepare` and its tokenizer processes never import torch.
+"""
+from __future__ import annotations
+
+import warnings
+
+from metalm.data.errors import DataError
+from metalm.data.manifest import load_manifest, validate_manifest
+from metalm.data.prepare import ensure_prepared, prepare
+from metalm.data.sources import iter_documents
+from metalm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
+
+# `python -m metalm.data.prepare` imports this package (hence the submodule) before running it as __main__;
+# runpy then warns although nothing is wrong (the module holds no state that the second copy would miss).
+warnings.filterwarnings("ignore", message=r"'metalm\.data\.prepare' found in sys\.modules", category=RuntimeWarning)
+
+_LAZY = {"ShardLoader", "build_loader"}
+
+__all__ = ["DataError", "Tokenizer", "load_tokenizer", "train_bpe", "iter_documents", "prepare", "ensure_prepared",
+           "load_manifest", "validate_manifest", "ShardLoader", "build_loader"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from metalm.data import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module 'metalm.data' has no attribute {name!r}")

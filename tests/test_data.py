@@ -1,0 +1,530 @@
+"""Prepare (packing, manifest, resume, refusal) and the shard loader (partition, shuffle, resume, checks).
+
+Shards come from the first 300 documents of the real wiki corpus, seq_len 64, 40 samples per shard.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import tarfile
+from collections import Counter
+from contextlib import contextmanager
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metalm.data import DataError, ShardLoader, build_loader, ensure_prepared, load_manifest, load_tokenizer, prepare
+from metalm.data.prepare import is_val_doc, main as prepare_main, window_shuffle
+
+SEQ = 64
+MAX_DOCS = 300
+PER_SHARD = 40
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def corpus(shared_data) -> Path:
+    return shared_data / "corpus" / "wiki-vital-en-fr-es.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tok_path(shared_data) -> str:
+    return str(shared_data / "tokenizers" / "olmo-gpt-neox-dolma-v1_5.json")
+
+
+def _prepare(corpus, tok_path, out, **kw):
+    args = dict(val_fraction=0.1, samples_per_shard=PER_SHARD, num_proc=2, seed=0, max_docs=MAX_DOCS,
+                progress=False)
+    args.update(kw)
+    seq = args.pop("seq_len", SEQ)
+    return prepare(str(corpus), tok_path, out, seq, **args)
+
+
+@pytest.fixture(scope="session")
+def shards(corpus, tok_path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "shards"
+    _prepare(corpus, tok_path, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def one_shard(corpus, tok_path, tmp_path_factory) -> Path:
+    """A split with a single train shard (fewer shards than ranks x workers)."""
+    out = tmp_path_factory.mktemp("data") / "one"
+    _prepare(corpus, tok_path, out, max_docs=80, samples_per_shard=1000, val_fraction=0.0)
+    return out
+
+
+@pytest.fixture
+def shards_copy(shards, tmp_path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(shards, dst)
+    return dst
+
+
+def read_split(shards_dir: Path, split: str) -> list[tuple]:
+    """Every sample of a split, read with tarfile + numpy (independently of the loader)."""
+    man = json.loads((shards_dir / "manifest.json").read_text())
+    out = []
+    for rec in man["splits"][split]["shards"]:
+        with tarfile.open(shards_dir / rec["path"]) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".npy"):
+                    out.append(tuple(np.load(io.BytesIO(tar.extractfile(m).read())).tolist()))
+    return out
+
+
+def loader(shards_dir, split="train", **kw) -> ShardLoader:
+    args = dict(seq_len=SEQ, micro_batch=4, seed=0)
+    args.update(kw)
+    return ShardLoader(shards_dir, split=split, **args)
+
+
+def take(ld, n) -> list[list]:
+    it = iter(ld)
+    try:
+        return [b.tolist() for b in islice(it, n)]
+    finally:
+        it.close()
+
+
+def per_worker_samples(ld: ShardLoader, epochs: int) -> dict[int, list[tuple]]:
+    """Samples of each worker's first `epochs` epochs, attributed through the public resume state."""
+    sizes = ld.worker_sizes
+    seen: dict[int, list[tuple]] = {w: [] for w in range(len(sizes))}
+    prev = ld.state_dict()["positions"]
+    it = iter(ld)
+    try:
+        while any(len(seen[w]) < epochs * sizes[w] for w in seen):
+            batch = next(it)
+            pos = ld.state_dict()["positions"]
+            moved = [w for w in seen if pos[w] != prev[w]]
+            assert len(moved) == 1 and pos[moved[0]] - prev[moved[0]] == len(batch)
+            seen[moved[0]].extend(tuple(r) for r in batch.tolist())
+            prev = pos
+    finally:
+        it.close()
+    return {w: s[: epochs * sizes[w]] for w, s in seen.items()}
+
+
+@contextmanager
+def deadline(seconds: int):
+    def fail(*_):
+        raise TimeoutError(f"no progress within {seconds} s (hang)")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ----------------------------------------------------------------------------------------------- prepare
+def test_manifest_contents(shards, tok_path):
+    man = load_manifest(shards)
+    tok = load_tokenizer(tok_path)
+    assert man["seq_len"] == SEQ and man["sample_len"] == SEQ + 1 and man["dtype"] == "uint16"
+    assert man["vocab_size"] == tok.vocab_size == 50281
+    assert man["special_ids"] == tok.special_ids and man["special_ids"]["mask"] == 50280
+    assert man["tokenizer_hash"] == tok.hash
+    train, val = man["splits"]["train"], man["splits"]["val"]
+    assert len(train["shards"]) >= 8 and len(val["shards"]) >= 2  # several shards per split
+    assert all(s["samples"] == PER_SHARD for s in train["shards"][:-1])
+    for rec in train["shards"] + val["shards"]:
+        path = shards / rec["path"]
+        assert path.stat().st_size == rec["bytes"]
+        assert __import__("hashlib").sha256(path.read_bytes()).hexdigest() == rec["sha256"]
+        assert rec["tokens"] == rec["samples"] * (SEQ + 1)
+    assert man["totals"]["docs"] == MAX_DOCS and train["docs"] + val["docs"] == MAX_DOCS
+    assert man["totals"]["tokens"] == (train["samples"] + val["samples"]) * (SEQ + 1)
+    assert 0 < val["docs"] < 0.2 * MAX_DOCS
+
+
+def test_packing_is_lossless_and_in_order(shards, corpus, tok_path):
+    """Re-derive the token stream of each split (shuffle window, val hash, EOS per doc) and compare."""
+    tok = load_tokenizer(tok_path)
+    with open(corpus, encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in islice(f, MAX_DOCS)]
+    streams: dict[str, list[int]] = {"train": [], "val": []}
+    for index, doc in window_shuffle(docs, 65536, 0):
+        split = "val" if is_val_doc(0, index, 0.1) else "train"
+        streams[split].extend(tok.encode(doc) + [tok.special_ids["eos"]])
+    man = load_manifest(shards)
+    for split, stream in streams.items():
+        flat = [t for sample in read_split(shards, split) for t in sample]
+        assert flat == stream[: len(flat)]
+        assert len(stream) - len(flat) == man["splits"][split]["dropped_tokens"] < SEQ + 1
+
+
+def test_window_shuffle_and_val_hash():
+    items = list(window_shuffle(range(50), 8, seed=3))
+    assert sorted(i for i, _ in items) == list(range(50)) and [i for i, _ in items] != list(range(50))
+    assert all(i == d for i, d in items)
+    assert {i for i, _ in items[:8]} == set(range(8))  # shuffled inside windows only
+    assert list(window_shuffle(range(5), 0, 3)) == list(enumerate(range(5)))
+    frac = sum(is_val_doc(1, i, 0.2) for i in range(5000)) / 5000
+    assert 0.17 < frac < 0.23 and not any(is_val_doc(1, i, 0.0) for i in range(100))
+
+
+def test_prepare_resume_skips_finished_shards(shards, shards_copy, corpus, tok_path):
+    man = load_manifest(shards)
+    train = man["splits"]["train"]["shards"]
+    n_total = len(train) + len(man["splits"]["val"]["shards"])
+    (shards_copy / "manifest.json").unlink()  # an interrupted run: no manifest, the last shards missing
+    for rec in train[-2:] + man["splits"]["val"]["shards"][-1:]:
+        (shards_copy / rec["path"]).unlink()
+        (shards_copy / rec["path"]).with_suffix(".json").unlink()
+    (shards_copy / "train" / ".shard-000009.tar.tmp123").write_bytes(b"partial")
+    first = shards_copy / train[0]["path"]
+    mtime = first.stat().st_mtime_ns
+    again = _prepare(corpus, tok_path, shards_copy)
+    assert again["last_run"]["reused_shards"] == n_total - 3
+    assert again["last_run"]["written_shards"] == 3
+    assert again["last_run"]["tokenized_docs"] < MAX_DOCS  # documents of finished shards were not re-tokenized
+    assert first.stat().st_mtime_ns == mtime
+    assert again["splits"] == man["splits"]  # identical bytes (sha256) to the uninterrupted run
+    assert not list((shards_copy / "train").glob(".shard-*"))
+    # a complete directory: nothing to do
+    assert _prepare(corpus, tok_path, shards_copy)["last_run"] == again["last_run"]
+
+
+def test_prepare_resume_redoes_a_corrupted_shard(shards, shards_copy, corpus, tok_path):
+    man = load_manifest(shards)
+    rec = man["splits"]["train"]["shards"][3]
+    (shards_copy / "manifest.json").unlink()
+    data = bytearray((shards_copy / rec["path"]).read_bytes())
+    data[5000] ^= 0xFF
+    (shards_copy / rec["path"]).write_bytes(bytes(data))
+    again = _prepare(corpus, tok_path, shards_copy)
+    assert again["last_run"]["reused_shards"] == 3 + len(man["splits"]["val"]["shards"])
+    assert again["splits"] == man["splits"]
+
+
+def test_prepare_refuses_to_mix(shards_copy, corpus, tok_path):
+    with pytest.raises(DataError, match=r"refusing to mix.*seq_len: 64 -> 32"):
+        _prepare(corpus, tok_path, shards_copy, seq_len=32)
+    from metalm.data import train_bpe
+
+    other = train_bpe(["un petit texte pour un autre tokenizer"] * 20, 300)
+    with pytest.raises(DataError, match=r"refusing to mix.*tokenizer_hash"):
+        prepare(str(corpus), other, shards_copy, SEQ, val_fraction=0.1, samples_per_shard=PER_SHARD, max_docs=MAX_DOCS,
+                progress=False)
+    (shards_copy / "prepare.json").unlink()
+    with pytest.raises(DataError, match="unknown origin"):
+        _prepare(corpus, tok_path, shards_copy)
+
+
+def test_prepare_is_deterministic_across_num_proc(corpus, tok_path, tmp_path):
+    a = _prepare(corpus, tok_path, tmp_path / "a", max_docs=60, seq_len=32, num_proc=1)
+    b = _prepare(corpus, tok_path, tmp_path / "b", max_docs=60, seq_len=32, num_proc=2)
+    assert a["splits"] == b["splits"] and a["splits"]["train"]["samples"] > 0
+
+
+def test_prepare_cli(corpus, tok_path, tmp_path, capsys):
+    src = tmp_path / "s.jsonl"
+    with open(corpus, encoding="utf-8") as f:
+        src.write_text("".join(islice(f, 30)))
+    rc = prepare_main(["--source", str(src), "--tokenizer", tok_path, "--out", str(tmp_path / "o"), "--seq-len", "32",
+                       "--samples-per-shard", "50", "--num-proc", "1", "--no-progress"])
+    assert rc == 0 and "train" in capsys.readouterr().out
+    assert load_manifest(tmp_path / "o")["seq_len"] == 32
+    rc = prepare_main(["--source", str(tmp_path / "missing.jsonl"), "--tokenizer", tok_path, "--out",
+                       str(tmp_path / "p"), "--seq-len", "32", "--no-progress"])
+    assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
+
+
+def test_prepare_bad_document_names_file_and_line(tok_path, tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"text": "fine"}\n{"txt": "oops"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'text' is missing"):
+        prepare(str(src), tok_path, tmp_path / "o", 16, num_proc=1, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------- ensure_prepared
+def _cfg(shards_dir, *extra):
+    from metalm.config import load_config
+
+    return load_config(overrides=[f"data.shards={shards_dir}", f"train.seq_len={SEQ}", "train.micro_batch=4",
+                                  *extra])
+
+
+def test_ensure_prepared(shards, tok_path, corpus, tmp_path):
+    man = ensure_prepared(_cfg(shards, f"data.tokenizer={tok_path}", "data.prepare_if_missing=false"))
+    assert man["tokenizer_hash"] == load_manifest(shards)["tokenizer_hash"]
+    with pytest.raises(DataError, match="seq_len=64 but train.seq_len=32"):
+        ensure_prepared(_cfg(shards, f"data.tokenizer={tok_path}", "train.seq_len=32"))
+    with pytest.raises(DataError, match="model.vocab_size=50000 is smaller"):
+        ensure_prepared(_cfg(shards, f"data.tokenizer={tok_path}", "model.vocab_size=50000"))
+    with pytest.raises(DataError, match="prepare_if_missing"):
+        ensure_prepared(_cfg(tmp_path / "none", "data.prepare_if_missing=false"))
+    src = tmp_path / "s.jsonl"
+    with open(corpus, encoding="utf-8") as f:
+        src.write_text("".join(islice(f, 40)))
+    made = ensure_prepared(_cfg(tmp_path / "new", f"data.source={src}", f"data.tokenizer={tok_path}",
+                                "data.prepare_num_proc=1"), progress=False)
+    assert made["seq_len"] == SEQ and (tmp_path / "new" / "manifest.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- loader
+def test_batches_shape_dtype_and_content(shards):
+    ld = loader(shards, micro_batch=8)
+    batch = next(iter(ld))
+    assert batch.shape == (8, SEQ + 1) and batch.dtype.is_floating_point is False and str(batch.dtype) == "torch.int64"
+    train = Counter(read_split(shards, "train"))
+    assert all(tuple(r) in train for r in batch.tolist())
+    assert ld.manifest["special_ids"]["mask"] == 50280 and ld.vocab_size == 50281
+
+
+def test_two_ranks_two_workers_every_sample_once_per_epoch(shards):
+    expected = Counter(read_split(shards, "train"))
+    epochs: list[Counter] = [Counter(), Counter()]
+    orders = []
+    for rank in (0, 1):
+        ld = loader(shards, rank=rank, world_size=2, num_workers=2)
+        got = per_worker_samples(ld, epochs=2)
+        for w, samples in got.items():
+            n = ld.worker_sizes[w]
+            epochs[0].update(samples[:n])
+            epochs[1].update(samples[n:])
+            orders.append((samples[:n], samples[n:]))
+    assert epochs[0] == expected and epochs[1] == expected
+    assert any(a != b for a, b in orders)  # the order changes between epochs
+
+
+def test_same_seed_same_order_new_seed_or_epoch_new_order(shards):
+    n = 150  # more than one epoch (450 samples / 4)
+    a = take(loader(shards), n)
+    assert take(loader(shards), n) == a
+    assert take(loader(shards, seed=1), n) != a
+    per_epoch = loader(shards).samples_per_epoch
+    flat = [tuple(r) for b in a for r in b]
+    assert flat[:per_epoch] != flat[per_epoch: 2 * per_epoch][: per_epoch]
+    assert Counter(flat[:per_epoch]) == Counter(read_split(shards, "train"))
+    assert Counter(flat[per_epoch:]) <= Counter(read_split(shards, "train"))
+    unshuffled = [tuple(r) for b in take(loader(shards, shuffle=False), 10) for r in b]
+    assert unshuffled == read_split(shards, "train")[:40]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_gives_the_same_batches(shards, workers):
+    total, cut = 70, 33  # 33: the next batch is due from worker 1; 70 batches cross an epoch boundary
+    ref_loader = loader(shards, micro_batch=8, num_workers=workers)
+    ref = take(ref_loader, total)
+    assert ref_loader.state_dict()["epoch"] == 1
+    first = loader(shards, micro_batch=8, num_workers=workers)
+    head = take(first, cut)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["batches"] == cut and state["epoch"] == 0
+    resumed = loader(shards, micro_batch=8, num_workers=workers)
+    resumed.load_state_dict(state)
+    tail = take(resumed, total - cut)
+    assert head + tail == ref
+    assert resumed.state_dict()["positions"] == ref_loader.state_dict()["positions"]
+    # iterating the same loader again continues (train streams do not restart)
+    cont = loader(shards, micro_batch=8, num_workers=workers)
+    assert take(cont, cut) + take(cont, total - cut) == ref
+
+
+def test_load_state_dict_rejects_another_layout(shards):
+    state = loader(shards, world_size=2, num_workers=2).state_dict()
+    with pytest.raises(DataError, match="world_size=2"):
+        loader(shards, world_size=1, num_workers=2).load_state_dict(state)
+    with pytest.raises(DataError, match="positions"):
+        loader(shards, world_size=2, num_workers=2).load_state_dict(dict(state, positions=[1]))
+    with pytest.raises(DataError, match="missing"):
+        loader(shards).load_state_dict({"version": 1})
+
+
+def test_val_is_one_finite_pass_equal_per_rank(shards):
+    val = read_split(shards, "val")
+    got = Counter()
+    counts = []
+    for rank in (0, 1):
+        ld = loader(shards, "val", rank=rank, world_size=2, num_workers=2, micro_batch=8)
+        batches = list(ld)
+        assert [b.tolist() for b in ld] == [b.tolist() for b in batches]  # every pass is the same
+        assert len(batches) == len(ld)
+        counts.append(len(batches))
+        got.update(tuple(r) for b in batches for r in b.tolist())
+    assert counts[0] == counts[1]
+    assert sum(got.values()) == len(val) - len(val) % 2 and got <= Counter(val)
+    single = [tuple(r) for b in loader(shards, "val", micro_batch=16) for r in b.tolist()]
+    assert single == val
+
+
+def test_fewer_shards_than_ranks_times_workers(one_shard):
+    man = load_manifest(one_shard)
+    assert len(man["splits"]["train"]["shards"]) == 1
+    expected = Counter(read_split(one_shard, "train"))
+    seen = Counter()
+    with deadline(60):
+        for rank in (0, 1):
+            ld = loader(one_shard, rank=rank, world_size=2, num_workers=2)
+            for samples in per_worker_samples(ld, epochs=1).values():
+                seen.update(samples)
+    assert seen == expected
+    with pytest.raises(DataError, match="fewer than world_size x workers"):
+        loader(one_shard, world_size=len(expected) + 1)
+    with pytest.raises(DataError, match="has no samples"):
+        loader(one_shard, "val")
+
+
+def test_build_loader_from_config(shards, tok_path):
+    cfg = _cfg(shards, "data.num_workers=0", "train.seed=5")
+    ld = build_loader(cfg, split="train", rank=1, world_size=2)
+    assert ld.micro_batch == 4 and ld.seed == 5 and ld.rank == 1
+    assert take(ld, 2) == take(loader(shards, seed=5, rank=1, world_size=2), 2)
+    with pytest.raises(DataError, match="seq_len=32"):
+        build_loader(_cfg(shards, "train.seq_len=32"), split="train")
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _rewrite_manifest(shards_dir: Path, fn) -> None:
+    path = shards_dir / "manifest.json"
+    man = json.loads(path.read_text())
+    fn(man)
+    path.write_text(json.dumps(man))
+
+
+def _sync_record(shards_dir: Path, split: str, index: int, samples: int | None = None) -> None:
+    rec_path = shards_dir / load_manifest(shards_dir)["splits"][split]["shards"][index]["path"]
+
+    def fix(man):
+        rec = man["splits"][split]["shards"][index]
+        rec["bytes"] = rec_path.stat().st_size
+        rec["sha256"] = __import__("hashlib").sha256(rec_path.read_bytes()).hexdigest()
+
+    _rewrite_manifest(shards_dir, fix)
+
+
+def _mutate_sample(shards_dir: Path, split: str, index: int, key: int, array: np.ndarray) -> str:
+    """Replace one sample of a shard with `array` (a valid .npy), keep the manifest's size/sha in sync."""
+    path = shards_dir / load_manifest(shards_dir)["splits"][split]["shards"][index]["path"]
+    members = []
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            members.append((m.name, tar.extractfile(m).read()))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            if name == f"{key:06d}.npy":
+                b = io.BytesIO()
+                np.save(b, array)
+                data = b.getvalue()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+    _sync_record(shards_dir, split, index)
+    return str(path)
+
+
+def test_truncated_shard_names_the_shard(shards_copy):
+    rec = load_manifest(shards_copy)["splits"]["train"]["shards"][0]
+    path = shards_copy / rec["path"]
+    path.write_bytes(path.read_bytes()[: rec["bytes"] // 2])
+    with pytest.raises(DataError, match=rf"shard {path}: .* bytes, the manifest says {rec['bytes']}"):
+        take(loader(shards_copy, shuffle=False), 1)
+    # through a DataLoader worker process, the message (and the shard name) reaches the trainer
+    with pytest.raises(DataError, match=str(path)):
+        take(loader(shards_copy, shuffle=False, num_workers=1), 1)
+    # a truncated tar that the manifest agrees with: the tar itself is invalid
+    _sync_record(shards_copy, "train", 0)
+    with pytest.raises(DataError, match=rf"shard {path}: (not a valid tar|\d+ samples, the manifest says)"):
+        take(loader(shards_copy, shuffle=False), 1)
+
+
+def test_modified_shard_fails_the_checksum(shards_copy):
+    rec = load_manifest(shards_copy)["splits"]["val"]["shards"][1]
+    path = shards_copy / rec["path"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"shard {path}: sha256 differs"):
+        list(loader(shards_copy, "val"))
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("short", r"shape \(64,\), expected \(65,\)"),
+    ("dtype", "dtype int32, expected uint16"),
+    ("oov", r"token id 60000 outside the vocabulary \[0, 50281\)"),
+])
+def test_bad_sample_errors_or_is_skipped(shards_copy, kind, match):
+    good = np.array(read_split(shards_copy, "val")[0], dtype=np.uint16)
+    bad = {"short": good[:-1], "dtype": good.astype(np.int32),
+           "oov": np.concatenate([good[:-1], np.array([60000], dtype=np.uint16)])}[kind]
+    path = _mutate_sample(shards_copy, "val", 1, 3, bad)
+    with pytest.raises(DataError, match=rf"shard {path} sample '000003': {match}"):
+        list(loader(shards_copy, "val"))
+    ld = loader(shards_copy, "val", on_bad_sample="skip", micro_batch=8)
+    rows = sum(len(b) for b in ld)
+    assert rows == len(read_split(shards_copy, "val")) - 1 and ld.skipped == 1
+    tr = loader(shards_copy, "train", on_bad_sample="skip")
+    assert take(tr, 3) and tr.skipped == 0
+
+
+def test_manifest_validation(shards_copy, tok_path):
+    _rewrite_manifest(shards_copy, lambda m: m.pop("dtype"))
+    with pytest.raises(DataError, match="field 'dtype' is missing"):
+        load_manifest(shards_copy)
+    _rewrite_manifest(shards_copy, lambda m: m.update(dtype="uint16"))
+    _rewrite_manifest(shards_copy, lambda m: m["splits"]["train"].update(samples=1))
+    with pytest.raises(DataError, match="splits.train.samples=1 but its shards hold"):
+        loader(shards_copy)
+    _rewrite_manifest(shards_copy, lambda m: m["splits"]["train"].update(
+        samples=sum(s["samples"] for s in m["splits"]["train"]["shards"])))
+    with pytest.raises(DataError, match="tokenizer hash mismatch"):
+        loader(shards_copy, expected_tokenizer_hash="0" * 64)
+    (shards_copy / "manifest.json").unlink()
+    with pytest.raises(DataError, match="no manifest"):
+        loader(shards_copy)
+
+
+def test_tokenizer_hash_mismatch_between_shards_and_manifest(shards_copy):
+    from metalm.data import train_bpe
+
+    other = train_bpe(["another tokenizer entirely, another vocabulary"] * 20, 300)
+    (shards_copy / "tokenizer.json").write_text(other.to_json())
+    with pytest.raises(DataError, match="tokenizer.json: tokenizer hash mismatch"):
+        loader(shards_copy)
+    _rewrite_manifest(shards_copy, lambda m: m.update(tokenizer_hash=other.hash))
+    with pytest.raises(DataError, match=r"shard .*shard-\d+\.tar: tokenizer hash mismatch"):
+        take(loader(shards_copy), 1)
+
+
+def test_shards_are_plain_webdataset(shards):
+    """Other tools read the shards too: webdataset's own pipeline decodes the .npy samples."""
+    import webdataset as wds
+
+    rec = load_manifest(shards)["splits"]["val"]["shards"][0]
+    ds = wds.WebDataset(str(shards / rec["path"]), shardshuffle=False).decode()
+    rows = [tuple(s["npy"].tolist()) for s in ds if "npy" in s]
+    assert len(rows) == rec["samples"]
+    assert rows == read_split(shards, "val")[: rec["samples"]]
+
+
+def test_pretokenized_parquet_gives_the_same_shards(corpus, tok_path, tmp_path):
+    """A pretokenized export (parquet `input_ids`, e.g. Dolma's) packs exactly like the text it came from."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = load_tokenizer(tok_path)
+    with open(corpus, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in islice(f, 50)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ids = [tok.encode(r["text"]) for r in rows]
+    pq.write_table(pa.table({"input_ids": pa.array(ids, type=pa.list_(pa.int32()))}), tmp_path / "ids.parquet")
+    kw = dict(val_fraction=0.1, samples_per_shard=30, num_proc=1, progress=False)
+    a = prepare(str(tmp_path / "t.jsonl"), tok_path, tmp_path / "a", 32, **kw)
+    b = prepare(str(tmp_path / "ids.parquet"), tok_path, tmp_path / "b", 32, **kw)
+    assert a["splits"] == b["splits"] and a["splits"]["train"]["samples"] > 30
+    pq.write_table(pa.table({"input_ids": pa.array([[1, 2], [3, 60000]], type=pa.list_(pa.int32()))}),
+                   tmp_path / "oov.parquet")
+    with pytest.raises(DataError, match="token id 60000 is outside"):
+        prepare(str(tmp_path / "oov.parquet"), tok_path, tmp_path / "c", 32, **kw)
