@@ -1,0 +1,399 @@
+"""Plots and a Markdown summary comparing runs.
+
+    metalm-report runs/tiny-maml runs/tiny-vanilla --out reports/tiny [--smooth 10]
+
+Reads each RUN/metrics.jsonl (training log: "step", "tokens" and some of "ar_loss", "meta_loss", "val_loss")
+and RUN/eval/eval.jsonl (the evaluator's results), and writes into --out:
+    loss.png     loss curves of all runs on shared axes, against steps and against tokens
+    rank.png     effective rank per layer over steps (attention weights, and activations when measured)
+    entropy.png  normalised attention entropy, a layer x step heat map per run
+    ner.png      NER test F1 over steps
+    report.md    summary table and "run B reaches run A's final loss N x sooner" (steps and tokens)
+
+Speed-up: for each ordered pair (A, B) the loss is val_loss when both runs log it, else ar_loss. Training
+losses are smoothed with a trailing mean over the last `--smooth` logged values (default 10; val_loss, already an
+average over many batches, is not smoothed). The target is A's final smoothed loss; B "reaches" it at its first
+logged step whose smoothed loss is <= the target. N = A's final step / B's reaching step (and the same with
+tokens); N > 1 means B got there sooner.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+log = logging.getLogger("metalm.eval.report")
+
+LOSS_KEYS = ("ar_loss", "meta_loss", "val_loss")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """JSON objects of a .jsonl file; a torn last line or a non-JSON line is skipped with a warning."""
+    if not path.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d: not JSON, skipped", path, i)
+            continue
+        if isinstance(obj, dict):
+            rows.append(obj)
+    return rows
+
+
+def _num(v) -> Optional[float]:
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    return None
+
+
+@dataclass
+class Series:
+    steps: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.steps)
+
+
+def series(rows: Sequence[dict], key: str) -> Series:
+    """The rows that carry a finite `key` and a step, sorted by step (a later duplicate step wins)."""
+    by_step: dict[int, tuple[int, float]] = {}
+    for r in rows:
+        v, s = _num(r.get(key)), _num(r.get("step"))
+        if v is None or s is None:
+            continue
+        by_step[int(s)] = (int(_num(r.get("tokens")) or 0), v)
+    out = Series()
+    for s in sorted(by_step):
+        out.steps.append(s)
+        out.tokens.append(by_step[s][0])
+        out.values.append(by_step[s][1])
+    return out
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean: out[i] = mean(values[max(0, i-window+1) : i+1])."""
+    if window <= 1:
+        return list(values)
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def first_reach(s: Series, values: Sequence[float], target: float) -> Optional[tuple[int, int]]:
+    for st, tok, v in zip(s.steps, s.tokens, values):
+        if v <= target:
+            return st, tok
+    return None
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    metrics: list[dict]
+    evals: list[dict]
+
+    def loss(self, key: str, window: int) -> tuple[Series, list[float]]:
+        s = series(self.metrics, key)
+        return s, (s.values if key == "val_loss" else smooth(s.values, window))
+
+
+def load_run(path: str | Path) -> Run:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: not a run directory")
+    return Run(p, p.name, read_jsonl(p / "metrics.jsonl"), read_jsonl(p / "eval" / "eval.jsonl"))
+
+
+def speedups(runs: Sequence[Run], window: int) -> list[dict]:
+    rows = []
+    for a in runs:
+        for b in runs:
+            if a is b:
+                continue
+            key = "val_loss" if series(a.metrics, "val_loss") and series(b.metrics, "val_loss") else "ar_loss"
+            sa, va = a.loss(key, window)
+            sb, vb = b.loss(key, window)
+            row = {"a": a.name, "b": b.name, "key": key}
+            if not sa or not sb:
+                row["note"] = f"no {key} in one of the runs"
+                rows.append(row)
+                continue
+            target = va[-1]
+            row.update(target=target, a_step=sa.steps[-1], a_tokens=sa.tokens[-1])
+            hit = first_reach(sb, vb, target)
+            if hit is None:
+                row["note"] = f"{b.name} never reaches {target:.4f} (its best: {min(vb):.4f})"
+            else:
+                row.update(b_step=hit[0], b_tokens=hit[1])
+                row["x_steps"] = sa.steps[-1] / hit[0] if hit[0] > 0 else math.inf
+                row["x_tokens"] = sa.tokens[-1] / hit[1] if hit[1] > 0 else math.inf
+            rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(runs: Sequence[Run], window: int, out: Path) -> Optional[Path]:
+    have = [r for r in runs if any(series(r.metrics, k) for k in LOSS_KEYS)]
+    if not have:
+        return None
+    plt = _plt()
+    with_meta = any(series(r.metrics, "meta_loss") for r in have)
+    ncols = 3 if with_meta else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(have):
+        c = colors[i % len(colors)]
+        for ax, xkey in ((axes[0], "steps"), (axes[1], "tokens")):
+            s, v = r.loss("ar_loss", window)
+            if s:
+                ax.plot(getattr(s, xkey), v, color=c, lw=1.5, label=f"{r.name} ar_loss (smoothed {window})")
+            s, v = r.loss("val_loss", window)
+            if s:
+                ax.plot(getattr(s, xkey), v, color=c, ls="--", marker="o", ms=3, label=f"{r.name} val_loss")
+        if with_meta:
+            s, v = r.loss("meta_loss", window)
+            if s:
+                axes[2].plot(s.steps, v, color=c, lw=1.5, label=f"{r.name} meta_loss")
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("tokens")
+    for ax in axes[:2]:
+        ax.set_ylabel("loss (nats)")
+        ax.set_title("language-model loss")
+    if with_meta:
+        axes[2].set_xlabel("step")
+        axes[2].set_title("meta (query) loss")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _layer_series(evals: Sequence[dict], pattern: str) -> dict[int, Series]:
+    """{layer: series} for eval keys matching `pattern` (a regex with one group: the layer index)."""
+    rx = re.compile(pattern)
+    keys: dict[int, str] = {}
+    for e in evals:
+        for k in e:
+            m = rx.fullmatch(k)
+            if m:
+                keys[int(m.group(1))] = k
+    return {layer: series(evals, k) for layer, k in sorted(keys.items())}
+
+
+def plot_rank(runs: Sequence[Run], out: Path) -> Optional[Path]:
+    panels = [("weights: mean ER of q/k/v/o", r"rank/weight/L(\d+)/attn_mean_er"),
+              ("activations: ER of the residual stream", r"rank/act/L(\d+)/er")]
+    have = [r for r in runs if _layer_series(r.evals, panels[0][1])]
+    if not have:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(len(have), 2, figsize=(12, 3.8 * len(have)), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for row, r in enumerate(have):
+        for col, (title, pat) in enumerate(panels):
+            ax = axes[row][col]
+            layers = _layer_series(r.evals, pat)
+            for layer, s in layers.items():
+                ax.plot(s.steps, s.values, marker="o", ms=3, color=cmap(layer / max(1, len(layers) - 1)),
+                        label=f"L{layer}")
+            ax.set_title(f"{r.name} — {title}", fontsize=9)
+            ax.set_xlabel("step")
+            ax.set_ylabel("effective rank")
+            ax.grid(alpha=0.3)
+            if layers:
+                ax.legend(fontsize=6, ncol=2)
+            else:
+                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    path = out / "rank.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_entropy(runs: Sequence[Run], out: Path) -> Optional[Path]:
+    have = [(r, _layer_series(r.evals, r"entropy/L(\d+)/norm_mean")) for r in runs]
+    have = [(r, ls) for r, ls in have if ls]
+    if not have:
+        return None
+    plt = _plt()
+    # one colour scale for every run (comparable panels), from the smallest value seen up to 1 (uniform)
+    lo = min(v for _, layers in have for ser in layers.values() for v in ser.values)
+    vmin = max(0.0, min(0.9, math.floor(lo * 20) / 20))
+    fig, axes = plt.subplots(1, len(have), figsize=(6 * len(have), 4), squeeze=False)
+    for ax, (r, layers) in zip(axes[0], have):
+        steps = sorted({s for ser in layers.values() for s in ser.steps})
+        grid = [[math.nan] * len(steps) for _ in layers]
+        for li, (layer, ser) in enumerate(layers.items()):
+            for st, v in zip(ser.steps, ser.values):
+                grid[li][steps.index(st)] = v
+        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma", vmin=vmin, vmax=1.0,
+                       interpolation="nearest")
+        ax.set_yticks(range(len(layers)), [f"L{k}" for k in layers])
+        idx = list(range(len(steps)))
+        stride = max(1, len(steps) // 10)
+        ax.set_xticks(idx[::stride], [str(steps[i]) for i in idx[::stride]], rotation=45, fontsize=7)
+        ax.set_xlabel("step")
+        ax.set_title(f"{r.name} — attention entropy / log(#keys)", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    path = out / "entropy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_ner(runs: Sequence[Run], out: Path) -> Optional[Path]:
+    have = [(r, series(r.evals, "ner/f1"), series(r.evals, "ner/avg_f1")) for r in runs]
+    have = [h for h in have if h[1] or h[2]]
+    if not have:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r, f1, avg in have:
+        if f1:
+            ax.plot(f1.steps, f1.values, marker="o", ms=3, label=f"{r.name} test F1")
+        if avg:
+            ax.plot(avg.steps, avg.values, marker="s", ms=3, ls="--", label=f"{r.name} mean F1 over languages")
+    ax.set_xlabel("step")
+    ax.set_ylabel("span micro F1 (seqeval)")
+    ax.set_title("NER fine-tuning F1 per checkpoint")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "ner.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- markdown
+
+
+def _fmt(v, nd=4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def markdown(runs: Sequence[Run], window: int, plots: dict[str, Optional[Path]]) -> str:
+    lines = ["# metalm report", "", f"Runs: {', '.join(f'`{r.path}`' for r in runs)}", "",
+             "## Runs", "",
+             "| run | last step | tokens | ar_loss (smoothed) | val_loss | meta_loss (smoothed) | attn ER | "
+             "entropy (norm.) | NER F1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        def last(key: str, smoothed: bool = True):
+            s, v = r.loss(key, window if smoothed else 1)
+            return v[-1] if s else None
+
+        steps = [x for x in (_num(m.get("step")) for m in r.metrics) if x is not None]
+        toks = [x for x in (_num(m.get("tokens")) for m in r.metrics) if x is not None]
+
+        def last_eval(key: str):
+            s = series(r.evals, key)
+            return s.values[-1] if s else None
+
+        lines.append(
+            f"| {r.name} | {_fmt(int(max(steps)) if steps else None)} | {_fmt(int(max(toks)) if toks else None)} | "
+            f"{_fmt(last('ar_loss'))} | {_fmt(last('val_loss', False))} | {_fmt(last('meta_loss'))} | "
+            f"{_fmt(last_eval('rank/weight/attn_mean_er'), 2)} | {_fmt(last_eval('entropy/norm_mean'), 3)} | "
+            f"{_fmt(last_eval('ner/f1'), 3)} |")
+    lines += ["", "## Time to reach another run's final loss", "",
+              f"Loss: val_loss when both runs log it, else ar_loss (trailing mean over {window} logged values). "
+              "N = A's final step (tokens) / the first step (tokens) at which B's loss is <= A's final loss.", "",
+              "| A | B | loss | A's final loss | A: steps / tokens | B reaches it at steps / tokens | "
+              "B is N× sooner (steps) | N× sooner (tokens) |",
+              "|---|---|---|---|---|---|---|---|"]
+    sentences = []
+    for row in speedups(runs, window):
+        if "x_steps" in row:
+            lines.append(
+                f"| {row['a']} | {row['b']} | {row['key']} | {row['target']:.4f} | {row['a_step']:,} / "
+                f"{row['a_tokens']:,} | {row['b_step']:,} / {row['b_tokens']:,} | {row['x_steps']:.2f}× | "
+                f"{row['x_tokens']:.2f}× |")
+            sentences.append(f"- run {row['b']} reaches run {row['a']}'s final {row['key']} ({row['target']:.4f}) "
+                             f"{row['x_steps']:.2f}× sooner in steps and {row['x_tokens']:.2f}× sooner in tokens.")
+        else:
+            a_pos = f"{row['a_step']:,} / {row['a_tokens']:,}" if "a_step" in row else "–"
+            lines.append(f"| {row['a']} | {row['b']} | {row['key']} | {_fmt(row.get('target'))} | {a_pos} | – | "
+                         f"– ({row['note']}) | – |")
+            sentences.append(f"- run {row['b']} vs run {row['a']}: {row['note']}.")
+    lines += [""] + sentences + ["", "## Plots", ""]
+    for title, p in plots.items():
+        lines.append(f"![{title}]({p.name})" if p else f"- {title}: no data")
+    return "\n".join(lines) + "\n"
+
+
+def make_report(run_paths: Sequence[str | Path], out: str | Path, window: int = 10) -> dict[str, Optional[Path]]:
+    runs = [load_run(p) for p in run_paths]
+    names = [r.name for r in runs]
+    for i, r in enumerate(runs):  # same directory names under different parents: disambiguate
+        if names.count(r.name) > 1:
+            r.name = f"{r.path.parent.name}/{r.name}"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {"loss": plot_losses(runs, window, out), "effective rank": plot_rank(runs, out),
+             "attention entropy": plot_entropy(runs, out), "NER F1": plot_ner(runs, out)}
+    md = out / "report.md"
+    md.write_text(markdown(runs, window, plots))
+    return {**plots, "report": md}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="metalm run report: plots + Markdown comparison table")
+    p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl and optionally eval/)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--smooth", type=int, default=10, help="trailing-mean window over logged training losses")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.smooth < 1:
+        p.error("--smooth must be >= 1")
+    try:
+        made = make_report(args.runs, args.out, args.smooth)
+    except FileNotFoundError as e:
+        print(f"metalm-report: {e}", file=sys.stderr)
+        return 1
+    for k, v in made.items():
+        print(f"{k}: {v if v else 'no data'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

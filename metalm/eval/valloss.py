@@ -1,0 +1,102 @@
+"""Validation loss / perplexity, and the fixed token batch the rank and entropy probes run on.
+
+val_loss is the token-weighted mean next-token cross-entropy (nats) over every target token of the held-out
+batches; val_ppl = exp(val_loss).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("metalm.eval.valloss")
+
+
+def as_tokens(item) -> torch.Tensor:
+    """A (B, T+1) LongTensor from a loader item (a tensor, a (tensor, ...) tuple, or a dict)."""
+    if isinstance(item, dict):
+        for key in ("tokens", "input_ids", "ids"):
+            if key in item:
+                item = item[key]
+                break
+        else:
+            raise TypeError(f"loader item has none of tokens/input_ids/ids: keys {sorted(item)}")
+    if isinstance(item, (tuple, list)) and item and torch.is_tensor(item[0]):
+        item = item[0]
+    t = torch.as_tensor(item)
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    if t.dim() != 2 or t.shape[1] < 2:
+        raise ValueError(f"expected a (B, T+1) token batch, got shape {tuple(t.shape)}")
+    return t.long()
+
+
+@torch.no_grad()
+def validation_loss(model, batches: Iterable, max_batches: Optional[int] = None, device="cpu") -> dict:
+    was = model.training
+    model.eval()
+    total, count, n = 0.0, 0, 0
+    try:
+        for item in batches:
+            if max_batches is not None and n >= max_batches:
+                break
+            b = as_tokens(item).to(device)
+            T = min(b.shape[1] - 1, model.cfg.max_seq_len)
+            inp, tgt = b[:, :T], b[:, 1: T + 1]
+            logits = model(inp).float()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"))
+            count += tgt.numel()
+            n += 1
+    finally:
+        model.train(was)
+    if count == 0:
+        raise ValueError("no validation batches")
+    loss = total / count
+    return {"val_loss": loss, "val_ppl": math.exp(loss) if loss < 700 else float("inf"), "val_tokens": count,
+            "val_batches": n}
+
+
+def val_batches_from_config(cfg, batch_size: int):
+    """(iterator of (B, T+1) validation batches, None) from the data loader, or (None, reason) when there is
+    no validation data. T is the shards' packed length; the batch size is set to `batch_size`, no shuffling."""
+    try:
+        from metalm.data.loader import build_loader
+    except ImportError as e:
+        return None, f"metalm.data.loader is unavailable ({e})"
+    shards = cfg.data.shards
+    if "://" not in shards and not (Path(shards) / "manifest.json").is_file():
+        return None, f"no data shards at data.shards={shards!r} (manifest.json missing)"
+    try:
+        cfg = copy.deepcopy(cfg)
+        cfg.train.micro_batch = batch_size
+        cfg.data.shuffle = False
+        loader = build_loader(cfg, split="val", rank=0, world_size=1)
+        return iter(loader), None
+    except Exception as e:  # noqa: BLE001 - a broken/missing val split is reported, not fatal to the watcher
+        return None, f"cannot build the validation loader: {type(e).__name__}: {e}"
+
+
+def probe_batch_from_text(path: str, encode, batch_size: int, seq_len: int, text_field: str = "text") -> torch.Tensor:
+    """A fixed (B, T+1) batch: the file's documents (txt: blank-line separated; jsonl: `text_field`) tokenized,
+    concatenated in file order and cut into B rows of T+1 tokens. Deterministic for a given file."""
+    p = Path(path)
+    raw = p.read_text(encoding="utf-8")
+    if p.suffix == ".jsonl":
+        docs = [json.loads(line)[text_field] for line in raw.splitlines() if line.strip()]
+    else:
+        docs = [d for d in raw.split("\n\n") if d.strip()]
+    need = batch_size * (seq_len + 1)
+    ids: list[int] = []
+    for d in docs:
+        ids.extend(encode(d))
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise ValueError(f"{path}: only {len(ids)} tokens, need {need} for a {batch_size} x {seq_len + 1} batch")
+    return torch.tensor(ids[:need], dtype=torch.long).view(batch_size, seq_len + 1)

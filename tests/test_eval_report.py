@@ -1,0 +1,82 @@
+"""metalm-report: smoothing, the "N x sooner" table against hand-computed numbers, and the PNG plots."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from metalm.eval import report
+
+
+def write_run(root: Path, name: str, loss_per_step: float, tokens_per_step: int, val=None, meta=False, evals=True):
+    d = root / name
+    (d / "eval").mkdir(parents=True)
+    rows = []
+    for s in range(10, 1001, 10):
+        rows.append({"step": s, "tokens": s * tokens_per_step, "ar_loss": 10 - s * loss_per_step})
+        if meta and s % 20 == 0:
+            rows.append({"step": s, "tokens": s * tokens_per_step, "meta_loss": 3 - s / 1000})
+        if val and s % 100 == 0:
+            rows.append({"step": s, "tokens": s * tokens_per_step, "val_loss": 8 - s * val})
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 1010, "ar_lo'  # torn last line
+    (d / "metrics.jsonl").write_text(text)
+    if evals:
+        ev = []
+        for i, s in enumerate(range(0, 1001, 200)):
+            r = {"checkpoint": f"step_{s:08d}", "step": s, "tokens": s * tokens_per_step,
+                 "rank/weight/attn_mean_er": 20 + i, "entropy/norm_mean": 0.9 - 0.05 * i,
+                 "ner/f1": 0.1 + 0.04 * i + loss_per_step}
+            for layer in range(4):
+                r[f"rank/weight/L{layer}/attn_mean_er"] = 20 + i * (layer + 1) - (i ** 2) * 0.3 * layer
+                r[f"rank/act/L{layer}/er"] = 10 + layer + math.sin(i + layer)
+                r[f"entropy/L{layer}/norm_mean"] = 0.95 - 0.08 * i * (layer + 1) / 4 + 0.05 * (i > 3)
+            ev.append(r)
+        (d / "eval" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ev))
+    return d
+
+
+def test_smooth_trailing_mean():
+    assert report.smooth([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
+    assert report.smooth([4, 2, 6], 5) == [4, 3, 4]
+    assert report.smooth([1, 2], 1) == [1, 2]
+
+
+def test_speedup_hand_computed(tmp_path):
+    a = report.load_run(write_run(tmp_path, "A", 1 / 200, 100))  # ar_loss 10 - s/200: 5.0 at step 1000
+    b = report.load_run(write_run(tmp_path, "B", 1 / 100, 50, meta=True))  # 10 - s/100: reaches 5.0 at step 500
+    rows = {(r["a"], r["b"]): r for r in report.speedups([a, b], window=1)}
+    ab = rows[("A", "B")]
+    assert ab["key"] == "ar_loss" and ab["target"] == pytest.approx(5.0)
+    assert (ab["b_step"], ab["b_tokens"]) == (500, 25_000)
+    assert ab["x_steps"] == pytest.approx(2.0) and ab["x_tokens"] == pytest.approx(100_000 / 25_000)
+    assert "never reaches" in rows[("B", "A")]["note"]
+    # window 3: trailing means lag one logged step: A ends at 10 - 990/200 = 5.05; B first <= 5.05 at step 510
+    ab3 = {(r["a"], r["b"]): r for r in report.speedups([a, b], window=3)}[("A", "B")]
+    assert ab3["target"] == pytest.approx(5.05) and ab3["b_step"] == 510
+    assert ab3["x_steps"] == pytest.approx(1000 / 510)
+
+
+def test_val_loss_preferred_when_both_runs_have_it(tmp_path):
+    a = report.load_run(write_run(tmp_path, "A", 1 / 200, 100, val=1 / 500))  # val 8 - s/500: 6.0 at 1000
+    b = report.load_run(write_run(tmp_path, "B", 1 / 100, 100, val=1 / 250))  # val 8 - s/250: 6.0 at 500
+    ab = {(r["a"], r["b"]): r for r in report.speedups([a, b], window=10)}[("A", "B")]
+    assert ab["key"] == "val_loss" and ab["target"] == pytest.approx(6.0)  # val_loss is not smoothed
+    assert ab["b_step"] == 500 and ab["x_steps"] == pytest.approx(2.0)
+
+
+def test_report_writes_pngs_and_markdown(tmp_path):
+    write_run(tmp_path, "maml", 1 / 100, 50, val=1 / 250, meta=True)
+    write_run(tmp_path, "vanilla", 1 / 200, 100, val=1 / 500)
+    out = tmp_path / "out"
+    assert report.main([str(tmp_path / "vanilla"), str(tmp_path / "maml"), "--out", str(out), "--smooth", "1"]) == 0
+    for name in ("loss.png", "rank.png", "entropy.png", "ner.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    md = (out / "report.md").read_text()
+    assert "| vanilla | maml | val_loss | 6.0000 | 1,000 / 100,000 | 500 / 25,000 | 2.00× | 4.00× |" in md
+    assert "run maml reaches run vanilla's final val_loss (6.0000) 2.00× sooner in steps and 4.00× sooner in tokens" in md
+    assert "![loss](loss.png)" in md
+
+
+def test_missing_run_dir_is_an_error(tmp_path):
+    assert report.main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1

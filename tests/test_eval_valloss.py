@@ -1,0 +1,60 @@
+"""Validation loss / perplexity against a per-token reference, and the fixed probe batch."""
+import math
+
+import pytest
+import torch
+
+from metalm.config import load_config
+from metalm.eval.valloss import as_tokens, probe_batch_from_text, val_batches_from_config, validation_loss
+from metalm.model import build_model
+
+TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=48",
+        "model.vocab_size=97", "model.max_seq_len=32", "train.seq_len=16"]
+
+
+def test_token_weighted_mean_over_batches():
+    torch.manual_seed(0)
+    model = build_model(load_config(None, TINY).model)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 97, (3, 9), generator=g), torch.randint(0, 97, (1, 9), generator=g),
+               torch.randint(0, 97, (2, 9), generator=g)]
+    # reference: every target token's -log p, one sequence at a time, summed in Python
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for b in batches[:2]:
+            for row in b:
+                logp = torch.log_softmax(model(row[None, :-1])[0].double(), -1)
+                for t in range(8):
+                    nll -= float(logp[t, row[t + 1]])
+                    n += 1
+    r = validation_loss(model, iter([{"tokens": batches[0]}, (batches[1],), batches[2]]), max_batches=2)
+    assert r["val_tokens"] == n == 32 and r["val_batches"] == 2
+    assert r["val_loss"] == pytest.approx(nll / n, rel=1e-5)
+    assert r["val_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_as_tokens_shapes():
+    assert as_tokens(torch.arange(5)).shape == (1, 5)
+    with pytest.raises(ValueError):
+        as_tokens(torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(TypeError):
+        as_tokens({"x": torch.zeros(2, 3)})
+
+
+def test_probe_batch_from_text(tmp_path):
+    p = tmp_path / "probe.txt"
+    p.write_text("ab\n\ncde\n\nfgh ij\n")
+    enc = lambda s: [ord(c) for c in s]  # noqa: E731
+    b = probe_batch_from_text(str(p), enc, batch_size=2, seq_len=3)
+    assert b.tolist() == [[ord(c) for c in "abcd"], [ord(c) for c in "efgh"]]
+    with pytest.raises(ValueError, match="only 12 tokens, need 16"):  # "ab" + "cde" + "fgh ij\n"
+        probe_batch_from_text(str(p), enc, batch_size=4, seq_len=3)
+    j = tmp_path / "probe.jsonl"
+    j.write_text('{"text": "xy"}\n{"text": "zw"}\n')
+    assert probe_batch_from_text(str(j), enc, 1, 3).tolist() == [[ord(c) for c in "xyzw"]]
+
+
+def test_no_shards_gives_a_reason(tmp_path):
+    cfg = load_config(None, TINY + [f"data.shards={tmp_path}/none"])
+    it, reason = val_batches_from_config(cfg, 4)
+    assert it is None and reason
