@@ -1,0 +1,247 @@
+"""Vanilla vs hybrid (AR + FOMAML) pretraining: the paper's headline comparison, made fair.
+
+    python benchmarks/reproduce.py                                   # cpu-tiny, seeds 0,1,2, 300 steps
+    python benchmarks/reproduce.py --config configs/11m.yaml --nproc 8 --steps 6000 --seeds 0   # on GPUs
+
+For every seed, both variants train with the same config, seed and data order (a meta micro-batch
+consumes the same stream batch an AR one would); only `meta.enabled` differs. They are compared on
+held-out AR validation loss (never a blended train loss) at equal optimizer steps, equal data tokens and
+equal model FLOPs (the meta step's support forward, query forward/backward and the head's inner loop
+included): "hybrid reaches vanilla's final validation loss N x sooner" (N < 1: later; "not reached").
+Checkpoints are then evaluated (effective rank, attention entropy; NER F1 head-only and full on the
+final checkpoints when --ner-train/--ner-test are given). Re-running skips finished runs and
+evaluations. Writes RESULTS/results.json, RESULTS/*.png and RESULTS/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+VARIANTS = ("vanilla", "hybrid")
+
+
+def run_dir(args, variant: str, seed: int) -> Path:
+    return Path(args.runs) / f"{variant}-s{seed}"
+
+
+def train(args, variant: str, seed: int) -> Path:
+    from metalm.train.checkpoint import find_latest, read_state
+
+    rd = run_dir(args, variant, seed)
+    latest = find_latest(rd / "checkpoints")
+    if latest is not None and read_state(latest)["step"] >= args.steps:
+        print(f"[{variant} seed {seed}] already trained: {latest}", flush=True)
+        return rd
+    overrides = [f"train.seed={seed}", f"meta.enabled={'true' if variant == 'hybrid' else 'false'}",
+                 f"meta.hybrid_ratio={args.ratio}", f"train.run_dir={rd}", f"train.max_steps={args.steps}",
+                 f"train.val_every={args.val_every}", f"train.val_batches={args.val_batches}",
+                 f"checkpoint.every={max(1, args.steps // args.checkpoints)}", "checkpoint.keep_last_k=1000",
+                 "logging.wandb=false", *args.overrides]
+    if args.nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}"]
+    else:
+        cmd = [sys.executable]
+    cmd += [str(REPO / "launchers" / "pretrain.py"), "--config", args.config, *overrides]
+    print(f"[{variant} seed {seed}] {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, WANDB_MODE="disabled"))
+    return rd
+
+
+def evaluate(args, rd: Path) -> None:
+    """Rank and entropy on every checkpoint (the watcher skips evaluated ones); NER on the final one."""
+    from metalm.train.checkpoint import find_latest
+
+    evaluator = [sys.executable, str(REPO / "launchers" / "evaluate.py"), "--no-wandb", "--log-level", "WARNING"]
+    subprocess.run(evaluator + ["--watch", str(rd), "--once", "--config", "eval.metrics=[rank,entropy]"],
+                   check=True, cwd=REPO)
+    if not (args.ner_train and args.ner_test):
+        return
+    final = find_latest(rd / "checkpoints")
+    for mode in ("head", "full"):
+        subprocess.run(evaluator + ["--checkpoint", str(final), "--results", str(rd / f"eval-ner-{mode}"),
+                                    "--config", "eval.metrics=[ner]", f"eval.ner.train={args.ner_train}",
+                                    f"eval.ner.test={args.ner_test}", f"eval.ner.mode={mode}",
+                                    f"eval.ner.lr={args.ner_lr[mode]}", f"eval.ner.epochs={args.ner_epochs}",
+                                    f"eval.ner.word_sep={args.ner_word_sep}"], check=True, cwd=REPO)
+
+
+def val_curve(rd: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("val_loss") is not None]
+
+
+def first_reach(curve: list[dict], axis: str, target: float) -> Optional[float]:
+    """The `axis` value where the validation curve first reaches `target`, linearly interpolated."""
+    prev = None
+    for r in curve:
+        if r["val_loss"] <= target:
+            if prev is None:
+                return float(r[axis])
+            x0, y0, x1, y1 = prev[axis], prev["val_loss"], r[axis], r["val_loss"]
+            return float(x0 + (x1 - x0) * (y0 - target) / (y0 - y1))
+        prev = r
+    return None
+
+
+def compare(van: list[dict], hyb: list[dict]) -> dict:
+    target = van[-1]["val_loss"]
+    out = {"vanilla_final_val": target, "hybrid_final_val": hyb[-1]["val_loss"]}
+    for axis in ("step", "tokens", "flops"):
+        reach = first_reach(hyb, axis, target)
+        out[f"speedup_{axis}"] = (van[-1][axis] / reach) if reach else None
+    same_step = {r["step"]: r["val_loss"] for r in hyb}
+    out["val_gap_at_equal_steps"] = [(r["step"], same_step[r["step"]] - r["val_loss"]) for r in van
+                                     if r["step"] in same_step]
+    return out
+
+
+def eval_series(rd: Path) -> dict:
+    """{step: flat metrics} from the evaluator's per-checkpoint result files."""
+    found = {}
+    for p in sorted((rd / "eval").glob("step_*.json")):
+        if p.name.endswith(".error.json"):
+            continue
+        rec = json.loads(p.read_text())
+        found[int(rec["step"])] = rec["metrics"]
+    return found
+
+
+def ner_scores(rd: Path) -> dict:
+    """{mode: test micro F1} of the final checkpoint's NER fine-tunes."""
+    scores = {}
+    for mode in ("head", "full"):
+        for p in sorted((rd / f"eval-ner-{mode}").glob("step_*.json")):
+            if not p.name.endswith(".error.json"):
+                scores[mode] = json.loads(p.read_text())["metrics"].get("ner/f1")
+    return scores
+
+
+def plot(results: dict, runs: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    colors = {"vanilla": "tab:blue", "hybrid": "tab:orange"}
+    for (variant, seed), rd in runs.items():
+        curve = val_curve(rd)
+        for ax, axis in zip(axes, ("step", "tokens", "flops")):
+            ax.plot([r[axis] for r in curve], [r["val_loss"] for r in curve], color=colors[variant], alpha=0.7,
+                    label=f"{variant} (seed {seed})" if axis == "step" else None)
+    for ax, axis in zip(axes, ("optimizer steps", "data tokens", "model FLOPs")):
+        ax.set_xlabel(axis)
+        ax.set_ylabel("validation loss (AR, held out)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("vanilla vs hybrid pretraining: held-out validation loss")
+    fig.tight_layout()
+    fig.savefig(out / "val_loss.png", dpi=120)
+    plt.close(fig)
+    files.append("val_loss.png")
+
+    keys = [("rank/weight/attn_mean_er", "effective rank, attention weights (mean q/k/v/o)"),
+            ("rank/act/mean_er", "effective rank, hidden states (mean over layers)"),
+            ("entropy/norm_mean", "attention entropy / log(keys), mean over heads")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(16, 4))
+    for (variant, seed), rd in runs.items():
+        series = eval_series(rd)
+        for ax, (key, _) in zip(axes, keys):
+            pts = sorted((s, m[key]) for s, m in series.items() if key in m)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=colors[variant], alpha=0.7,
+                        label=f"{variant} (seed {seed})")
+    for ax, (_, title) in zip(axes, keys):
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "dynamics.png", dpi=120)
+    plt.close(fig)
+    files.append("dynamics.png")
+    return files
+
+
+def fmt(v, spec=".3f") -> str:
+    return "not reached" if v is None else format(v, spec)
+
+
+def write_markdown(args, results: dict, files: list[str], out: Path) -> None:
+    lines = [f"# Vanilla vs hybrid pretraining: `{args.config}`, {args.steps} steps, seeds {args.seeds}", "",
+             f"Command: `python benchmarks/reproduce.py {' '.join(sys.argv[1:])}`", "",
+             "| seed | vanilla final val loss | hybrid final val loss | hybrid reaches vanilla's final loss: x sooner "
+             "(steps / tokens / FLOPs) | NER F1 head vanilla / hybrid | NER F1 full vanilla / hybrid |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for seed, r in results["per_seed"].items():
+        c = r["compare"]
+        nv, nh = r["ner"].get("vanilla", {}), r["ner"].get("hybrid", {})
+        lines.append(f"| {seed} | {c['vanilla_final_val']:.4f} | {c['hybrid_final_val']:.4f} | "
+                     f"{fmt(c['speedup_step'], '.2f')} / {fmt(c['speedup_tokens'], '.2f')} / "
+                     f"{fmt(c['speedup_flops'], '.2f')} | {fmt(nv.get('head'))} / {fmt(nh.get('head'))} | "
+                     f"{fmt(nv.get('full'))} / {fmt(nh.get('full'))} |")
+    lines += ["", *[f"![{f}]({f})" for f in files], ""]
+    (out / "results.md").write_text("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(REPO / "configs" / "cpu-tiny.yaml"))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--ratio", type=float, default=0.5, help="meta.hybrid_ratio of the hybrid runs")
+    p.add_argument("--val-every", type=int, default=25)
+    p.add_argument("--val-batches", type=int, default=16)
+    p.add_argument("--checkpoints", type=int, default=4, help="checkpoints per run (rank/entropy curve points)")
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--runs", default=str(REPO / "runs" / "reproduce"))
+    p.add_argument("--out", default=str(REPO / "docs" / "results"))
+    p.add_argument("--ner-train", default=None)
+    p.add_argument("--ner-test", default=None)
+    p.add_argument("--ner-epochs", type=int, default=10)
+    p.add_argument("--ner-lr-head", type=float, default=1e-3, help="head-only probes need more than 3e-5")
+    p.add_argument("--ner-lr-full", type=float, default=3e-5)
+    p.add_argument("--ner-word-sep", default="", help="eval.ner.word_sep: '' for ja/zh files (default), ' ' else")
+    p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
+    args = p.parse_args(argv)
+    args.ner_lr = {"head": args.ner_lr_head, "full": args.ner_lr_full}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for seed in seeds:
+        for variant in VARIANTS:
+            runs[(variant, seed)] = train(args, variant, seed)
+            if not args.skip_eval:
+                evaluate(args, runs[(variant, seed)])
+    results = {"config": args.config, "steps": args.steps, "ratio": args.ratio, "per_seed": {}}
+    for seed in seeds:
+        van, hyb = val_curve(runs[("vanilla", seed)]), val_curve(runs[("hybrid", seed)])
+        results["per_seed"][seed] = {
+            "compare": compare(van, hyb),
+            "ner": {v: ner_scores(runs[(v, seed)]) for v in VARIANTS},
+            "curves": {"vanilla": van, "hybrid": hyb},
+        }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    files = plot(results, runs, out)
+    write_markdown(args, results, files, out)
+    for seed, r in results["per_seed"].items():
+        c = r["compare"]
+        print(f"seed {seed}: vanilla {c['vanilla_final_val']:.4f} hybrid {c['hybrid_final_val']:.4f} "
+              f"speed-up steps {fmt(c['speedup_step'], '.2f')} tokens {fmt(c['speedup_tokens'], '.2f')} "
+              f"flops {fmt(c['speedup_flops'], '.2f')}")
+    print(f"wrote {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The meta step: first-order MAML of the classifier head on one SMLMT episode (DESIGN.md, "The meta step").
+
+    h_s  = hidden_fn(support_ids)[support_index]            once, under no_grad (the backbone is frozen
+                                                            in the inner loop, so re-running it is waste)
+    phi_0 = head params, output layer restricted to the episode's class rows
+    phi_{t+1} = phi_t - inner_lr * grad_phi CE(head_{phi_t}(h_s), y_s)          t = 0..T-1 (functional SGD)
+    loss = CE(head_{phi'}(hidden_fn(query_ids)[query_index]), y_q),  phi' = phi_T + (phi - stopgrad(phi))
+
+phi' has the value of phi_T and the gradient path of phi (DESIGN writes it phi - stopgrad(phi - phi_T); this
+form is the same function and exact in value). One ``backward()`` of the loss therefore leaves the query-loss
+gradient on the backbone and dL_q/dphi' -- exactly the first-order MAML gradient -- on the head parameters;
+for the output layer it lands on the gathered class rows (rows of other token ids get zero).
+
+Built to run inside the ``forward`` of a module owning backbone and head, under a DeepSpeed engine (any ZeRO
+stage, gradient accumulation): no optimizer, no ``.grad`` buffers, no in-place change of any parameter, no
+host synchronisation (stats are detached 0-dim tensors). Under ZeRO-3 the head's parameters are read outside
+their own modules' forward, so they must be registered with ``deepspeed.zero.register_external_parameter``
+on the owning module. The inner loop runs in float32 (or float64 for a float64 head) whatever the
+parameter dtype; the gradients reach the parameters in their own dtype.
+
+``head_init``:
+  * ``persistent``: phi_0's output rows are the head's rows of the class token ids (a meta-learned init).
+  * ``zero``: the episode's output layer starts at zero (the "zeroing trick", Kao et al. 2022): it is a
+    per-episode tensor, so the persistent output layer gets no gradient; the hidden layers still get FOMAML
+    gradients.
+  * ``prototype``: output rows start at w_c = 2 m_c, b_c = -|m_c|^2, with m_c the mean support feature of
+    class c through the hidden layers (Proto-MAML, Triantafillou et al. 2020, as used by Bansal et al.
+    2020's LEOPARD): a squared-Euclidean prototype classifier. The init is computed without dropout and
+    detached, so again the persistent output layer gets no gradient and the hidden layers get exactly
+    the FOMAML gradient (no gradient through the prototypes).
+
+``second_order=True`` keeps the inner loop's graph (``create_graph=True``) and uses phi_T itself in the
+outer loss, so the head's gradient includes the second-order terms through the inner updates wrt phi. The
+support features stay under no_grad by design, so the backbone's gradient is still the query-path gradient
+only (no term through h_s).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from metalm.meta.head import head_spec, mlp_forward, output_rows
+from metalm.meta.tasks import Episode
+
+HEAD_INITS = ("persistent", "zero", "prototype")
+
+
+def meta_loss(hidden_fn: Callable[[torch.Tensor], torch.Tensor], head: nn.Sequential, episode: Episode, *,
+              inner_steps: int, inner_lr: float, head_init: str = "persistent",
+              second_order: bool = False) -> torch.Tensor:
+    """The outer (query) loss of one episode; see the module docstring."""
+    return meta_loss_with_stats(hidden_fn, head, episode, inner_steps=inner_steps, inner_lr=inner_lr,
+                                head_init=head_init, second_order=second_order)[0]
+
+
+def _class_logits(params: list[torch.Tensor], x: torch.Tensor, dropout: float, training: bool,
+                  way_row: torch.Tensor | None) -> torch.Tensor:
+    logits = mlp_forward(params, x, dropout, training)
+    return logits if way_row is None else logits.index_select(1, way_row)
+
+
+def _prototype_rows(body: list[torch.Tensor], h_s: torch.Tensor, labels: torch.Tensor,
+                    way_row: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    z = mlp_forward(body, h_s, 0.0, False)
+    if body:
+        z = F.relu(z)  # the output layer reads post-activation features
+    row = way_row.index_select(0, labels)
+    sums = z.new_zeros(n_rows, z.shape[1]).index_add_(0, row, z)
+    counts = z.new_zeros(n_rows).index_add_(0, row, torch.ones_like(row, dtype=z.dtype))
+    mean = sums / counts.clamp_min(1.0).unsqueeze(1)  # a row without support examples stays at zero
+    return 2.0 * mean, -(mean * mean).sum(1)
+
+
+def meta_loss_with_stats(hidden_fn: Callable[[torch.Tensor], torch.Tensor], head: nn.Sequential,
+                         episode: Episode, *, inner_steps: int, inner_lr: float, head_init: str = "persistent",
+                         second_order: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(loss, stats)``: the outer loss and detached 0-dim stats (support_acc_before/after, query_acc,
+    query_loss, inner_grad_norm (mean over inner steps), n_support, n_query)."""
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init={head_init!r}: expected one of {', '.join(HEAD_INITS)}")
+    if inner_steps < 0:
+        raise ValueError(f"inner_steps={inner_steps}: expected >= 0")
+    linears, p_drop = head_spec(head)
+    training = head.training
+    out = linears[-1]
+    dtype = torch.promote_types(out.weight.dtype, torch.float32)
+    si, qi = episode.support_index, episode.query_index
+    y_s, y_q = episode.support_labels, episode.query_labels
+    n_rows = episode.rows.shape[0]
+    way_row = None if n_rows == episode.classes.shape[0] else episode.way_row
+
+    with torch.no_grad():
+        h_s = hidden_fn(episode.support_ids)[si[:, 0], si[:, 1]].to(dtype)
+
+    body = [t.to(dtype) for lin in linears[:-1] for t in (lin.weight, lin.bias)]
+    if head_init == "persistent":
+        out0 = [t.to(dtype) for t in output_rows(head, episode.rows)]
+    elif head_init == "zero":
+        out0 = [h_s.new_zeros(n_rows, out.weight.shape[1]), h_s.new_zeros(n_rows)]
+    else:
+        with torch.no_grad():
+            out0 = list(_prototype_rows([b.detach() for b in body], h_s, y_s, episode.way_row, n_rows))
+    phi = body + out0
+
+    with torch.enable_grad():  # also usable for evaluation under no_grad
+        if second_order:
+            fast = [p if p.requires_grad else p.detach().requires_grad_() for p in phi]
+        else:
+            fast = [p.detach().requires_grad_() for p in phi]
+        norms = []
+        acc_before = None
+        for _ in range(inner_steps):
+            logits = _class_logits(fast, h_s, p_drop, training, way_row)
+            if acc_before is None:
+                acc_before = (logits.detach().argmax(1) == y_s).float().mean()
+            grads = torch.autograd.grad(F.cross_entropy(logits, y_s), fast, create_graph=second_order)
+            norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads])))
+            if second_order:
+                fast = [f - inner_lr * g for f, g in zip(fast, grads)]
+            else:
+                with torch.no_grad():
+                    fast = [(f - inner_lr * g).requires_grad_() for f, g in zip(fast, grads)]
+
+    with torch.no_grad():
+        logits_after = _class_logits([f.detach() for f in fast], h_s, p_drop, training, way_row)
+        acc_after = (logits_after.argmax(1) == y_s).float().mean()
+    if acc_before is None:  # inner_steps == 0
+        acc_before = acc_after
+
+    if second_order:
+        phi_T = fast
+    else:  # value of phi_T, gradient path of phi (first-order MAML)
+        phi_T = [f.detach() + (p - p.detach()) if p.requires_grad else f.detach() for p, f in zip(phi, fast)]
+
+    h_q = hidden_fn(episode.query_ids)[qi[:, 0], qi[:, 1]].to(dtype)
+    logits_q = _class_logits(phi_T, h_q, p_drop, training, way_row)
+    loss = F.cross_entropy(logits_q, y_q)
+
+    def scalar(v: float) -> torch.Tensor:
+        return torch.full((), v, dtype=torch.float32, device=h_s.device)
+
+    stats = {
+        "support_acc_before": acc_before,
+        "support_acc_after": acc_after,
+        "query_acc": (logits_q.detach().argmax(1) == y_q).float().mean(),
+        "query_loss": loss.detach().float(),
+        "inner_grad_norm": torch.stack(norms).mean().float() if norms else scalar(0.0),
+        "n_support": scalar(float(y_s.shape[0])),
+        "n_query": scalar(float(y_q.shape[0])),
+    }
+    return loss, stats
