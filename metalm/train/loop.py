@@ -39,6 +39,17 @@ def peak_flops(device: torch.device) -> Optional[float]:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def meta_head_flops(cfg: Config) -> float:
+    """FLOPs of one episode's head work on one rank: T inner SGD steps over the support positions plus the
+    query forward/backward, each 6 x (active head params) per position; the output layer is N rows."""
+    m, B = cfg.meta, cfg.train.micro_batch
+    dims = [cfg.model.d_model] + [m.head.hidden] * (m.head.layers - 1)
+    active = sum(a * b for a, b in zip(dims[:-1], dims[1:])) + dims[-1] * m.n_way
+    n_support = m.n_way * m.k_shot if m.sampler == "smlmt" else B * m.k_shot
+    n_query = m.n_way * m.q_queries if m.sampler == "smlmt" else B
+    return 6.0 * active * (m.inner_steps * n_support + n_query)
+
+
 class StopRequest:
     """SIGTERM/SIGINT: finish the current step, checkpoint, exit. A second signal exits at once."""
 
@@ -102,8 +113,9 @@ class Trainer:
         self.peak = peak_flops(d.device)
         self.tok_per_micro = cfg.train.micro_batch * cfg.train.seq_len * d.world_size
         self.fpt = flops_per_token(cfg.model, cfg.train.seq_len)
-        self.fpt_fwd_body = flops_per_token(cfg.model, cfg.train.seq_len, lm_head=False, backward=False)
-        self.fpt_body = flops_per_token(cfg.model, cfg.train.seq_len, lm_head=False)
+        body = flops_per_token(cfg.model, cfg.train.seq_len, lm_head=False, backward=False) \
+            + flops_per_token(cfg.model, cfg.train.seq_len, lm_head=False)
+        self.meta_flops = body * self.tok_per_micro + meta_head_flops(cfg) * d.world_size
         if d.rank == 0:
             n = num_params(cfg.model)
             extra = sum(p.numel() for p in self.module.head.parameters()) if self.module.head is not None else 0
@@ -189,9 +201,9 @@ class Trainer:
                 self.acc["meta_n"] += 1
                 for k in STAT_KEYS:
                     self.acc[k] += stats[k].detach().float()
-                # support forward (no grad) + query forward/backward through the body; the head is tiny
-                self.tokens += 2 * self.tok_per_micro
-                self.flops += (self.fpt_fwd_body + self.fpt_body) * self.tok_per_micro
+                # `tokens` counts tokens drawn from the data stream; `flops` the compute they cost
+                self.tokens += self.tok_per_micro
+                self.flops += self.meta_flops
         self.step += 1
 
     # ----------------------------------------------------------- reporting
