@@ -34,9 +34,10 @@ import numpy as np
 
 from metalm.data.errors import DataError
 from metalm.data.manifest import (FORMAT, MANIFEST, PREPARE_STATE, SPLITS, TOKENIZER_FILE, VERSION, file_sha256,
-                                  load_manifest, sample_dtype, write_json_atomic)
+                                  load_manifest, sample_dtype)
 from metalm.data.sources import describe_source, iter_documents
 from metalm.data.tokenizer import Tokenizer, load_tokenizer
+from metalm.fsutil import write_atomic, write_json_atomic
 
 BATCH_DOCS = 128  # documents per tokenizer task
 
@@ -227,12 +228,7 @@ def write_shard(path: Path, samples: list[np.ndarray], meta: dict) -> tuple[int,
     size = sum(len(x) for x in parts) + 2 * tarfile.BLOCKSIZE  # end of archive: two zero blocks
     parts.append(b"\0" * (2 * tarfile.BLOCKSIZE + (-size % tarfile.RECORDSIZE)))  # padded like tarfile does
     data = b"".join(parts)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, data)
     return len(data), hashlib.sha256(data).hexdigest()
 
 
