@@ -165,17 +165,16 @@ class Trainer:
         try:
             ep = sample_episode(batch[:, :-1], n_way=m.n_way, k_shot=m.k_shot, q_queries=m.q_queries,
                                 mask_id=int(self.special["mask"]), sampler=m.sampler, generator=gen,
-                                min_freq=m.min_token_freq, max_freq=m.max_token_freq, exclude_ids=exclude)
-            ok = torch.ones(1)
+                                min_freq=m.min_token_freq, max_freq=m.max_token_freq, exclude_ids=exclude,
+                                vocab_size=self.loader.vocab_size)
+            ok = 1.0
         except EpisodeError as e:
-            ep, ok = None, torch.zeros(1)
+            ep, ok = None, 0.0
             log.warning("rank %d step %d: no episode from this batch (%s); all ranks take an AR micro-batch",
                         self.dist.rank, self.step, e)
         # Every rank must take the same branch (ZeRO reduces gradients in lock-step): if any rank could
         # not build an episode, all fall back to an AR micro-batch, and the fallback is counted.
-        if self.dist.world_size > 1:
-            tdist.all_reduce(ok, op=tdist.ReduceOp.MIN)
-        if ok.item() < 1:
+        if self.reduce([ok], tdist.ReduceOp.MIN)[0] < 1:
             return None
         return ep.to(self.dist.device, non_blocking=True)
 
@@ -214,13 +213,9 @@ class Trainer:
 
     def _report(self, t_start: float, tokens_start: int, flops_start: float) -> dict:
         a = self.acc
-        vals = torch.stack([a["ar_loss"], a["meta_loss"], *[a[k] for k in STAT_KEYS]]).float()
-        counts = torch.tensor([a["ar_n"], a["meta_n"], a["meta_fallback"]], dtype=torch.float32)
-        if self.dist.world_size > 1:
-            vals, counts = vals.cpu(), counts
-            tdist.all_reduce(vals)
-            tdist.all_reduce(counts)
-        vals, counts = vals.tolist(), counts.tolist()
+        vals = self.reduce([a["ar_loss"], a["meta_loss"], *[a[k] for k in STAT_KEYS],
+                            a["ar_n"], a["meta_n"], a["meta_fallback"]])
+        vals, counts = vals[:-3], vals[-3:]
         ar_n, meta_n = counts[0], counts[1]
         elapsed = max(time.time() - t_start, 1e-9)
         tps = (self.tokens - tokens_start) / elapsed
@@ -245,18 +240,16 @@ class Trainer:
         cfg = self.cfg
         loader = build_loader(cfg, split="val", rank=self.dist.rank, world_size=self.dist.world_size)
         self.engine.eval()
-        total, n = torch.zeros(1), torch.zeros(1)
+        total, n = torch.zeros((), device=self.dist.device), 0
         for i, batch in enumerate(loader):
             if i >= cfg.train.val_batches:
                 break
             loss, _ = self.engine(batch.to(self.dist.device))
-            total += loss.float().cpu()
+            total += loss.detach().float()
             n += 1
         self.engine.train()
-        if self.dist.world_size > 1:
-            tdist.all_reduce(total)
-            tdist.all_reduce(n)
-        return (total / n.clamp(min=1)).item()
+        total, n = self.reduce([total, n])
+        return total / max(n, 1)
 
     # --------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -351,10 +344,18 @@ class Trainer:
                   f"  metrics:       {(self.run_dir / 'metrics.jsonl').resolve()}", flush=True)
         return 0
 
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop.requested else 0.0])
+    def reduce(self, values: list, op=tdist.ReduceOp.SUM) -> list[float]:
+        """All-reduce numbers and 0-dim tensors across ranks in one collective; one host sync.
+
+        The buffer lives on the training device, since NCCL reduces CUDA tensors only."""
+        dev = self.dist.device
+        buf = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=dev).reshape(()) for v in values])
         if self.dist.world_size > 1:
-            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        if flag.item() > 0 and not self.stop.requested:
+            tdist.all_reduce(buf, op=op)
+        return buf.tolist()
+
+    def _stop_requested(self) -> bool:
+        flag = self.reduce([1.0 if self.stop.requested else 0.0], tdist.ReduceOp.MAX)[0]
+        if flag > 0 and not self.stop.requested:
             self.stop.requested = True
         return self.stop.requested
