@@ -207,8 +207,10 @@ def main(argv=None) -> int:
     p.add_argument("--ner-train", default=None)
     p.add_argument("--ner-test", default=None)
     p.add_argument("--ner-epochs", type=int, default=10)
-    p.add_argument("--ner-lr-head", type=float, default=1e-3, help="head-only probes need more than 3e-5")
-    p.add_argument("--ner-lr-full", type=float, default=3e-5)
+    # The paper's 3e-5 leaves a tiny model's NER tagger at all-O (F1 0) after 10 epochs on 400 sentences;
+    # at cpu-tiny full fine-tuning needs ~1e-3. Pass the paper's values explicitly for paper-size models.
+    p.add_argument("--ner-lr-head", type=float, default=1e-2)
+    p.add_argument("--ner-lr-full", type=float, default=1e-3)
     p.add_argument("--ner-word-sep", default="", help="eval.ner.word_sep: '' for ja/zh files (default), ' ' else")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
