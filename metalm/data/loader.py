@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from metalm.data.errors import DataError
 from metalm.data.manifest import SPLITS, load_manifest
-from metalm.data.prepare import npy_header
+from metalm.data.shards import npy_header
 
 log = logging.getLogger("metalm.data")
 STATE_VERSION = 1

@@ -38,139 +38,20 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from metalm.train.checkpoint import MARKER, STEP_RE, write_atomic
+from metalm.eval.sources import LocalSource, Ref, Vanished, make_source
+from metalm.fsutil import write_atomic
+from metalm.train.checkpoint import MARKER, STEP_RE
 
 log = logging.getLogger("metalm.eval.watcher")
 
 RESULT_VERSION = 1
-REQUIRED_FILES = (MARKER, "trainer_state.json", "config.yaml", "model.safetensors")
-OPTIONAL_FILES = ("tokenizer.json",)
-
-
-class Vanished(RuntimeError):
-    """The checkpoint disappeared (e.g. pruned by keep_last_k) before it could be snapshotted."""
 
 
 class Stop(BaseException):
     """SIGTERM/SIGINT during an evaluation (BaseException so that `except Exception` blocks let it through)."""
-
-
-# ----------------------------------------------------------------------------------------------- sources
-
-
-@dataclass(frozen=True)
-class Ref:
-    name: str  # step_XXXXXXXX
-    step: int
-    location: str  # local path or URL of the checkpoint directory
-
-
-def _is_url(s: str) -> bool:
-    return "://" in s and not s.startswith("file://")
-
-
-class LocalSource:
-    """A run directory or its checkpoints/ directory (which may not exist yet when the watcher starts)."""
-
-    def __init__(self, root: str):
-        self.given = Path(root[len("file://"):] if root.startswith("file://") else root)
-
-    @property
-    def root(self) -> Path:
-        sub = self.given / "checkpoints"
-        return sub if self.given.name != "checkpoints" and sub.is_dir() else self.given
-
-    @property
-    def run_dir(self) -> Path:
-        return self.given.parent if self.given.name == "checkpoints" else self.given
-
-    def __str__(self) -> str:
-        return str(self.root)
-
-    def list(self) -> list[tuple[str, str]]:
-        root = self.root
-        if not root.is_dir():
-            return []
-        return sorted((p.name, str(p)) for p in root.iterdir() if STEP_RE.match(p.name) and p.is_dir())
-
-    def complete(self, location: str) -> bool:
-        p = Path(location)
-        return (p / MARKER).is_file() and (p / "trainer_state.json").is_file()
-
-    def snapshot(self, ref: Ref, dest: Path) -> None:
-        src = Path(ref.location)
-        if not self.complete(ref.location):
-            raise Vanished(f"{src} is no longer a complete checkpoint")
-        dest.mkdir(parents=True)
-        for name in REQUIRED_FILES + OPTIONAL_FILES:
-            s = src / name
-            try:
-                try:
-                    os.link(s, dest / name)  # a hard link survives the checkpoint being pruned
-                except OSError as e:
-                    if isinstance(e, FileNotFoundError):
-                        raise
-                    shutil.copy2(s, dest / name)  # other filesystem / no link support
-            except FileNotFoundError:
-                if name in OPTIONAL_FILES and (src / MARKER).is_file():
-                    continue
-                raise Vanished(f"{src} disappeared while being snapshotted ({name} missing)") from None
-
-
-class FsspecSource:
-    """Any fsspec URL (s3://, gs://, memory://, ...); complete checkpoints are downloaded before reading."""
-
-    def __init__(self, url: str):
-        import fsspec
-
-        self.fs, path = fsspec.core.url_to_fs(url)
-        self.given = path.rstrip("/")
-        self.url = url
-
-    @property
-    def path(self) -> str:
-        sub = self.given + "/checkpoints"
-        return sub if not self.given.endswith("/checkpoints") and self.fs.isdir(sub) else self.given
-
-    def __str__(self) -> str:
-        return self.url
-
-    def list(self) -> list[tuple[str, str]]:
-        path = self.path
-        try:
-            entries = self.fs.ls(path, detail=False)
-        except FileNotFoundError:
-            return []
-        out = []
-        for e in entries:
-            name = str(e).rstrip("/").rsplit("/", 1)[-1]
-            if STEP_RE.match(name):
-                out.append((name, f"{path}/{name}"))
-        return sorted(out)
-
-    def complete(self, location: str) -> bool:
-        return self.fs.exists(f"{location}/{MARKER}") and self.fs.exists(f"{location}/trainer_state.json")
-
-    def snapshot(self, ref: Ref, dest: Path) -> None:
-        if not self.complete(ref.location):
-            raise Vanished(f"{ref.location} is no longer a complete checkpoint")
-        dest.mkdir(parents=True)
-        for name in REQUIRED_FILES + OPTIONAL_FILES:
-            remote = f"{ref.location}/{name}"
-            try:
-                self.fs.get_file(remote, str(dest / name))
-            except FileNotFoundError:
-                if name in OPTIONAL_FILES and self.fs.exists(f"{ref.location}/{MARKER}"):
-                    continue
-                raise Vanished(f"{ref.location} disappeared while being downloaded ({name} missing)") from None
-
-
-def make_source(root: str):
-    return FsspecSource(root) if _is_url(root) else LocalSource(root)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
