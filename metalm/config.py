@@ -85,6 +85,10 @@ class TrainConfig:
     val_batches: int = 8
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    nonfinite_policy: str = "skip"  # non-finite loss on any rank: skip (update not applied, counted) | stop (exit 1)
+    max_nonfinite_in_row: int = 5  # skip: this many non-finite steps in a row stop the run (exit 1)
+    spike_window: int = 100  # steps of loss history for loss-spike detection (0 disables)
+    spike_sigma: float = 6.0  # a step loss above mean + spike_sigma x std of the window is logged as a loss_spike
 
 
 @dataclass
@@ -120,6 +124,9 @@ class CheckpointConfig:
     resume: str = "auto"  # auto (from latest if present) | never | a checkpoint path
     save_on_signal: bool = True
     export_weights: bool = True  # consolidated safetensors beside the DeepSpeed state (for the evaluator)
+    checksums: bool = True  # sha256 of every file in the COMPLETE marker (sizes always), verified before resuming
+    check_free_space: bool = True  # refuse to start, or skip a save, when the disk cannot hold one more checkpoint
+    max_failed_saves: int = 1  # consecutive failed saves tolerated (retried at the next interval); one more stops
 
 
 @dataclass
@@ -187,6 +194,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.nonfinite_policy": ("skip", "stop"),
     "meta.branch": ("per_step", "per_microbatch"),
     "meta.sampler": ("smlmt", "reference"),
     "meta.head_init": ("persistent", "zero", "prototype"),
@@ -303,6 +311,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         bad("train.zero_stage", t.zero_stage, "expected 0, 1, 2 or 3")
     if t.log_every <= 0:
         bad("train.log_every", t.log_every, "expected a positive integer")
+    if t.max_nonfinite_in_row < 1:
+        bad("train.max_nonfinite_in_row", t.max_nonfinite_in_row, "expected a positive integer")
+    if t.spike_window < 0:
+        bad("train.spike_window", t.spike_window, "expected >= 0 (0 disables loss-spike detection)")
+    if not t.spike_sigma > 0:
+        bad("train.spike_sigma", t.spike_sigma, "expected > 0")
     if world_size is not None:
         accum = grad_accum(cfg, world_size)
         if t.micro_batch * accum * world_size != t.global_batch:
@@ -351,6 +365,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         bad("checkpoint.every", cfg.checkpoint.every, "expected a positive integer")
     if cfg.checkpoint.keep_last_k < 1:
         bad("checkpoint.keep_last_k", cfg.checkpoint.keep_last_k, "expected >= 1")
+    if cfg.checkpoint.max_failed_saves < 0:
+        bad("checkpoint.max_failed_saves", cfg.checkpoint.max_failed_saves,
+            "expected >= 0 (0: stop at the first failed save)")
     ev, ner = cfg.eval, cfg.eval.ner
     for key in ("batch_size", "seq_len", "val_batches"):
         if getattr(ev, key) <= 0:

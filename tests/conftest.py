@@ -27,3 +27,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data not found at {SHARED_DATA} (expected ../shared/data beside the repo)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shards(shared_data, tmp_path_factory) -> Path:
+    """Small real shards (seq_len 64) from the first 400 documents of the shared corpus, built once per session
+    (about a second) and shared by every end-to-end training test."""
+    from metalm.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("train-shards")
+    src = root / "slice.jsonl"
+    with open(shared_data / "corpus" / "wiki-vital-en-fr-es.jsonl") as f, open(src, "w") as out:
+        for i, line in enumerate(f):
+            if i >= 400:
+                break
+            out.write(line)
+    prepare(str(src), str(shared_data / "tokenizers" / "olmo-gpt-neox-dolma-v1_5.json"), str(root / "shards"),
+            64, val_fraction=0.05, samples_per_shard=256, num_proc=1, text_field="text", seed=0)
+    return root / "shards"

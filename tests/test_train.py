@@ -25,22 +25,6 @@ COMMON = [
 ]
 
 
-@pytest.fixture(scope="session")
-def shards(shared_data, tmp_path_factory) -> Path:
-    from metalm.data.prepare import prepare
-
-    root = tmp_path_factory.mktemp("train-shards")
-    src = root / "slice.jsonl"
-    with open(shared_data / "corpus" / "wiki-vital-en-fr-es.jsonl") as f, open(src, "w") as out:
-        for i, line in enumerate(f):
-            if i >= 400:
-                break
-            out.write(line)
-    prepare(str(src), str(shared_data / "tokenizers" / "olmo-gpt-neox-dolma-v1_5.json"), str(root / "shards"),
-            64, val_fraction=0.05, samples_per_shard=256, num_proc=1, text_field="text", seed=0)
-    return root / "shards"
-
-
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -140,6 +140,8 @@ def load_manifest(shards_dir: str | os.PathLike, *, expected_tokenizer_hash: str
         man = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise DataError(f"{path}: invalid JSON ({e})") from None
     validate_manifest(man, str(path))
     if check_tokenizer_file:
         tok_path = shards_dir / man["tokenizer_file"]

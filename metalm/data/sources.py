@@ -33,6 +33,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Union
@@ -195,6 +196,8 @@ def iter_jsonl(path: str | os.PathLike, *, text_field: str = "text") -> Iterator
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                except ValueError as e:  # e.g. an integer of more than 4300 digits
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
                 except RecursionError:
                     raise DataError(f"{path}:{lineno}: invalid JSON (nested too deeply)") from None
                 if not isinstance(obj, dict):
@@ -207,7 +210,7 @@ def iter_jsonl(path: str | os.PathLike, *, text_field: str = "text") -> Iterator
                     raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, "
                                     f"expected a string")
                 yield text
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
             raise DataError(f"{path}: read failed after line {lineno}: {e}") from None
 
 
@@ -217,7 +220,7 @@ def iter_text(path: str | os.PathLike, *, text_split: str = "file") -> Iterator[
     with _open_binary(path) as f:
         try:
             data = f.read()
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
             raise DataError(f"{path}: read failed: {e}") from None
     try:
         text = data.decode("utf-8")

@@ -98,7 +98,7 @@ def parse_iob2(text: str, name: str = "<string>", token_col: int = 1, tag_col: i
             pending_comments = []
         if index_col is not None:
             idx = cols[index_col].strip()
-            if not idx.isdigit():
+            if not idx.isdecimal():  # not isdigit(): '²' is a digit that int() refuses
                 raise IOB2FormatError(f"{name}:{lineno}: index column {index_col} is {idx!r}, expected an integer")
             if int(idx) != len(cur.tokens) + 1:
                 raise IOB2FormatError(

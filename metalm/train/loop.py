@@ -2,27 +2,36 @@
 
 Each optimizer step runs `grad_accum` micro-batches; a seeded, stateless schedule (identical on every
 rank) decides whether a micro-batch is an AR step or a FOMAML meta step. Losses are accumulated on the
-device and reduced across ranks only every `log_every` steps, so the hot loop never waits on the host.
+device; once per optimizer step, before the update, one small all-reduce tells every rank whether any rank
+saw a non-finite loss (the update is then skipped or the run stopped, on all ranks alike), whether a stop
+signal arrived anywhere, and the step's mean losses for loss-spike detection. The per-interval metrics are
+reduced only every `log_every` steps.
+
+Failures are collective decisions too: a checkpoint save that fails on any rank is discarded on every rank
+(`latest` keeps naming the previous complete checkpoint), and then retried at the next interval, up to
+checkpoint.max_failed_saves consecutive failures, after which the run stops with exit status 1.
 """
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import signal
+import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as tdist
 
-from metalm.config import Config, grad_accum, to_yaml
+from metalm.config import Config, grad_accum
 from metalm.model import flops_per_token, num_params
 from metalm.train import checkpoint as ckpt
 from metalm.train.engine import Dist, build_engine
+from metalm.train.guards import (NonFiniteGuard, SpikeDetector, StopRequest, TrainingError, check_free_space,
+                                 checkpoint_bytes, probe_dirs, update_suppressed)
 from metalm.train.metrics import MetricsLogger
 from metalm.train.module import PretrainModule
+from metalm.train.saving import CheckpointSaving
 
 log = logging.getLogger("metalm.loop")
 
@@ -50,31 +59,7 @@ def meta_head_flops(cfg: Config) -> float:
     return 6.0 * active * (m.inner_steps * n_support + n_query)
 
 
-class StopRequest:
-    """SIGTERM/SIGINT: finish the current step, checkpoint, exit. A second signal exits at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signame = ""
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            import os
-
-            print(f"metalm: second {signal.Signals(signum).name}: exiting now; the last complete checkpoint "
-                  "is intact", flush=True)
-            os._exit(128 + signum)
-        self.requested = True
-        self.signame = signal.Signals(signum).name
-        print(f"metalm: {self.signame} received: checkpointing at the end of this step, then exiting "
-              "(send it again to exit immediately)", flush=True)
-
-
-class Trainer:
+class Trainer(CheckpointSaving):
     def __init__(self, cfg: Config, dist: Dist):
         self.cfg, self.dist = cfg, dist
         self.run_dir = Path(cfg.train.run_dir)
@@ -84,14 +69,26 @@ class Trainer:
         self.tokens = 0
         self.flops = 0.0
         self.stop = StopRequest()
+        self.stop_agreed = False  # the all-reduced stop flag: identical on every rank
+        t = cfg.train
+        self.nonfinite = NonFiniteGuard(t.nonfinite_policy, t.max_nonfinite_in_row)
+        self.spikes = SpikeDetector(t.spike_window, t.spike_sigma)
+        self.failed_saves = 0
+        self.ckpt_bytes: Optional[int] = None  # size of the last checkpoint written (free-space check)
 
     # ----------------------------------------------------------------- set-up
     def setup(self) -> None:
         from metalm.data import build_loader, ensure_prepared
 
         cfg, d = self.cfg, self.dist
+        # Before any work: every rank can write the run and checkpoint directories (all ranks agree).
+        err = None
+        try:
+            probe_dirs(self.run_dir, self.ckpt_root, f"rank{d.rank}")
+        except TrainingError as e:
+            err = str(e)
+        self._raise_agreed(err, TrainingError)
         if d.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_stale_tmp(self.ckpt_root)
             self.manifest = ensure_prepared(cfg)
         tdist.barrier()
@@ -99,6 +96,16 @@ class Trainer:
             self.manifest = ensure_prepared(cfg)
         torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
         self.module = PretrainModule(cfg)
+        self.ckpt_estimate = checkpoint_bytes(sum(p.numel() for p in self.module.parameters()), cfg.train.precision,
+                                              cfg.train.zero_stage)
+        err = None
+        if d.rank == 0 and cfg.checkpoint.check_free_space:  # the checkpoint directory is shared by the ranks
+            try:
+                for warning in check_free_space(self.ckpt_root, self.ckpt_estimate, cfg.checkpoint.keep_last_k):
+                    print(f"metalm: warning: {warning}", file=sys.stderr, flush=True)
+            except TrainingError as e:
+                err = str(e)
+        self._raise_agreed(err, TrainingError)
         self.engine = build_engine(cfg, self.module, d)
         torch.manual_seed(cfg.train.seed + 1000 + d.rank)  # dropout differs per rank, reproducibly
         self.loader = build_loader(cfg, split="train", rank=d.rank, world_size=d.world_size)
@@ -127,32 +134,88 @@ class Trainer:
                   flush=True)
 
     def _resume(self) -> None:
+        """Rank 0 picks (and verifies) the checkpoint and checks that this run can continue it; every rank
+        then loads it. Any problem is a CheckpointError on every rank."""
         mode = self.cfg.checkpoint.resume
         if mode == "never":
             return
-        path = Path(mode) if mode != "auto" else ckpt.find_latest(self.ckpt_root)
-        if path is None:
+        choice, err = None, None
+        if self.dist.rank == 0:
+            try:
+                choice = self._pick_checkpoint(mode)
+            except ckpt.CheckpointError as e:
+                err = str(e)
+        if self.dist.world_size > 1:
+            box = [choice, err]
+            tdist.broadcast_object_list(box, src=0)
+            choice, err = box
+        if err:
+            raise ckpt.CheckpointError(err)
+        if choice is None:
             return
-        if not ckpt.is_complete(path):
-            raise ckpt.CheckpointError(f"checkpoint.resume={mode}: {path} is not a complete checkpoint")
+        path = Path(choice)
         state = ckpt.read_state(path)
-        t = self.cfg.train
-        saved = (state.get("world_size"), state.get("global_batch"), state.get("micro_batch"), state.get("seq_len"))
-        now = (self.dist.world_size, t.global_batch, t.micro_batch, t.seq_len)
-        if saved != now:
-            raise ckpt.CheckpointError(
-                f"cannot resume from {path}: it was written with world_size, global_batch, micro_batch, seq_len = "
-                f"{saved}, this run has {now}; start a new train.run_dir or match the original geometry")
-        load_path, _ = self.engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+        with ckpt.safe_deepspeed_load(self.engine):
+            load_path, _ = self.engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
         if load_path is None:
             raise ckpt.CheckpointError(f"DeepSpeed could not load {path}/ds")
         rank_state = ckpt.load_rank_state(path, self.dist.rank)
         self.loader.load_state_dict(rank_state["data"])
         ckpt.set_rng_state(rank_state["rng"])
         self.step, self.tokens, self.flops = state["step"], state["tokens"], state.get("flops", 0.0)
+        guards = state.get("guards", {})
+        self.nonfinite.load_state_dict(guards.get("nonfinite", {}))
+        self.spikes.load_state_dict(guards.get("spikes", {}))
         if self.dist.rank == 0:
             print(f"metalm: resumed from {path} at step {self.step}", flush=True)
+
+    def _pick_checkpoint(self, mode: str) -> Optional[str]:
+        verify = self.cfg.checkpoint.checksums
+        if mode == "auto":
+            path = ckpt.find_latest(self.ckpt_root, verify=verify)
+            if path is None:
+                return None
+        else:
+            path = Path(mode)
+            problem = ckpt.checkpoint_problem(path, checksums=verify) if path.is_dir() else "no such directory"
+            if problem:
+                raise ckpt.CheckpointError(f"checkpoint.resume={mode}: {path} is not a complete checkpoint: "
+                                           f"{problem}")
+        t = self.cfg.train
+        now = {"world_size": self.dist.world_size, "global_batch": t.global_batch, "micro_batch": t.micro_batch,
+               "seq_len": t.seq_len, "tokenizer_hash": self.manifest.get("tokenizer_hash")}
+        mismatch = ckpt.resume_mismatch(ckpt.read_state(path), now)
+        if mismatch:
+            raise ckpt.CheckpointError(f"cannot resume from {path}: {mismatch}")
+        return str(path)
+
+    # ------------------------------------------------------------ collectives
+    def reduce(self, values: list, op=tdist.ReduceOp.SUM) -> list[float]:
+        """All-reduce numbers and 0-d tensors across ranks as one device tensor (the backend's device: NCCL
+        reduces no CPU tensors); returns Python floats (one host sync)."""
+        dev = self.dist.device
+        t = torch.stack([v.detach().float().reshape(()).to(dev) if torch.is_tensor(v)
+                         else torch.tensor(float(v), device=dev) for v in values])
+        if self.dist.world_size > 1:
+            tdist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def _raise_agreed(self, msg: Optional[str], error: Callable[[str], Exception]) -> None:
+        """Collective: if any rank has an error message, raise `error` with the first rank's message on every
+        rank (so no rank goes on alone into a collective the others never reach)."""
+        msg = self._agreed_message(msg)
+        if msg is not None:
+            raise error(msg)
+
+    def _agreed_message(self, msg: Optional[str]) -> Optional[str]:
+        if self.dist.world_size == 1:
+            return msg
+        if self.reduce([1.0 if msg else 0.0], tdist.ReduceOp.MAX)[0] == 0:
+            return None
+        msgs: list = [None] * self.dist.world_size
+        tdist.all_gather_object(msgs, msg)
+        return next(m for m in msgs if m)
 
     # ------------------------------------------------------------ one step
     def _episode(self, batch: torch.Tensor, micro: int):
@@ -180,35 +243,97 @@ class Trainer:
 
     def train_step(self) -> None:
         dev = self.dist.device
+        z = lambda: torch.zeros((), device=dev)  # noqa: E731
+        step_acc = {"ar_loss": z(), "meta_loss": z(), "nonfinite": z(), **{k: z() for k in STAT_KEYS}}
+        ar_n = meta_n = fallback = 0
         for micro in range(self.accum):
             batch = next(self.loader_iter)  # on the host: episodes are sampled there, without device syncs
             meta = self.schedule is not None and self.schedule.is_meta(self.step, micro)
             episode = self._episode(batch, micro) if meta else None
             batch = batch.to(dev, non_blocking=True)
             if meta and episode is None:
-                self.acc["meta_fallback"] += 1
+                fallback += 1
             loss, stats = self.engine(batch, episode=episode)
             self.engine.backward(loss)
-            self.engine.step()
+            value = loss.detach().float()
+            step_acc["nonfinite"] += (~torch.isfinite(value)).float()
             if episode is None:
-                self.acc["ar_loss"] += loss.detach().float()
-                self.acc["ar_n"] += 1
+                step_acc["ar_loss"] += value
+                ar_n += 1
                 self.tokens += self.tok_per_micro
                 self.flops += self.fpt * self.tok_per_micro
             else:
-                self.acc["meta_loss"] += loss.detach().float()
-                self.acc["meta_n"] += 1
+                step_acc["meta_loss"] += value
+                meta_n += 1
                 for k in STAT_KEYS:
-                    self.acc[k] += stats[k].detach().float()
+                    step_acc[k] += stats[k].detach().float()
                 # `tokens` counts tokens drawn from the data stream; `flops` the compute they cost
                 self.tokens += self.tok_per_micro
                 self.flops += self.meta_flops
+            if micro < self.accum - 1:
+                self.engine.step()  # not a boundary: DeepSpeed only accumulates
+        skip = self._check_step(step_acc, ar_n, meta_n)
+        # The boundary: DeepSpeed reduces, clips, updates, clears the gradients and advances its counters.
+        # On a skipped step it still does all of that except the update (see guards.update_suppressed).
+        sched = self.engine.lr_scheduler
+        before = sched.last_epoch if sched is not None else None
+        with update_suppressed(self.engine.basic_optimizer) if skip else nullcontext():
+            self.engine.step()
+        if sched is not None and sched.last_epoch == before:
+            sched.step()  # DeepSpeed skipped on its own (gradient overflow): the LR stays a function of the step
+        if self.cfg.train.zero_stage == 3:
+            # ZeRO-3 keeps every parameter's gradient partition in one flat buffer that it overwrites only for
+            # parameters that receive a gradient in the first micro-batch of a step. A parameter without one
+            # (the meta head in an AR step, the LM head in a meta step) would be updated with its gradient from
+            # an earlier step, and a NaN from a skipped step would stay there. Clear it after every update.
+            flat = getattr(self.engine.optimizer, "grad_partitions_flat_buffer", None)
+            if flat is not None:
+                flat.zero_()
         self.step += 1
+        self.acc["meta_fallback"] += fallback
+        if skip or not self.engine.was_step_applied():
+            self.acc["nonfinite_skipped"] += 1
+        if not skip:
+            for k in ("ar_loss", "meta_loss", *STAT_KEYS):
+                self.acc[k] += step_acc[k]
+            self.acc["ar_n"] += ar_n
+            self.acc["meta_n"] += meta_n
+
+    def _check_step(self, step_acc: dict, ar_n: int, meta_n: int) -> bool:
+        """Collective, once per optimizer step before its update: True when the update is to be skipped.
+
+        One all-reduce carries: how many ranks saw a non-finite loss, the step's loss sums, and the stop flag.
+        Raises TrainingError (on every rank) when the non-finite policy says stop."""
+        d = self.dist
+        bad_ranks, ar_sum, meta_sum, stops = self.reduce([(step_acc["nonfinite"] > 0).float(), step_acc["ar_loss"],
+                                                          step_acc["meta_loss"], 1.0 if self.stop.requested else 0.0])
+        if stops > 0:
+            self.stop_agreed = True
+            self.stop.signame = self.stop.signame or "a signal (to another rank)"
+        step = self.step + 1
+        skip = self.nonfinite.check(step, int(bad_ranks), d.world_size)
+        if skip:
+            if d.rank == 0:
+                print(f"metalm: warning: non-finite loss at step {step} on {int(bad_ranks)} rank(s): its update is "
+                      f"skipped ({self.nonfinite.in_row} in a row; train.max_nonfinite_in_row="
+                      f"{self.nonfinite.max_in_row})", file=sys.stderr, flush=True)
+            return True
+        for kind, total, n in (("ar", ar_sum, ar_n), ("meta", meta_sum, meta_n)):
+            if not n:
+                continue
+            spike = self.spikes.update(kind, total / (n * d.world_size))
+            if spike is not None:
+                self.metrics.log({"step": step, **spike})
+                if d.rank == 0:
+                    print(f"metalm: warning: {kind} loss spike at step {step}: {spike['loss']:.4f}, window mean "
+                          f"{spike['window_mean']:.4f} +- {spike['window_std']:.4f}", file=sys.stderr, flush=True)
+        return False
 
     # ----------------------------------------------------------- reporting
     def _reset_acc(self) -> None:
         z = lambda: torch.zeros((), device=self.dist.device)  # noqa: E731
-        self.acc = {"ar_loss": z(), "ar_n": 0, "meta_loss": z(), "meta_n": 0, "meta_fallback": 0}
+        self.acc = {"ar_loss": z(), "ar_n": 0, "meta_loss": z(), "meta_n": 0, "meta_fallback": 0,
+                    "nonfinite_skipped": 0}
         self.acc.update({k: z() for k in STAT_KEYS})
 
     def _report(self, t_start: float, tokens_start: int, flops_start: float) -> dict:
@@ -225,7 +350,7 @@ class Trainer:
             "ar_loss": vals[0] / ar_n if ar_n else None,
             "meta_loss": vals[1] / meta_n if meta_n else None,
             "meta_microbatches": int(meta_n), "ar_microbatches": int(ar_n),
-            "meta_fallbacks": int(counts[2]),
+            "meta_fallbacks": int(counts[2]), "nonfinite_skipped": a["nonfinite_skipped"],
             "lr": self.engine.get_lr()[0], "tokens_per_s": tps, "time": time.time(),
             "mfu": flops_s / (self.peak * self.dist.world_size) if self.peak else None,
         }
@@ -251,54 +376,6 @@ class Trainer:
         total, n = self.reduce([total, n])
         return total / max(n, 1)
 
-    # --------------------------------------------------------- checkpoints
-    def save_checkpoint(self) -> Path:
-        cfg, d = self.cfg, self.dist
-        name = ckpt.step_dir_name(self.step)
-        tmp = self.ckpt_root / f".tmp-{name}"
-        if d.rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        tdist.barrier()
-        self.engine.save_checkpoint(str(tmp), tag="ds", client_state={"step": self.step}, save_latest=False)
-        ckpt.save_rank_state(tmp, d.rank, self.loader.state_dict())
-        if cfg.checkpoint.export_weights:
-            self._export_weights(tmp)
-        if d.rank == 0:
-            (tmp / "config.yaml").write_text(to_yaml(cfg))
-            state = {"step": self.step, "tokens": self.tokens, "flops": self.flops, "world_size": d.world_size,
-                     "global_batch": cfg.train.global_batch, "micro_batch": cfg.train.micro_batch,
-                     "seq_len": cfg.train.seq_len, "grad_accum": self.accum,
-                     "tokenizer_hash": self.manifest.get("tokenizer_hash")}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            tok = Path(cfg.data.shards) / "tokenizer.json"
-            if tok.is_file():
-                shutil.copyfile(tok, tmp / "tokenizer.json")
-        tdist.barrier()
-        final = self.ckpt_root / name
-        if d.rank == 0:
-            ckpt.finalize(tmp, final, self.ckpt_root, cfg.checkpoint.keep_last_k)
-        tdist.barrier()
-        return final
-
-    def _export_weights(self, tmp: Path) -> None:
-        module = self.engine.module
-        if self.cfg.train.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                if self.dist.rank == 0:
-                    self._write_weights(module, tmp)
-        elif self.dist.rank == 0:
-            self._write_weights(module, tmp)
-
-    @staticmethod
-    def _write_weights(module: PretrainModule, tmp: Path) -> None:
-        ckpt.save_weights(module.lm, tmp / "model.safetensors")
-        if module.head is not None:
-            ckpt.save_weights(module.head, tmp / "meta_head.safetensors")
-
     # ---------------------------------------------------------------- run
     def run(self) -> int:
         cfg, d = self.cfg, self.dist
@@ -321,21 +398,21 @@ class Trainer:
                 self.metrics.log({"step": self.step, "tokens": self.tokens, "flops": self.flops, "val_loss": val})
                 if d.rank == 0:
                     print(f"metalm: step {self.step} val_loss {val:.4f}", flush=True)
-            if self.step % cfg.checkpoint.every == 0:
-                self.save_checkpoint()
-                last_saved = self.step
-            if cfg.train.stop_at and self.step >= cfg.train.stop_at and self.step < cfg.train.max_steps:
-                self.stop.requested, self.stop.signame = True, f"train.stop_at={cfg.train.stop_at}"
-            if self._stop_requested():
-                if last_saved != self.step:
-                    self.save_checkpoint()
+            at_stop = bool(cfg.train.stop_at) and cfg.train.stop_at <= self.step < cfg.train.max_steps
+            stopping = self.stop_agreed or at_stop  # identical on every rank (stop_agreed is all-reduced)
+            if self.step % cfg.checkpoint.every == 0 or (stopping and last_saved != self.step):
+                if self._save(final=stopping):
+                    last_saved = self.step
+            if stopping:
                 if d.rank == 0:
-                    print(f"metalm: stopped by {self.stop.signame or 'a signal'} at step {self.step}; "
-                          f"checkpoint saved; rerun the same command to resume", flush=True)
+                    by = f"train.stop_at={cfg.train.stop_at}" if at_stop and not self.stop_agreed \
+                        else (self.stop.signame or "a signal")
+                    print(f"metalm: stopped by {by} at step {self.step}; checkpoint saved; rerun the same command "
+                          f"to resume", flush=True)
                 self.metrics.close()
                 return 0
         if last_saved != self.step:
-            self.save_checkpoint()
+            self._save(final=True)
         self.metrics.close()
         if d.rank == 0:
             print(f"metalm: done, {self.step} steps, {self.tokens:,} tokens\n"
@@ -343,19 +420,3 @@ class Trainer:
                   f"  checkpoints:   {self.ckpt_root.resolve()} (latest: {ckpt.find_latest(self.ckpt_root)})\n"
                   f"  metrics:       {(self.run_dir / 'metrics.jsonl').resolve()}", flush=True)
         return 0
-
-    def reduce(self, values: list, op=tdist.ReduceOp.SUM) -> list[float]:
-        """All-reduce numbers and 0-dim tensors across ranks in one collective; one host sync.
-
-        The buffer lives on the training device, since NCCL reduces CUDA tensors only."""
-        dev = self.dist.device
-        buf = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=dev).reshape(()) for v in values])
-        if self.dist.world_size > 1:
-            tdist.all_reduce(buf, op=op)
-        return buf.tolist()
-
-    def _stop_requested(self) -> bool:
-        flag = self.reduce([1.0 if self.stop.requested else 0.0], tdist.ReduceOp.MAX)[0]
-        if flag > 0 and not self.stop.requested:
-            self.stop.requested = True
-        return self.stop.requested

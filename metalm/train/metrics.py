@@ -52,6 +52,7 @@ class MetricsLogger:
         self.wandb = None
         self.t0 = time.time()
         self.start_step = resumed_step
+        self.write_failed = False
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,8 +108,15 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {k: v for k, v in record.items() if v is not None}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.write_failed = False
+        except OSError as e:  # a full disk must not stop training: the checkpoints are what matter
+            if not self.write_failed:
+                print(f"metalm: warning: cannot append to {self.path} ({e}); metrics records are lost until "
+                      f"it works again", file=sys.stderr, flush=True)
+            self.write_failed = True
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
