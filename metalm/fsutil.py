@@ -5,6 +5,7 @@ half-written one. No torch import: the data-preparation worker processes use thi
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -42,3 +43,14 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """The sha256 of a file's bytes, read in chunks of `chunk` bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)

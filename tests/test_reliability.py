@@ -19,13 +19,13 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from procs import cpu_run_env, free_port
 
 from metalm.train import checkpoint as ckpt
 
@@ -49,26 +49,14 @@ pytestmark = pytest.mark.slow
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
 def _cmd(run_dir: Path, shards: Path, *extra: str, worker: str | None = None) -> list[str]:
     script = [str(LAUNCHER)] if worker is None else [str(Path(__file__).resolve()), "WORKER", worker]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
             *script, *COMMON, f"data.shards={shards}", f"train.run_dir={run_dir}", *extra]
 
 
 def run(run_dir: Path, shards: Path, *extra: str, worker: str | None = None, ok: bool = True):
-    out = subprocess.run(_cmd(run_dir, shards, *extra, worker=worker), cwd=REPO, env=_env(), capture_output=True,
+    out = subprocess.run(_cmd(run_dir, shards, *extra, worker=worker), cwd=REPO, env=cpu_run_env(), capture_output=True,
                          text=True, timeout=300)
     if ok:
         assert out.returncode == 0, _failure(out.stdout + out.stderr)
@@ -90,7 +78,7 @@ class Run:
         self.log = run_dir.parent / f"{run_dir.name}.log"
         self.run_dir.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.log, "w")
-        self.proc = subprocess.Popen(_cmd(run_dir, shards, *extra, worker=worker), cwd=REPO, env=_env(),
+        self.proc = subprocess.Popen(_cmd(run_dir, shards, *extra, worker=worker), cwd=REPO, env=cpu_run_env(),
                                      stdout=self._f, stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:

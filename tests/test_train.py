@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from procs import cpu_run_env, free_port
 
 from metalm.train import checkpoint as ckpt
 
@@ -25,22 +24,10 @@ COMMON = [
 ]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
 def run_torchrun(run_dir: Path, shards: Path, *extra: str, nproc: int = 2, timeout: int = 240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            str(LAUNCHER), *COMMON, f"data.shards={shards}", f"train.run_dir={run_dir}", *extra]
-    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(cmd, cwd=REPO, env=cpu_run_env(), capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
@@ -72,10 +59,10 @@ def test_deepspeed_launcher_end_to_end(tmp_path, shards):
     """The README's main command shape: the `deepspeed` runner, 2 CPU processes, meta on, checkpoints."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank",
-           "--master_port", str(_port()), str(LAUNCHER), *COMMON, f"data.shards={shards}",
+           "--master_port", str(free_port()), str(LAUNCHER), *COMMON, f"data.shards={shards}",
            f"train.run_dir={run_dir}", "checkpoint.every=5", "checkpoint.keep_last_k=2", "logging.progress=true",
            "train.val_every=6", "train.val_batches=2"]
-    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, cwd=REPO, env=cpu_run_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "step 12/12" in out.stdout and "tok/s" in out.stdout and "eta" in out.stdout
     assert "metalm: done" in out.stdout and str(run_dir.resolve()) in out.stdout
@@ -94,7 +81,7 @@ def test_deepspeed_launcher_end_to_end(tmp_path, shards):
 
 def test_unknown_key_exits_nonzero_naming_it(tmp_path):
     out = subprocess.run([sys.executable, str(LAUNCHER), "--config", str(REPO / "configs" / "cpu-tiny.yaml"),
-                          "train.max_stepz=3"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+                          "train.max_stepz=3"], cwd=REPO, env=cpu_run_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "max_stepz" in out.stderr
 
 
@@ -105,6 +92,6 @@ def test_resume_with_other_world_size_is_refused(tmp_path, shards):
     cmd = [sys.executable, str(LAUNCHER), *COMMON, f"data.shards={shards}", f"train.run_dir={run_dir}",
            "meta.enabled=false", "train.max_steps=4", "train.global_batch=8", "train.micro_batch=4",
            "train.grad_accum=2"]
-    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, cwd=REPO, env=cpu_run_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "cannot resume" in out.stderr and "world_size" in out.stderr

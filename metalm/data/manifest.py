@@ -14,7 +14,6 @@ one sample per key ``000000``, ``000001``, ...: ``<key>.npy``, a 1-D array of ``
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from metalm.data.errors import DataError
+from metalm.fsutil import file_sha256
 
 FORMAT = "metalm-shards"
 VERSION = 1
@@ -51,16 +51,6 @@ _SHARD_FIELDS: dict[str, type] = {"path": str, "samples": int, "bytes": int, "sh
 def sample_dtype(vocab_size: int) -> str:
     """uint16 when every id fits (vocab_size <= 65536), else int32."""
     return "uint16" if vocab_size <= 65536 else "int32"
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
 
 
 def _is_int(v: Any) -> bool:

@@ -31,12 +31,12 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from metalm.data.errors import DataError
-from metalm.data.manifest import (FORMAT, MANIFEST, PREPARE_STATE, SPLITS, TOKENIZER_FILE, VERSION, file_sha256,
-                                  load_manifest, sample_dtype)
+from metalm.data.manifest import (FORMAT, MANIFEST, PREPARE_STATE, SPLITS, TOKENIZER_FILE, VERSION, load_manifest,
+                                  sample_dtype)
 from metalm.data.sources import describe_source, iter_documents
 from metalm.data.shards import SplitWriter, finished_shards, remove_stale
 from metalm.data.tokenizer import Tokenizer, load_tokenizer
-from metalm.fsutil import write_json_atomic
+from metalm.fsutil import file_sha256, write_json_atomic
 
 BATCH_DOCS = 128  # documents per tokenizer task
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metalm.data.manifest import file_sha256
-from metalm.fsutil import write_atomic, write_json_atomic
+from metalm.fsutil import file_sha256, write_atomic, write_json_atomic
 
 
 class Packer:

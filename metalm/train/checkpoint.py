@@ -22,7 +22,6 @@ DeepSpeed's own checkpoint files are pickles; we make DeepSpeed read them with `
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -35,7 +34,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from metalm.fsutil import fsync_dir, write_atomic
+from metalm.fsutil import file_sha256, fsync_dir, write_atomic
 
 log = logging.getLogger("metalm.checkpoint")
 
@@ -266,16 +265,6 @@ def load_meta_head(ckpt: Path, cfg, device: str | torch.device = "cpu"):
     head = build_head(cfg.meta, cfg.model.d_model, cfg.model.vocab_size)
     head.load_state_dict(load_file(str(Path(ckpt) / "meta_head.safetensors")))
     return head.to(device)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
 
 
 def checkpoint_files(tmp_dir: Path) -> list[str]:
