@@ -176,8 +176,8 @@ def fmt(v, spec=".3f") -> str:
 
 
 def write_markdown(args, results: dict, files: list[str], out: Path) -> None:
-    lines = [f"# Vanilla vs hybrid pretraining: `{args.config}`, {args.steps} steps, seeds {args.seeds}", "",
-             f"Command: `python benchmarks/reproduce.py {' '.join(sys.argv[1:])}`", "",
+    lines = [f"# Vanilla vs hybrid pretraining: `{shown(args.config)}`, {args.steps} steps, seeds {args.seeds}", "",
+             f"Command: `python benchmarks/reproduce.py {' '.join(shown(a) for a in sys.argv[1:])}`", "",
              "| seed | vanilla final val loss | hybrid final val loss | hybrid reaches vanilla's final loss: x sooner "
              "(steps / tokens / FLOPs) | NER F1 head vanilla / hybrid | NER F1 full vanilla / hybrid |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -190,6 +190,16 @@ def write_markdown(args, results: dict, files: list[str], out: Path) -> None:
                      f"{fmt(nv.get('full'))} / {fmt(nh.get('full'))} |")
     lines += ["", *[f"![{f}]({f})" for f in files], ""]
     (out / "results.md").write_text("\n".join(lines))
+
+
+def shown(arg: str) -> str:
+    """A path inside the repository (or beside it, ../shared) as a relative path, so results read the same on
+    every machine; anything else unchanged."""
+    if os.path.isabs(arg) and os.path.exists(arg):
+        rel = os.path.relpath(arg, REPO)
+        if not rel.startswith("../../"):
+            return rel
+    return arg
 
 
 def main(argv=None) -> int:
@@ -225,7 +235,7 @@ def main(argv=None) -> int:
             runs[(variant, seed)] = train(args, variant, seed)
             if not args.skip_eval:
                 evaluate(args, runs[(variant, seed)])
-    results = {"config": args.config, "steps": args.steps, "ratio": args.ratio, "per_seed": {}}
+    results = {"config": shown(args.config), "steps": args.steps, "ratio": args.ratio, "per_seed": {}}
     for seed in seeds:
         van, hyb = val_curve(runs[("vanilla", seed)]), val_curve(runs[("hybrid", seed)])
         results["per_seed"][seed] = {
