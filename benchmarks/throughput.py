@@ -33,6 +33,11 @@ def zipf_batch(gen, batch: int, seq: int, vocab: int, reserved: int):
     return torch.multinomial(probs / probs.sum(), batch * (seq + 1), replacement=True, generator=gen).view(batch, seq + 1)
 
 
+def pct(mfu) -> str:
+    """MFU as a percentage; a dash where the device's peak is unknown (CPUs)."""
+    return f"{100 * mfu:5.1f}%" if mfu is not None else "    – "
+
+
 def bench_one(name: str, zero: int, kernels: str, compile_: bool, args, dist) -> dict:
     import torch
 
@@ -141,8 +146,8 @@ def main(argv=None) -> int:
         rows.append(bench_one(name, zero, kern, comp, args, dist))
         r = rows[-1]
         print(f"{name:>8} zero{zero} {kern:>6} compile={'on' if comp else 'off':3} | AR {r['ar_ms']:8.1f} ms "
-              f"{r['ar_tokens_per_s']:>10,.0f} tok/s MFU {100 * (r['ar_mfu'] or 0):5.1f}% | meta {r['meta_ms']:8.1f} ms "
-              f"MFU {100 * (r['meta_mfu'] or 0):5.1f}% | meta/AR {r['meta_over_ar']:.2f}", flush=True)
+              f"{r['ar_tokens_per_s']:>10,.0f} tok/s MFU {pct(r['ar_mfu'])} | meta {r['meta_ms']:8.1f} ms "
+              f"MFU {pct(r['meta_mfu'])} | meta/AR {r['meta_over_ar']:.2f}", flush=True)
     device = torch.cuda.get_device_name(0) if gpu else f"cpu ({platform.processor() or platform.machine()}, "\
                                                        f"{torch.get_num_threads()} threads)"
     out = Path(args.out or REPO / "benchmarks" / "results" / f"throughput-{'cuda' if gpu else 'cpu'}.json")
