@@ -415,8 +415,9 @@ class Trainer(CheckpointSaving):
             self._save(final=True)
         self.metrics.close()
         if d.rank == 0:
+            latest = ckpt.find_latest(self.ckpt_root)
             print(f"metalm: done, {self.step} steps, {self.tokens:,} tokens\n"
                   f"  run directory: {self.run_dir.resolve()}\n"
-                  f"  checkpoints:   {self.ckpt_root.resolve()} (latest: {ckpt.find_latest(self.ckpt_root)})\n"
+                  f"  checkpoints:   {self.ckpt_root.resolve()} (latest: {latest.name if latest else None})\n"
                   f"  metrics:       {(self.run_dir / 'metrics.jsonl').resolve()}", flush=True)
         return 0
