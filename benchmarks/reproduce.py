@@ -73,8 +73,9 @@ def evaluate(args, rd: Path) -> None:
 
 
 def val_curve(rd: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("val_loss") is not None]
+    from metalm.eval.report import read_jsonl
+
+    return [r for r in read_jsonl(rd / "metrics.jsonl") if r.get("val_loss") is not None]
 
 
 def first_reach(curve: list[dict], axis: str, target: float) -> Optional[float]:
@@ -103,32 +104,28 @@ def compare(van: list[dict], hyb: list[dict]) -> dict:
 
 
 def eval_series(rd: Path) -> dict:
-    """{step: flat metrics} from the evaluator's per-checkpoint result files."""
-    found = {}
-    for p in sorted((rd / "eval").glob("step_*.json")):
-        if p.name.endswith(".error.json"):
-            continue
-        rec = json.loads(p.read_text())
-        found[int(rec["step"])] = rec["metrics"]
-    return found
+    """{step: flat metrics} from the evaluator's eval.jsonl (one line per evaluated checkpoint)."""
+    from metalm.eval.report import load_run
+
+    return {int(r["step"]): r for r in load_run(rd).evals if "step" in r}
 
 
 def ner_scores(rd: Path) -> dict:
     """{mode: test micro F1} of the final checkpoint's NER fine-tunes."""
+    from metalm.eval.report import read_jsonl
+
     scores = {}
     for mode in ("head", "full"):
-        for p in sorted((rd / f"eval-ner-{mode}").glob("step_*.json")):
-            if not p.name.endswith(".error.json"):
-                scores[mode] = json.loads(p.read_text())["metrics"].get("ner/f1")
+        rows = [r for r in read_jsonl(rd / f"eval-ner-{mode}" / "eval.jsonl") if "ner/f1" in r]
+        if rows:
+            scores[mode] = rows[-1]["ner/f1"]
     return scores
 
 
 def plot(results: dict, runs: dict, out: Path) -> list[str]:
-    import matplotlib
+    from metalm.eval.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     files = []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colors = {"vanilla": "tab:blue", "hybrid": "tab:orange"}
@@ -143,9 +140,7 @@ def plot(results: dict, runs: dict, out: Path) -> list[str]:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("vanilla vs hybrid pretraining: held-out validation loss")
-    fig.tight_layout()
-    fig.savefig(out / "val_loss.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "val_loss.png", dpi=120)
     files.append("val_loss.png")
 
     keys = [("rank/weight/attn_mean_er", "effective rank, attention weights (mean q/k/v/o)"),
@@ -164,9 +159,7 @@ def plot(results: dict, runs: dict, out: Path) -> list[str]:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "dynamics.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "dynamics.png", dpi=120)
     files.append("dynamics.png")
     return files
 

@@ -152,7 +152,8 @@ def speedups(runs: Sequence[Run], window: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- plots
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,11 +162,19 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write and close a figure; returns `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 def plot_losses(runs: Sequence[Run], window: int, out: Path) -> Optional[Path]:
     have = [r for r in runs if any(series(r.metrics, k) for k in LOSS_KEYS)]
     if not have:
         return None
-    plt = _plt()
+    plt = pyplot()
     with_meta = any(series(r.metrics, "meta_loss") for r in have)
     ncols = 3 if with_meta else 2
     fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.2))
@@ -195,11 +204,7 @@ def plot_losses(runs: Sequence[Run], window: int, out: Path) -> Optional[Path]:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "loss.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "loss.png")
 
 
 def _layer_series(evals: Sequence[dict], pattern: str) -> dict[int, Series]:
@@ -220,7 +225,7 @@ def plot_rank(runs: Sequence[Run], out: Path) -> Optional[Path]:
     have = [r for r in runs if _layer_series(r.evals, panels[0][1])]
     if not have:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(len(have), 2, figsize=(12, 3.8 * len(have)), squeeze=False)
     cmap = plt.get_cmap("viridis")
     for row, r in enumerate(have):
@@ -238,11 +243,7 @@ def plot_rank(runs: Sequence[Run], out: Path) -> Optional[Path]:
                 ax.legend(fontsize=6, ncol=2)
             else:
                 ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    path = out / "rank.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "rank.png")
 
 
 def plot_entropy(runs: Sequence[Run], out: Path) -> Optional[Path]:
@@ -250,7 +251,7 @@ def plot_entropy(runs: Sequence[Run], out: Path) -> Optional[Path]:
     have = [(r, ls) for r, ls in have if ls]
     if not have:
         return None
-    plt = _plt()
+    plt = pyplot()
     # one colour scale for every run (comparable panels), from the smallest value seen up to 1 (uniform)
     lo = min(v for _, layers in have for ser in layers.values() for v in ser.values)
     vmin = max(0.0, min(0.9, math.floor(lo * 20) / 20))
@@ -270,11 +271,7 @@ def plot_entropy(runs: Sequence[Run], out: Path) -> Optional[Path]:
         ax.set_xlabel("step")
         ax.set_title(f"{r.name} — attention entropy / log(#keys)", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    path = out / "entropy.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "entropy.png")
 
 
 def plot_ner(runs: Sequence[Run], out: Path) -> Optional[Path]:
@@ -282,7 +279,7 @@ def plot_ner(runs: Sequence[Run], out: Path) -> Optional[Path]:
     have = [h for h in have if h[1] or h[2]]
     if not have:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r, f1, avg in have:
         if f1:
@@ -294,11 +291,7 @@ def plot_ner(runs: Sequence[Run], out: Path) -> Optional[Path]:
     ax.set_title("NER fine-tuning F1 per checkpoint")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "ner.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "ner.png")
 
 
 # ----------------------------------------------------------------------------------------------- markdown
