@@ -41,8 +41,8 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+def write_json_atomic(path: str | os.PathLike, obj: Any, sort_keys: bool = False) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=sort_keys) + "\n").encode("utf-8"))
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
