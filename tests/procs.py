@@ -1,4 +1,4 @@
-"""Helpers of the tests that start training processes (torchrun, the deepspeed runner)."""
+"""Helpers of the tests that start processes: training runs (torchrun, the deepspeed runner), launchers."""
 from __future__ import annotations
 
 import os
@@ -18,4 +18,15 @@ def cpu_run_env() -> dict:
     the training loop; tests/test_kernels*.py check the kernels)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def no_launcher_env(**extra: str) -> dict:
+    """The current environment without any launcher or Slurm variable, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith(("SLURM_", "SRUN_"))}
+    env.update(extra)
     return env
