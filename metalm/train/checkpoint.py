@@ -56,9 +56,7 @@ def read_marker(path: Path) -> Optional[dict]:
     records; None when there is no marker."""
     try:
         text = (Path(path) / MARKER).read_text()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except (OSError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError):  # missing, unreadable or garbled: no usable marker
         return None
     try:
         data = json.loads(text)

@@ -257,18 +257,16 @@ class Trainer(CheckpointSaving):
             self.engine.backward(loss)
             value = loss.detach().float()
             step_acc["nonfinite"] += (~torch.isfinite(value)).float()
+            self.tokens += self.tok_per_micro  # tokens drawn from the data stream, whichever branch; flops: their cost
             if episode is None:
                 step_acc["ar_loss"] += value
                 ar_n += 1
-                self.tokens += self.tok_per_micro
                 self.flops += self.fpt * self.tok_per_micro
             else:
                 step_acc["meta_loss"] += value
                 meta_n += 1
                 for k in STAT_KEYS:
                     step_acc[k] += stats[k].detach().float()
-                # `tokens` counts tokens drawn from the data stream; `flops` the compute they cost
-                self.tokens += self.tok_per_micro
                 self.flops += self.meta_flops
             if micro < self.accum - 1:
                 self.engine.step()  # not a boundary: DeepSpeed only accumulates

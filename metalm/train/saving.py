@@ -17,6 +17,7 @@ from typing import Callable
 import torch.distributed as tdist
 
 from metalm.config import to_yaml
+from metalm.fsutil import write_atomic
 from metalm.train import checkpoint as ckpt
 from metalm.train.guards import TrainingError, describe_error, free_bytes
 from metalm.train.module import PretrainModule
@@ -82,13 +83,13 @@ class CheckpointSaving:
 
     def _write_run_files(self, tmp: Path) -> None:
         cfg, d = self.cfg, self.dist
-        ckpt.write_atomic(tmp / "config.yaml", to_yaml(cfg).encode())
+        write_atomic(tmp / "config.yaml", to_yaml(cfg).encode())
         state = {"step": self.step, "tokens": self.tokens, "flops": self.flops, "world_size": d.world_size,
                  "global_batch": cfg.train.global_batch, "micro_batch": cfg.train.micro_batch,
                  "seq_len": cfg.train.seq_len, "grad_accum": self.accum,
                  "tokenizer_hash": self.manifest.get("tokenizer_hash"),
                  "guards": {"nonfinite": self.nonfinite.state_dict(), "spikes": self.spikes.state_dict()}}
-        ckpt.write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=2).encode())
+        write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=2).encode())
         tok = Path(cfg.data.shards) / "tokenizer.json"
         if tok.is_file():
             shutil.copyfile(tok, tmp / "tokenizer.json")
