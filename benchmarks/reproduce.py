@@ -32,11 +32,11 @@ def run_dir(args, variant: str, seed: int) -> Path:
 
 
 def train(args, variant: str, seed: int) -> Path:
-    from metalm.train.checkpoint import find_latest, read_state
+    from metalm.checkpoint import find_latest, read_state
 
     rd = run_dir(args, variant, seed)
     latest = find_latest(rd / "checkpoints")
-    if latest is not None and read_state(latest)["step"] >= args.steps:
+    if latest is not None and read_state(latest).step >= args.steps:
         print(f"[{variant} seed {seed}] already trained: {latest}", flush=True)
         return rd
     overrides = [f"train.seed={seed}", f"meta.enabled={'true' if variant == 'hybrid' else 'false'}",
@@ -56,7 +56,7 @@ def train(args, variant: str, seed: int) -> Path:
 
 def evaluate(args, rd: Path) -> None:
     """Rank and entropy on every checkpoint (the watcher skips evaluated ones); NER on the final one."""
-    from metalm.train.checkpoint import find_latest
+    from metalm.checkpoint import find_latest
 
     evaluator = [sys.executable, str(REPO / "launchers" / "evaluate.py"), "--no-wandb", "--log-level", "WARNING"]
     subprocess.run(evaluator + ["--watch", str(rd), "--once", "--config", "eval.metrics=[rank,entropy]"],

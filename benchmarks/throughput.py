@@ -41,11 +41,11 @@ def pct(mfu) -> str:
 def bench_one(name: str, zero: int, kernels: str, compile_: bool, args, dist) -> dict:
     import torch
 
-    from metalm.config import load_config
+    from metalm.config import deepspeed_config, load_config
     from metalm.meta.schedule import episode_generator
     from metalm.meta.tasks import sample_episode
     from metalm.model import flops_per_token, num_params
-    from metalm.train.engine import build_engine
+    from metalm.train.engine import Engine
     from metalm.train.loop import peak_flops
     from metalm.train.module import PretrainModule
 
@@ -61,7 +61,7 @@ def bench_one(name: str, zero: int, kernels: str, compile_: bool, args, dist) ->
         cfg.train.precision = "fp32"
     torch.manual_seed(0)
     module = PretrainModule(cfg)
-    engine = build_engine(cfg, module, dist)
+    engine = Engine(module, cfg.optim, cfg.train, deepspeed_config(cfg, 1), dist)
     gen = torch.Generator().manual_seed(0)
     B, T, V = cfg.train.micro_batch, cfg.train.seq_len, cfg.model.vocab_size
     batches = [zipf_batch(gen, B, T, V, reserved=64) for _ in range(4)]
@@ -78,7 +78,7 @@ def bench_one(name: str, zero: int, kernels: str, compile_: bool, args, dist) ->
     def step(i: int, meta: bool):
         loss, _ = engine(batches[i % 4], episode=episodes[i % 4] if meta else None)
         engine.backward(loss)
-        engine.step()
+        engine.step(skip=False)
         return loss
 
     def timed(meta: bool) -> float:
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     kernel_opts = (args.kernels or ("torch,triton" if gpu else "torch")).split(",")
     compiles = [c == "on" for c in args.compile.split(",")]
     dist = init_distributed(load_config(REPO / "configs" / f"{configs[0]}.yaml",
-                                        [f"train.device={'cuda' if gpu else 'cpu'}"]))
+                                        [f"train.device={'cuda' if gpu else 'cpu'}"]).train)
     rows = []
     for name, zero, kern, comp in itertools.product(configs, zeros, kernel_opts, compiles):
         rows.append(bench_one(name, zero, kern, comp, args, dist))

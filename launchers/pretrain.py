@@ -66,18 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DistEnvError) as e:
         print(f"metalm: configuration error: {e}", file=sys.stderr)
         return 2
+    from metalm.checkpoint import CheckpointError
     from metalm.data.errors import DataError
-    from metalm.train.checkpoint import CheckpointError
-    from metalm.train.engine import init_distributed
-    from metalm.train.guards import TrainingError
+    from metalm.train.engine import DeviceError, init_distributed
+    from metalm.train.errors import TrainingError
     from metalm.train.loop import Trainer
 
-    dist = init_distributed(cfg)
+    try:
+        dist = init_distributed(cfg.train)
+    except DeviceError as e:
+        print(f"metalm: error: {e}", file=sys.stderr)
+        return 2
     _log_warnings(dist.rank)
     try:
-        trainer = Trainer(cfg, dist)
-        trainer.setup()
-        return trainer.run()
+        return Trainer(cfg, dist).run()
     except (DataError, CheckpointError, ConfigError, TrainingError) as e:
         sys.stderr.write(f"metalm: error (rank {dist.rank}): {e}\n")  # one write: ranks' lines stay whole
         sys.stderr.flush()

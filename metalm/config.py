@@ -3,14 +3,22 @@
 A config is a YAML file merged onto these dataclasses in OmegaConf struct mode, then `key=value`
 overrides. Unknown keys, wrong types and impossible values are errors that name the key and the value,
 raised before any work starts. YAML is read as data only: OmegaConf's `${...}` interpolation and custom
-resolvers are rejected, so a config file can never run code or read the environment.
+resolvers are rejected, so a config file can never run code or read the environment. Nor can it exhaust
+memory, time or the stack: YAML anchors and aliases, duplicate keys, deep nesting, oversized files and strings,
+non-finite floats and integers beyond 64 bits are refused (see the bounds below).
+
+Each section has its own checker (`SECTION_CHECKS`), and every set of allowed values is defined once, as a
+module constant (`KERNEL_BACKENDS`, `META_SAMPLERS`, ...) that the code using the key imports.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -89,6 +97,7 @@ class TrainConfig:
     max_nonfinite_in_row: int = 5  # skip: this many non-finite steps in a row stop the run (exit 1)
     spike_window: int = 100  # steps of loss history for loss-spike detection (0 disables)
     spike_sigma: float = 6.0  # a step loss above mean + spike_sigma x std of the window is logged as a loss_spike
+    check_memory: bool = True  # refuse to start when a step's estimated peak memory exceeds what is available
 
 
 @dataclass
@@ -187,25 +196,162 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-CHOICES = {
-    "model.kernels": ("auto", "triton", "torch"),
-    "data.on_bad_sample": ("error", "skip"),
-    "data.text_split": ("file", "blank_line"),
-    "optim.schedule": ("cosine", "linear", "constant"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.nonfinite_policy": ("skip", "stop"),
-    "meta.branch": ("per_step", "per_microbatch"),
-    "meta.sampler": ("smlmt", "reference"),
-    "meta.head_init": ("persistent", "zero", "prototype"),
-    "meta.head.init": ("xavier", "normal"),
-    "logging.mode": ("auto", "online", "offline"),
-    "eval.ner.mode": ("head", "full"),
-    "eval.ner.label_token": ("first", "last"),
+# ------------------------------------------------------------------------------------------------ allowed values
+# The one definition of each set of allowed values; code that checks or branches on one of these keys imports
+# the constant from here.
+KERNEL_BACKENDS = ("auto", "triton", "torch")  # model.kernels
+ON_BAD_SAMPLE = ("error", "skip")  # data.on_bad_sample
+TEXT_SPLITS = ("file", "blank_line")  # data.text_split
+LR_SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
+PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision
+DEVICES = ("auto", "cpu", "cuda")  # train.device
+NONFINITE_POLICIES = ("skip", "stop")  # train.nonfinite_policy
+ZERO_STAGES = (0, 1, 2, 3)  # train.zero_stage
+META_BRANCHES = ("per_step", "per_microbatch")  # meta.branch
+META_SAMPLERS = ("smlmt", "reference")  # meta.sampler
+HEAD_INITS = ("persistent", "zero", "prototype")  # meta.head_init
+HEAD_WEIGHT_INITS = ("xavier", "normal")  # meta.head.init
+LOGGING_MODES = ("auto", "online", "offline")  # logging.mode
+NER_MODES = ("head", "full")  # eval.ner.mode
+NER_LABEL_TOKENS = ("first", "last")  # eval.ner.label_token
+EVAL_METRICS = ("val_loss", "rank", "entropy", "ner")  # eval.metrics: any of these
+
+# Which key takes which set (read by the section checkers below and by scripts/gen_config_docs.py).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.kernels": KERNEL_BACKENDS,
+    "data.on_bad_sample": ON_BAD_SAMPLE,
+    "data.text_split": TEXT_SPLITS,
+    "optim.schedule": LR_SCHEDULES,
+    "train.precision": PRECISIONS,
+    "train.device": DEVICES,
+    "train.nonfinite_policy": NONFINITE_POLICIES,
+    "meta.branch": META_BRANCHES,
+    "meta.sampler": META_SAMPLERS,
+    "meta.head_init": HEAD_INITS,
+    "meta.head.init": HEAD_WEIGHT_INITS,
+    "logging.mode": LOGGING_MODES,
+    "eval.ner.mode": NER_MODES,
+    "eval.ner.label_token": NER_LABEL_TOKENS,
 }
 
+# ------------------------------------------------------------------------------------------------ input bounds
+# A config is a few KB holding a few hundred values, nested four levels deep. These bounds are far above that
+# and far below what could exhaust memory, time or the interpreter's stack (the evaluator also reads the
+# config.yaml of every checkpoint it finds, so a config file is untrusted input).
+MAX_CONFIG_BYTES = 1 << 20  # a config file, or one override's value
+MAX_YAML_DEPTH = 64  # nesting levels of collections
+MAX_YAML_NODES = 10_000  # keys and values in one document
+MAX_STRING_CHARS = 4096  # any string value (PATH_MAX on Linux)
+INT64_MAX = 2**63 - 1  # every integer must fit a torch.int64 / C long long
+INT64_MIN = -(2**63)
 
-EVAL_METRICS = ("val_loss", "rank", "entropy", "ner")
+
+# ------------------------------------------------------------------------------------------------ reading YAML
+
+
+class _Refused(yaml.YAMLError):
+    """YAML that metalm configs do not accept: anchors/aliases, duplicate keys, too deep, too many values."""
+
+    def __init__(self, problem: str, line: int | None = None):
+        super().__init__(problem)
+        self.problem, self.line = problem, line
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader (plain data only) that also refuses anchors and aliases and bounds depth and size.
+
+    An alias is a reference, so nine anchors of nine aliases each are 9**9 values once anything walks the
+    data (an "alias bomb"); refusing them while composing, before any data exists, makes that impossible.
+    Composing recurses once per nesting level, so depth is bounded here too, far below the stack limit.
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent, index):  # noqa: ANN001 (PyYAML's signature)
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused("YAML anchors and aliases (&name, *name) are not allowed in metalm configs; "
+                           "write the value out", line)
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise _Refused(f"more than {MAX_YAML_NODES} YAML values; expected at most {MAX_YAML_NODES} "
+                           "(a config holds a few hundred)", line)
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise _Refused(f"nested deeper than {MAX_YAML_DEPTH} levels", line)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_bounded_int(self, node):  # noqa: ANN001
+        try:
+            return self.construct_yaml_int(node)
+        except ValueError:  # longer than int()'s conversion limit (4300 digits)
+            raise _Refused(f"an integer of {len(node.value)} digits; expected one that fits in 64 bits",
+                           node.start_mark.line + 1) from None
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_bounded_int)
+
+
+def _check_duplicate_keys(node: yaml.Node, where: str) -> None:
+    """PyYAML keeps the last of two equal keys without a word; a config that says a thing twice is an error."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{where}[{i}]")
+    elif isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                _check_duplicate_keys(value_node, where)
+                continue
+            name, line = key_node.value, key_node.start_mark.line + 1
+            full = f"{where}.{name}" if where else name
+            if name in first_line:
+                raise _Refused(f"duplicate key {full!r} at line {line} (first at line {first_line[name]}); "
+                               "give each key once")
+            first_line[name] = line
+            _check_duplicate_keys(value_node, full)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> plain data; `where` (the key the text is the value of, or "") prefixes duplicate-key names.
+
+    Raises `_Refused` for what metalm refuses and yaml.YAMLError for text that is not YAML.
+    """
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicate_keys(node, where)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: where, then what."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        what = ", ".join(str(p) for p in (e.context, e.problem) if p)
+        if mark is not None:
+            return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+        return what
+    return " ".join(str(e).split())
+
+
+def _show(value: Any, limit: int = 120) -> str:
+    """repr(value) for a message, shortened when absurdly long (a message stays one readable line)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _reject_interpolation(node: Any, where: str) -> None:
@@ -216,16 +362,34 @@ def _reject_interpolation(node: Any, where: str) -> None:
         for i, v in enumerate(node):
             _reject_interpolation(v, f"{where}[{i}]")
     elif isinstance(node, str) and "${" in node:
-        raise ConfigError(f"{where}={node!r}: interpolation ('${{...}}') is not allowed in metalm configs")
+        raise ConfigError(f"{where}={_show(node)}: interpolation ('${{...}}') is not allowed in metalm configs")
 
 
 def _read_yaml(path: Path) -> dict:
+    where = f"config file {path}"
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # never more: the file may be huge, or grow while read
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise ConfigError(f"{where} cannot be read: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: {max(size, len(raw))} bytes; expected at most {MAX_CONFIG_BYTES} "
+                          "(a config is a few KB)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{where} is not UTF-8 text: byte 0x{raw[e.start]:02x} on line {line} "
+                          "(save it as UTF-8)") from None
+    try:
+        data = _parse_yaml(text, "")
+    except _Refused as e:
+        raise ConfigError(f"{where}: " + (f"line {e.line}: " if e.line else "") + e.problem) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -236,15 +400,22 @@ def _read_yaml(path: Path) -> dict:
 
 def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value (e.g. train.max_steps=100)")
+        raise ConfigError(f"override {_show(item)}: expected key=value (e.g. train.max_steps=100)")
     key, raw = item.split("=", 1)
-    key = key.strip().lstrip("+")
+    key = key.strip()
+    if key.startswith("+") and key.lstrip("+"):
+        raise ConfigError(f"override {_show(item)}: metalm has no '+' (Hydra's add-a-key): every key already "
+                          f"exists in the schema, so write {_show(key.lstrip('+') + '=' + raw)}")
     if not key:
-        raise ConfigError(f"override {item!r}: empty key")
+        raise ConfigError(f"override {_show(item)}: empty key")
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"override {key}: a value of {len(raw)} characters; expected at most {MAX_CONFIG_BYTES}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _parse_yaml(raw, key) if raw.strip() else ""
+    except _Refused as e:
+        raise ConfigError(f"override {key}={_show(raw)}: {e.problem}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}={raw!r}: value is not valid YAML: {e}") from None
+        raise ConfigError(f"override {key}={_show(raw)}: value is not valid YAML: {_yaml_problem(e)}") from None
     _reject_interpolation(value, key)
     return key, value
 
@@ -255,134 +426,255 @@ def _merge(base: DictConfig, data: dict, origin: str) -> DictConfig:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"{origin}: key {key!r}: {_reason(e)}") from None
+    except OverflowError as e:  # an integer beyond any float, for a float key (OmegaConf does not say which)
+        key = _too_large_for_float(data, "") or "?"
+        raise ConfigError(f"{origin}: key {key!r}: {_reason(e)}") from None
 
 
-def _reason(e: OmegaConfBaseException) -> str:
+def _too_large_for_float(node: Any, where: str) -> str | None:
+    """The first key whose value is an integer that no float can hold."""
+    if isinstance(node, dict):
+        items = ((f"{where}.{k}" if where else str(k), v) for k, v in node.items())
+    elif isinstance(node, list):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(node))
+    else:
+        return where if isinstance(node, int) and abs(node) > sys.float_info.max else None
+    for key, value in items:
+        found = _too_large_for_float(value, key)
+        if found:
+            return found
+    return None
+
+
+def _reason(e: Exception) -> str:
     msg = str(e).split("\n")[0]
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
         return f"unknown key ({msg})"
+    if isinstance(e, OverflowError):
+        return f"number too large for a float ({msg})"
     return msg
 
 
 def _set_override(cfg: DictConfig, key: str, value: Any) -> None:
     try:
         OmegaConf.update(cfg, key, value, merge=True)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"override {key}={value!r}: {_reason(e)}") from None
+    except (OmegaConfBaseException, OverflowError) as e:
+        raise ConfigError(f"override {key}={_show(value)}: {_reason(e)}") from None
 
 
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+# ------------------------------------------------------------------------------------------------ validation
+# One checker per section, each given that section's node (an OmegaConf DictConfig at run time, so these are
+# functions rather than methods of the dataclasses); `validate` runs them, then the checks across sections.
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Check values that the types alone cannot; raise ConfigError naming key and value."""
-    m, t, me, o = cfg.model, cfg.train, cfg.meta, cfg.optim
+def _bad(key: str, value: Any, expected: str) -> NoReturn:
+    raise ConfigError(f"{key}={_show(value)}: {expected}")
 
-    def bad(key: str, value: Any, expected: str) -> None:
-        raise ConfigError(f"{key}={value!r}: {expected}")
 
+def _check_choices(section: str, node: Any) -> None:
     for key, allowed in CHOICES.items():
-        node: Any = cfg
-        for part in key.split("."):
-            node = getattr(node, part)
-        if node not in allowed:
-            bad(key, node, f"expected one of {', '.join(allowed)}")
-    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "max_seq_len"):
-        if getattr(m, key) <= 0:
-            bad(f"model.{key}", getattr(m, key), "expected a positive integer")
+        parent, name = key.rsplit(".", 1)
+        if parent == section and getattr(node, name) not in allowed:
+            _bad(key, getattr(node, name), f"expected one of {', '.join(map(str, allowed))}")
+
+
+def _check_positive_ints(section: str, node: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(node, name) <= 0:
+            _bad(f"{section}.{name}", getattr(node, name), "expected a positive integer")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        _bad(key, value, "expected a finite number > 0")
+
+
+def _check_seed(key: str, value: int) -> None:
+    if not 0 <= value <= INT64_MAX:  # torch, numpy and random all take it; derived seeds stay in int64
+        _bad(key, value, "expected an integer in 0..2**63-1")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    _check_choices("model", m)
+    _check_positive_ints("model", m, ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
+                                      "max_seq_len"))
     if m.d_model % m.n_heads:
-        bad("model.d_model", m.d_model, f"must be divisible by model.n_heads={m.n_heads}")
+        _bad("model.d_model", m.d_model, f"must be divisible by model.n_heads={m.n_heads}")
     if (m.d_model // m.n_heads) % 2:
-        bad("model.d_model", m.d_model, f"head dim d_model/n_heads={m.d_model // m.n_heads} must be even for RoPE")
+        _bad("model.d_model", m.d_model, f"head dim d_model/n_heads={m.d_model // m.n_heads} must be even for RoPE")
     if m.n_heads % m.n_kv_heads:
-        bad("model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
-    if m.norm_eps <= 0:
-        bad("model.norm_eps", m.norm_eps, "expected > 0")
-    if t.seq_len <= 0 or t.seq_len > m.max_seq_len:
-        bad("train.seq_len", t.seq_len, f"expected 1..model.max_seq_len={m.max_seq_len}")
-    if t.max_steps <= 0:
-        bad("train.max_steps", t.max_steps, "expected a positive integer")
+        _bad("model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
+    _check_positive("model.norm_eps", m.norm_eps)
+
+
+def _validate_data(d: DataConfig) -> None:
+    _check_choices("data", d)
+    if not 0.0 <= d.val_fraction < 1.0:
+        _bad("data.val_fraction", d.val_fraction, "expected a fraction in [0, 1)")
+    _check_positive_ints("data", d, ("samples_per_shard",))
+    if d.num_workers < 0:
+        _bad("data.num_workers", d.num_workers, "expected >= 0 (0: load in the training process)")
+    if d.prepare_num_proc < 0:
+        _bad("data.prepare_num_proc", d.prepare_num_proc, "expected >= 0 (0: one per available core)")
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    _check_choices("optim", o)
+    _check_positive("optim.lr", o.lr)
+    betas = list(o.betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0
+                                  for b in betas):
+        _bad("optim.betas", betas, "expected two numbers in [0, 1)")
+    if o.warmup_steps < 0:
+        _bad("optim.warmup_steps", o.warmup_steps, "expected >= 0")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        _bad("optim.min_lr_ratio", o.min_lr_ratio, "expected a ratio in [0, 1]")
+    if o.grad_clip < 0:
+        _bad("optim.grad_clip", o.grad_clip, "expected >= 0 (0 disables clipping)")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _check_choices("train", t)
+    if not t.run_dir.strip():
+        _bad("train.run_dir", t.run_dir, "expected a directory path or URL")
+    _check_seed("train.seed", t.seed)
+    _check_positive_ints("train", t, ("max_steps",))
     if t.stop_at < 0:
-        bad("train.stop_at", t.stop_at, "expected 0 (off) or a step number")
-    if t.micro_batch <= 0:
-        bad("train.micro_batch", t.micro_batch, "expected a positive integer")
-    if t.zero_stage not in (0, 1, 2, 3):
-        bad("train.zero_stage", t.zero_stage, "expected 0, 1, 2 or 3")
-    if t.log_every <= 0:
-        bad("train.log_every", t.log_every, "expected a positive integer")
-    if t.max_nonfinite_in_row < 1:
-        bad("train.max_nonfinite_in_row", t.max_nonfinite_in_row, "expected a positive integer")
+        _bad("train.stop_at", t.stop_at, "expected 0 (off) or a step number")
+    _check_positive_ints("train", t, ("global_batch", "micro_batch"))
+    if t.grad_accum < 0:
+        _bad("train.grad_accum", t.grad_accum, "expected >= 0 (0: derived from train.global_batch)")
+    if t.zero_stage not in ZERO_STAGES:
+        _bad("train.zero_stage", t.zero_stage, "expected 0, 1, 2 or 3")
+    _check_positive_ints("train", t, ("log_every",))
+    if t.val_every < 0:
+        _bad("train.val_every", t.val_every, "expected >= 0 (0 disables periodic validation)")
+    _check_positive_ints("train", t, ("val_batches", "max_nonfinite_in_row"))
     if t.spike_window < 0:
-        bad("train.spike_window", t.spike_window, "expected >= 0 (0 disables loss-spike detection)")
-    if not t.spike_sigma > 0:
-        bad("train.spike_sigma", t.spike_sigma, "expected > 0")
+        _bad("train.spike_window", t.spike_window, "expected >= 0 (0 disables loss-spike detection)")
+    _check_positive("train.spike_sigma", t.spike_sigma)
+
+
+def _validate_meta(me: MetaConfig) -> None:
+    _check_choices("meta", me)
+    if not 0.0 <= me.hybrid_ratio <= 1.0:
+        _bad("meta.hybrid_ratio", me.hybrid_ratio, "expected a probability in [0, 1]")
+    _check_positive_ints("meta", me, ("n_way", "k_shot", "q_queries", "inner_steps"))
+    if me.n_way < 2:
+        _bad("meta.n_way", me.n_way, "expected at least 2 ways")
+    _check_positive("meta.inner_lr", me.inner_lr)
+    if me.min_token_freq < 1:
+        _bad("meta.min_token_freq", me.min_token_freq, "expected >= 1")
+    if me.max_token_freq and me.max_token_freq < me.min_token_freq:
+        _bad("meta.max_token_freq", me.max_token_freq, f"must be 0 or >= meta.min_token_freq={me.min_token_freq}")
+
+
+def _validate_meta_head(h: MetaHeadConfig) -> None:
+    _check_choices("meta.head", h)
+    if h.layers < 1 or h.hidden <= 0:
+        _bad("meta.head.layers", h.layers, "expected >= 1 layer with meta.head.hidden > 0")
+    if not 0.0 <= h.dropout < 1.0:
+        _bad("meta.head.dropout", h.dropout, "expected a probability in [0, 1)")
+
+
+def _validate_checkpoint(c: CheckpointConfig) -> None:
+    _check_positive_ints("checkpoint", c, ("every",))
+    if c.keep_last_k < 1:
+        _bad("checkpoint.keep_last_k", c.keep_last_k, "expected >= 1")
+    if c.max_failed_saves < 0:
+        _bad("checkpoint.max_failed_saves", c.max_failed_saves, "expected >= 0 (0: stop at the first failed save)")
+
+
+def _validate_logging(lg: LoggingConfig) -> None:
+    _check_choices("logging", lg)
+
+
+def _validate_eval(ev: EvalConfig) -> None:
+    _check_positive_ints("eval", ev, ("batch_size", "seq_len", "val_batches"))
+    for name in ev.metrics:
+        if name not in EVAL_METRICS:
+            _bad("eval.metrics", list(ev.metrics),
+                 f"unknown metric {name!r}; expected some of {', '.join(EVAL_METRICS)}")
+
+
+def _validate_ner(ner: NerConfig) -> None:
+    _check_choices("eval.ner", ner)
+    _check_positive_ints("eval.ner", ner, ("epochs", "batch_size", "max_len", "log_every", "patience"))
+    _check_positive("eval.ner.lr", ner.lr)
+    _check_seed("eval.ner.seed", ner.seed)
+    for i, entry in enumerate(ner.langs):
+        if not hasattr(entry, "keys") or not all(entry.get(k) for k in ("lang", "train", "test")):
+            _bad(f"eval.ner.langs[{i}]", entry, "expected a mapping with lang, train, test (and optionally dev)")
+
+
+SECTION_CHECKS: dict[str, Callable[[Any], None]] = {
+    "model": _validate_model,
+    "data": _validate_data,
+    "optim": _validate_optim,
+    "train": _validate_train,
+    "meta": _validate_meta,
+    "meta.head": _validate_meta_head,
+    "checkpoint": _validate_checkpoint,
+    "logging": _validate_logging,
+    "eval": _validate_eval,
+    "eval.ner": _validate_ner,
+}
+
+
+def _validate_across(cfg: Config, world_size: int | None) -> None:
+    m, t = cfg.model, cfg.train
+    if t.seq_len <= 0 or t.seq_len > m.max_seq_len:
+        _bad("train.seq_len", t.seq_len, f"expected 1..model.max_seq_len={m.max_seq_len}")
     if world_size is not None:
         accum = grad_accum(cfg, world_size)
         if t.micro_batch * accum * world_size != t.global_batch:
-            bad(
-                "train.global_batch",
-                t.global_batch,
-                f"must equal train.micro_batch ({t.micro_batch}) x train.grad_accum ({accum}) x world size "
-                f"({world_size}) = {t.micro_batch * accum * world_size}",
-            )
-    if not 0.0 <= me.hybrid_ratio <= 1.0:
-        bad("meta.hybrid_ratio", me.hybrid_ratio, "expected a probability in [0, 1]")
-    for key in ("n_way", "k_shot", "q_queries", "inner_steps"):
-        if getattr(me, key) <= 0:
-            bad(f"meta.{key}", getattr(me, key), "expected a positive integer")
-    if me.n_way < 2:
-        bad("meta.n_way", me.n_way, "expected at least 2 ways")
-    if me.inner_lr <= 0:
-        bad("meta.inner_lr", me.inner_lr, "expected > 0")
-    if me.head.layers < 1 or me.head.hidden <= 0:
-        bad("meta.head.layers", me.head.layers, "expected >= 1 layer with meta.head.hidden > 0")
-    if not 0.0 <= me.head.dropout < 1.0:
-        bad("meta.head.dropout", me.head.dropout, "expected a probability in [0, 1)")
-    if me.min_token_freq < 1:
-        bad("meta.min_token_freq", me.min_token_freq, "expected >= 1")
-    if me.max_token_freq and me.max_token_freq < me.min_token_freq:
-        bad("meta.max_token_freq", me.max_token_freq, f"must be 0 or >= meta.min_token_freq={me.min_token_freq}")
-    if o.lr <= 0:
-        bad("optim.lr", o.lr, "expected > 0")
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-        bad("optim.betas", list(o.betas), "expected two numbers in [0, 1)")
-    if o.warmup_steps < 0:
-        bad("optim.warmup_steps", o.warmup_steps, "expected >= 0")
-    if not 0.0 <= o.min_lr_ratio <= 1.0:
-        bad("optim.min_lr_ratio", o.min_lr_ratio, "expected a ratio in [0, 1]")
-    if o.grad_clip < 0:
-        bad("optim.grad_clip", o.grad_clip, "expected >= 0 (0 disables clipping)")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        bad("data.val_fraction", cfg.data.val_fraction, "expected a fraction in [0, 1)")
-    if cfg.data.samples_per_shard <= 0:
-        bad("data.samples_per_shard", cfg.data.samples_per_shard, "expected a positive integer")
-    if cfg.data.num_workers < 0:
-        bad("data.num_workers", cfg.data.num_workers, "expected >= 0 (0: load in the training process)")
-    if cfg.data.prepare_num_proc < 0:
-        bad("data.prepare_num_proc", cfg.data.prepare_num_proc, "expected >= 0 (0: one per available core)")
-    if cfg.checkpoint.every <= 0:
-        bad("checkpoint.every", cfg.checkpoint.every, "expected a positive integer")
-    if cfg.checkpoint.keep_last_k < 1:
-        bad("checkpoint.keep_last_k", cfg.checkpoint.keep_last_k, "expected >= 1")
-    if cfg.checkpoint.max_failed_saves < 0:
-        bad("checkpoint.max_failed_saves", cfg.checkpoint.max_failed_saves,
-            "expected >= 0 (0: stop at the first failed save)")
-    ev, ner = cfg.eval, cfg.eval.ner
-    for key in ("batch_size", "seq_len", "val_batches"):
-        if getattr(ev, key) <= 0:
-            bad(f"eval.{key}", getattr(ev, key), "expected a positive integer")
-    for mname in ev.metrics:
-        if mname not in EVAL_METRICS:
-            bad("eval.metrics", list(ev.metrics), f"unknown metric {mname!r}; expected some of {', '.join(EVAL_METRICS)}")
-    for key in ("epochs", "batch_size", "max_len", "log_every", "patience"):
-        if getattr(ner, key) <= 0:
-            bad(f"eval.ner.{key}", getattr(ner, key), "expected a positive integer")
-    if ner.lr <= 0:
-        bad("eval.ner.lr", ner.lr, "expected > 0")
-    for i, entry in enumerate(ner.langs):
-        if not hasattr(entry, "keys") or not all(entry.get(k) for k in ("lang", "train", "test")):
-            bad(f"eval.ner.langs[{i}]", entry, "expected a mapping with lang, train, test (and optionally dev)")
+            _bad("train.global_batch", t.global_batch,
+                 f"must equal train.micro_batch ({t.micro_batch}) x train.grad_accum ({accum}) x world size "
+                 f"({world_size}) = {t.micro_batch * accum * world_size}")
+
+
+def _check_values(node: Any, where: str) -> None:
+    """Every value, typed or not (list items too): floats finite, integers within 64 bits, strings bounded and
+    free of NUL characters."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_values(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _check_values(v, f"{where}[{i}]")
+    elif isinstance(node, bool):
+        return
+    elif isinstance(node, int):
+        if not INT64_MIN <= node <= INT64_MAX:
+            _bad(where, node, "expected an integer that fits in 64 bits (-2**63..2**63-1)")
+    elif isinstance(node, float):
+        if not math.isfinite(node):
+            _bad(where, node, "expected a finite number")
+    elif isinstance(node, str):
+        if len(node) > MAX_STRING_CHARS:
+            raise ConfigError(f"{where}: a string of {len(node)} characters; expected at most {MAX_STRING_CHARS}")
+        if "\x00" in node:  # no path, name or URL holds one (open() would fail on it much later)
+            _bad(where, node, "expected text without NUL characters")
+
+
+def _section(cfg: Config, path: str) -> Any:
+    node: Any = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Check values that the types alone cannot; raise ConfigError naming key and value.
+
+    Each section's own checker, then the checks across sections (with `world_size`: the batch geometry), then
+    every value against the bounds (finite floats, 64-bit integers, bounded strings).
+    """
+    for path, check in SECTION_CHECKS.items():
+        check(_section(cfg, path))
+    _validate_across(cfg, world_size)
+    plain = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else dataclasses.asdict(cfg)
+    _check_values(plain, "")
 
 
 def grad_accum(cfg: Config, world_size: int) -> int:

@@ -106,3 +106,72 @@ def test_resolved_config_round_trips(tmp_path):
     p.write_text(to_yaml(cfg))
     again = load_config(p)
     assert to_yaml(again) == to_yaml(cfg)
+
+
+def test_every_section_has_a_checker_and_every_choice_key_exists():
+    import dataclasses
+
+    from metalm import config
+
+    sections, keys = set(), set()
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                sections.add(prefix + f.name)
+                walk(type(default), prefix + f.name + ".")
+            else:
+                keys.add(prefix + f.name)
+
+    walk(config.Config, "")
+    assert set(config.SECTION_CHECKS) == sections
+    assert set(config.CHOICES) <= keys
+    defaults = load_config(None)
+    for key, allowed in config.CHOICES.items():  # each default is one of its own choices
+        node = defaults
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node in allowed, key
+
+
+def test_consumers_share_the_allowed_values():
+    from metalm import config
+    from metalm.meta import fomaml, schedule, tasks
+
+    assert schedule.BRANCHES is config.META_BRANCHES
+    assert tasks.SAMPLERS is config.META_SAMPLERS
+    assert fomaml.HEAD_INITS is config.HEAD_INITS
+    assert config.CHOICES["meta.head.init"] is config.HEAD_WEIGHT_INITS
+    assert config.CHOICES["data.on_bad_sample"] is config.ON_BAD_SAMPLE
+    assert not hasattr(config, "world_size_from_env")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.kernels=cuda", "model.kernels='cuda': expected one of auto, triton, torch"),
+    ("meta.head.init=kaiming", "meta.head.init='kaiming': expected one of xavier, normal"),
+    ("eval.ner.label_token=middle", "eval.ner.label_token='middle': expected one of first, last"),
+    ("train.global_batch=0", "train.global_batch=0: expected a positive integer"),
+    ("train.grad_accum=-1", "train.grad_accum=-1: expected >= 0"),
+    ("train.val_batches=0", "train.val_batches=0: expected a positive integer"),
+    ("meta.inner_lr=0", "meta.inner_lr=0.0: expected a finite number > 0"),
+])
+def test_section_checks_keep_their_messages(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.nonfinite_policy=ignore", "train.nonfinite_policy"),
+    ("train.max_nonfinite_in_row=0", "train.max_nonfinite_in_row"),
+    ("train.spike_window=-1", "train.spike_window"),
+    ("train.spike_sigma=0", "train.spike_sigma"),
+    ("checkpoint.max_failed_saves=-1", "checkpoint.max_failed_saves"),
+    ("checkpoint.checksums=maybe", "checkpoint.checksums"),
+])
+def test_bad_reliability_settings_are_refused_naming_the_key(override, key):
+    from metalm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])

@@ -20,6 +20,16 @@ import pytest
 from metalm.data import DataError, ShardLoader, build_loader, ensure_prepared, load_manifest, load_tokenizer, prepare
 from metalm.data.prepare import is_val_doc, main as prepare_main, window_shuffle
 
+def _ensure(cfg, **kw):
+    """ensure_prepared on a whole config's sections, as the trainer calls it."""
+    return ensure_prepared(cfg.data, seq_len=cfg.train.seq_len, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed,
+                           **kw)
+
+
+def _build(cfg, **kw):
+    return build_loader(cfg.data, seq_len=cfg.train.seq_len, micro_batch=cfg.train.micro_batch, seed=cfg.train.seed, **kw)
+
+
 SEQ = 64
 MAX_DOCS = 300
 PER_SHARD = 40
@@ -255,18 +265,18 @@ def _cfg(shards_dir, *extra):
 
 
 def test_ensure_prepared(shards, tok_path, corpus, tmp_path):
-    man = ensure_prepared(_cfg(shards, f"data.tokenizer={tok_path}", "data.prepare_if_missing=false"))
+    man = _ensure(_cfg(shards, f"data.tokenizer={tok_path}", "data.prepare_if_missing=false"))
     assert man["tokenizer_hash"] == load_manifest(shards)["tokenizer_hash"]
     with pytest.raises(DataError, match="seq_len=64 but train.seq_len=32"):
-        ensure_prepared(_cfg(shards, f"data.tokenizer={tok_path}", "train.seq_len=32"))
+        _ensure(_cfg(shards, f"data.tokenizer={tok_path}", "train.seq_len=32"))
     with pytest.raises(DataError, match="model.vocab_size=50000 is smaller"):
-        ensure_prepared(_cfg(shards, f"data.tokenizer={tok_path}", "model.vocab_size=50000"))
+        _ensure(_cfg(shards, f"data.tokenizer={tok_path}", "model.vocab_size=50000"))
     with pytest.raises(DataError, match="prepare_if_missing"):
-        ensure_prepared(_cfg(tmp_path / "none", "data.prepare_if_missing=false"))
+        _ensure(_cfg(tmp_path / "none", "data.prepare_if_missing=false"))
     src = tmp_path / "s.jsonl"
     with open(corpus, encoding="utf-8") as f:
         src.write_text("".join(islice(f, 40)))
-    made = ensure_prepared(_cfg(tmp_path / "new", f"data.source={src}", f"data.tokenizer={tok_path}",
+    made = _ensure(_cfg(tmp_path / "new", f"data.source={src}", f"data.tokenizer={tok_path}",
                                 "data.prepare_num_proc=1"), progress=False)
     assert made["seq_len"] == SEQ and (tmp_path / "new" / "manifest.json").is_file()
 
@@ -377,11 +387,11 @@ def test_fewer_shards_than_ranks_times_workers(one_shard):
 
 def test_build_loader_from_config(shards, tok_path):
     cfg = _cfg(shards, "data.num_workers=0", "train.seed=5")
-    ld = build_loader(cfg, split="train", rank=1, world_size=2)
+    ld = _build(cfg, split="train", rank=1, world_size=2)
     assert ld.micro_batch == 4 and ld.seed == 5 and ld.rank == 1
     assert take(ld, 2) == take(loader(shards, seed=5, rank=1, world_size=2), 2)
     with pytest.raises(DataError, match="seq_len=32"):
-        build_loader(_cfg(shards, "train.seq_len=32"), split="train")
+        _build(_cfg(shards, "train.seq_len=32"), split="train")
 
 
 # ----------------------------------------------------------------------------------------------- checks

@@ -162,7 +162,7 @@ PROGRAMS = {
     "launchers/dist_env.py": (REPO / "launchers" / "dist_env.py", False),
     "scripts/gen_config_docs.py": (REPO / "scripts" / "gen_config_docs.py", False),
     "metalm-prepare": (REPO / "metalm" / "data" / "prepare.py", False),
-    "metalm-export": (REPO / "metalm" / "model" / "hf_export.py", False),
+    "metalm-export": (REPO / "metalm" / "export" / "hf.py", False),
     "torchrun": (_package_file("torch", "distributed/run.py"), True),
     "deepspeed": (_package_file("deepspeed", "launcher/runner.py"), True),
 }

@@ -63,3 +63,56 @@ def test_real_japanese_files():
     assert Counter(t for s in train for t in s.tags) == {
         "O": 11475, "B-LOC": 289, "I-LOC": 139, "B-ORG": 203, "I-ORG": 181, "B-PER": 162, "I-PER": 131}
     assert "\u3000" in {t for s in train for t in s.tokens}  # an ideographic-space token is a real token
+
+
+# ------------------------------------------------------------------------------------------------ BOM, line breaks
+UNER = "# sent_id = s1\n# text = Ann met Bob\n1\tAnn\tB-PER\n2\tmet\tO\n3\tBob\tB-PER\n"
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_leading_utf8_bom_is_not_part_of_the_first_line(tmp_path, newline):
+    p = tmp_path / "bom.iob2"
+    p.write_bytes(b"\xef\xbb\xbf" + UNER.replace("\n", newline).encode("utf-8"))
+    sents = read_iob2(p)
+    assert [s.sent_id for s in sents] == ["s1"] and sents[0].tokens == ["Ann", "met", "Bob"]
+    assert sents[0].comments[0] == "# sent_id = s1"
+    # a file that starts with a token line: no BOM glued to the index column
+    p.write_bytes(b"\xef\xbb\xbf1\tAnn\tB-PER\n")
+    assert read_iob2(p)[0].tokens == ["Ann"]
+    # a string handed to parse_iob2 directly (e.g. read by a caller with encoding="utf-8")
+    assert parse_iob2("\ufeff" + UNER, "x.iob2")[0].sent_id == "s1"
+    # exactly one BOM is dropped: a second one is data, and here it spoils the index column of line 1
+    p.write_bytes(b"\xef\xbb\xbf" * 2 + b"1\tAnn\tB-PER\n")
+    with pytest.raises(IOB2FormatError, match=r"bom\.iob2:1: index column 0 is '\\ufeff1', expected an integer"):
+        read_iob2(p)
+
+
+def test_only_a_leading_bom_is_stripped():
+    """U+FEFF elsewhere is data (a zero-width no-break space inside a token), and the first line is still line 1."""
+    sents = parse_iob2("\ufeff1\ta\ufeffb\tO\n", "x.iob2")
+    assert sents[0].tokens == ["a\ufeffb"] and sents[0].line == 1
+    with pytest.raises(IOB2FormatError, match=r"^x\.iob2:1: tag 'B_X' is not IOB2"):
+        parse_iob2("\ufeff1\tAnn\tB_X\n", "x.iob2")
+
+
+@pytest.mark.parametrize("odd", ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"])
+def test_only_lf_crlf_and_cr_end_a_line(odd):
+    """str.splitlines also splits on U+2028, U+0085, \\v, \\f, ...: those stay inside the token, and an error on a
+    later line names the line an editor shows."""
+    text = f"1\tAnn\tB-PER\n2\tx{odd}y\tO\n3\tBob\tB_PER\n"
+    with pytest.raises(IOB2FormatError) as e:
+        parse_iob2(text, "odd.iob2")
+    assert str(e.value).startswith("odd.iob2:3: tag 'B_PER' is not IOB2")
+    sents = parse_iob2(text.replace("B_PER", "B-PER"), "odd.iob2")
+    assert len(sents) == 1 and sents[0].tokens == ["Ann", f"x{odd}y", "Bob"]
+
+
+def test_line_numbers_with_mixed_line_endings(tmp_path):
+    r"""\n, \r\n and a lone \r each end one line (and \r\n is one break, not two)."""
+    text = "1\tAnn\tO\r\n2\tmet\tO\r3\tBob\tO\n\n1\tx\tO\r\n2\ty\tB_X\n"
+    with pytest.raises(IOB2FormatError, match=r"^mixed\.iob2:6: tag 'B_X'"):
+        parse_iob2(text, "mixed.iob2")
+    p = tmp_path / "mixed.iob2"
+    p.write_bytes(text.replace("B_X", "O").encode())  # bytes: no newline translation on the way in
+    sents = read_iob2(p)
+    assert [s.tokens for s in sents] == [["Ann", "met", "Bob"], ["x", "y"]] and [s.line for s in sents] == [1, 5]

@@ -27,7 +27,7 @@ def test_token_weighted_mean_over_batches():
                 for t in range(8):
                     nll -= float(logp[t, row[t + 1]])
                     n += 1
-    r = validation_loss(model, iter([{"tokens": batches[0]}, (batches[1],), batches[2]]), max_batches=2)
+    r = validation_loss(model, iter([batches[0], batches[1], batches[2]]), max_batches=2)
     assert r["val_tokens"] == n == 32 and r["val_batches"] == 2
     assert r["val_loss"] == pytest.approx(nll / n, rel=1e-5)
     assert r["val_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
@@ -35,10 +35,11 @@ def test_token_weighted_mean_over_batches():
 
 def test_as_tokens_shapes():
     assert as_tokens(torch.arange(5)).shape == (1, 5)
+    assert as_tokens(torch.zeros(2, 3, dtype=torch.int32)).dtype == torch.long
     with pytest.raises(ValueError):
         as_tokens(torch.zeros(2, 1, dtype=torch.long))
-    with pytest.raises(TypeError):
-        as_tokens({"x": torch.zeros(2, 3)})
+    with pytest.raises(ValueError):
+        as_tokens(torch.zeros(2, 3, 4))
 
 
 def test_probe_batch_from_text(tmp_path):

@@ -15,7 +15,7 @@ import torch
 from metalm.config import load_config, to_yaml
 from metalm.eval import watcher as W
 from metalm.model import build_model
-from metalm.train.checkpoint import MARKER, save_weights
+from metalm.checkpoint import MARKER, save_weights
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = ["the quick brown fox jumps over the lazy dog", "Ann met Bob in New York", "Paris is in France",

@@ -6,15 +6,20 @@ deadline). The explicit @example inputs are the crashes fuzzing found (fixed in 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import re
+import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from metalm.data.errors import DataError
+from metalm.data.errors import DataError, UnsafePathError
 from metalm.data.manifest import load_manifest, validate_manifest
+from metalm.data.shards import tar_member
 from metalm.data.sources import iter_jsonl, iter_text
 from metalm.eval.iob2 import IOB2FormatError, Sentence, parse_iob2, read_iob2
 
@@ -30,8 +35,9 @@ def scratch(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------------------------ IOB2
 
+ODD = ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\ufeff"]  # str.splitlines breaks (and a BOM)
 CELL = st.one_of(st.sampled_from(["1", "2", "3", "10", "²", "٣", "O", "B-PER", "I-LOC", "B-", "B_X", "#", "",
-                                  " ", "\u3000", "x y"]), st.text(max_size=4))
+                                  " ", "\u3000", "x y", *ODD]), st.text(max_size=4))
 LINE = st.lists(CELL, max_size=5).map("\t".join)
 DOC = st.lists(st.one_of(LINE, st.sampled_from(["", "# sent_id = s1", "#", "\r"])), max_size=25).map("\n".join)
 
@@ -50,6 +56,33 @@ def _parses_or_refuses(fn) -> None:
 @example(text="²\tx\tO\n", token_col=1, tag_col=2, index_col=0)  # isdigit() yet int() fails
 def test_iob2_text_parses_or_raises_its_own_error(text, token_col, tag_col, index_col):
     _parses_or_refuses(lambda: parse_iob2(text, "fuzz.iob2", token_col, tag_col, index_col))
+
+
+@FUZZ
+@given(doc=DOC, token_col=st.integers(0, 3), tag_col=st.integers(0, 3),
+       index_col=st.one_of(st.none(), st.integers(0, 3)), newline=st.sampled_from(["\n", "\r\n", "\r"]),
+       bom=st.booleans())
+@example(doc="1\tx\u2028y\tO\n2\tz\tB_X", token_col=1, tag_col=2, index_col=0, newline="\n", bom=False)
+@example(doc="1\tx\tO", token_col=1, tag_col=2, index_col=0, newline="\n", bom=True)
+def test_iob2_line_numbers_are_an_editors(doc, token_col, tag_col, index_col, newline, bom):
+    """Sentence and error line numbers count \\n, \\r\\n, \\r breaks only: line N of the file as an editor shows it
+    (split here independently) is the sentence's first token line, or the line an error names."""
+    text = doc.replace("\r", "").replace("\n", newline)
+    lines = text.split(newline)
+    if bom:
+        text = "\ufeff" + text
+    try:
+        sents = parse_iob2(text, "fuzz.iob2", token_col, tag_col, index_col)
+    except IOB2FormatError as e:
+        m = re.match(r"fuzz\.iob2:(\d+): ", str(e))
+        assert m and 1 <= int(m.group(1)) <= len(lines)
+        assert "\n" not in str(e)  # one line
+        line = lines[int(m.group(1)) - 1]
+        assert line.strip() and not line.startswith("#")  # an error is never on a blank or comment line
+        return
+    for s in sents:
+        assert lines[s.line - 1].split("\t")[token_col] == s.tokens[0]
+        assert not any(c in t for t in s.tokens for c in "\r\n")
 
 
 @FUZZ
@@ -130,6 +163,59 @@ def test_text_source_of_random_bytes(scratch, data, split):
     path = scratch / "fuzz.txt"
     path.write_bytes(data)
     _documents_or_data_error(lambda: iter_text(path, text_split="blank_line" if split else "file"))
+
+
+# ------------------------------------------------------------------------------------------------ shard members
+
+MEMBER_PART = st.one_of(st.sampled_from(["", ".", "..", "...", "000000", "000000.npy", "__meta__.json", "etc", "x.npy"]),
+                        st.text(alphabet="./ab0_", max_size=6))
+MEMBER_NAME = st.lists(MEMBER_PART, min_size=1, max_size=4).map("/".join).filter(lambda n: 0 < len(n.encode()) < 99)
+
+
+@pytest.fixture(scope="module")
+def shard_copy(shards, scratch) -> tuple[Path, dict, list]:
+    """A copy of the shared shards and the members of its first train shard."""
+    d = scratch / "member-shards"
+    if not d.exists():
+        shutil.copytree(shards, d)
+    man = json.loads((d / "manifest.json").read_text())
+    with tarfile.open(d / man["splits"]["train"]["shards"][0]["path"]) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    return d, man, members
+
+
+@settings(FUZZ, max_examples=40)
+@given(name=MEMBER_NAME, which=st.integers(0, 10**6))
+@example(name="/etc/x.npy", which=1)
+@example(name="../000000.npy", which=1)
+@example(name="a/../000000.npy", which=0)
+def test_shard_member_names_are_read_or_refused(shard_copy, name, which):
+    """Any member name: the loader reads the shard or raises DataError naming it; a name that would leave the shard
+    (absolute, or with a '..' component) is always refused as such."""
+    from metalm.data.loader import ShardLoader
+
+    d, man, members = shard_copy
+    k = which % len(members)
+    parts: list = []
+    for i, (old, data) in enumerate(members):
+        tar_member(parts, name if i == k else old, data)
+    parts.append(b"\0" * (2 * tarfile.BLOCKSIZE))
+    data = b"".join(parts)
+    rec = man["splits"]["train"]["shards"][0]
+    (d / rec["path"]).write_bytes(data)
+    edited = json.loads(json.dumps(man))
+    edited["splits"]["train"]["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (d / "manifest.json").write_text(json.dumps(edited))
+    leaves = name.startswith("/") or ".." in name.split("/")
+    try:
+        it = iter(ShardLoader(d, split="train", seq_len=man["seq_len"], micro_batch=2, shuffle=False))
+        next(it)
+        it.close()
+    except DataError as e:
+        assert str(d / rec["path"]) in str(e) and "\n" not in str(e)
+        assert isinstance(e, UnsafePathError) == leaves, str(e)
+        return
+    assert not leaves
 
 
 # ------------------------------------------------------------------------------------------------ manifests

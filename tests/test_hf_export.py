@@ -3,7 +3,7 @@ import torch
 
 from metalm.config import ModelConfig
 from metalm.model import build_model
-from metalm.model.hf_export import export_model
+from metalm.export.hf import export_model
 
 
 @pytest.mark.parametrize("tie", [False, True])

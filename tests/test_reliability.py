@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from procs import cpu_run_env, free_port
 
-from metalm.train import checkpoint as ckpt
+from metalm import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launchers" / "pretrain.py"
@@ -191,7 +191,7 @@ def test_kill_9_at_a_random_step_then_rerun_resumes_bit_identically(tmp_path, sh
     r.kill()  # SIGKILL to torchrun and both ranks: no handler, no cleanup
     killed_at = r.logged_step()
     resumed_from = assert_sound(run_dir)
-    assert EVERY <= ckpt.read_state(resumed_from)["step"] <= killed_at
+    assert EVERY <= ckpt.read_state(resumed_from).step <= killed_at
 
     again = run(run_dir, shards)  # the same command
     assert f"resumed from {resumed_from}" in again.stdout, f"METALM_KILL_SEED={seed}"
@@ -249,7 +249,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, shards, refer
     final = assert_sound(run_dir)
     assert final.name == ckpt.step_dir_name(step)
     assert (final / "rank_00000.pt").is_file() and (final / "rank_00001.pt").is_file()
-    assert ckpt.read_state(final)["step"] == step == max(r["step"] for r in rows(run_dir))
+    assert ckpt.read_state(final).step == step == max(r["step"] for r in rows(run_dir))
 
 
 def test_second_sigterm_during_the_save_exits_at_once_and_corrupts_nothing(tmp_path, shards, reference):
@@ -352,9 +352,55 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, sh
     assert assert_sound(run_dir).name == ckpt.step_dir_name(MAX_STEPS)  # and the re-saved checkpoint is sound
 
 
+class Payload:
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+def test_a_pickle_in_one_ranks_state_stops_every_rank_with_one_line(tmp_path, shards, reference):
+    import torch
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    newest = latest(run_dir)
+    sentinel = tmp_path / "pwned"
+    victim = newest / "rank_00001.pt"
+    torch.save({"data": "{}", "rng": {"torch": Payload(sentinel)}}, victim)
+    marker = json.loads((newest / ckpt.MARKER).read_text())
+    marker["files"]["rank_00001.pt"] = ckpt.record_files(newest, ["rank_00001.pt"], checksums=True)["rank_00001.pt"]
+    (newest / ckpt.MARKER).write_text(json.dumps(marker))  # a tamperer who also rewrote the marker
+
+    out = run(run_dir, shards, f"train.max_steps={MAX_STEPS + 3}", ok=False)
+    assert out.returncode != 0 and not sentinel.exists()
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("metalm: error")]
+    assert len(errors) == 2, _failure(out.stdout + out.stderr)  # both ranks stop, each with one line
+    assert all(f"rank 1: {victim}: refusing to unpickle it" in ln and "GLOBAL posix.system" in ln for ln in errors)
+    assert "Traceback" not in out.stderr and "weights_only=False" not in out.stderr
+
+
+def test_a_second_trainer_on_the_same_run_directory_exits_at_once(tmp_path, shards):
+    run_dir = tmp_path / "run"
+    first = Run(run_dir, shards, "train.max_steps=400", "checkpoint.every=1000")
+    try:
+        first.wait_until(lambda: first.logged_step() >= 1, "the first trainer's first step")
+        t0 = time.monotonic()
+        second = run(run_dir, shards, ok=False)
+        assert second.returncode != 0 and time.monotonic() - t0 < 60
+        assert f"train.run_dir {run_dir} is in use by another trainer (host " in second.stderr
+        assert "pid " in second.stderr and "Traceback" not in second.stderr
+        assert first.proc.poll() is None  # the first one trains on, its files untouched
+    finally:
+        first.kill()
+    steps = [r["step"] for r in rows(run_dir) if "lr" in r]
+    assert steps == sorted(steps) == list(range(1, len(steps) + 1))  # one writer: no interleaving
+
+
 def test_checkpoint_size_estimate_matches_a_real_checkpoint(reference):
     from metalm.config import load_config
-    from metalm.train.guards import checkpoint_bytes
+    from metalm.train.preflight import checkpoint_bytes
     from metalm.train.module import PretrainModule
 
     cfg = load_config(REPO / "configs" / "cpu-tiny.yaml", [a for a in COMMON if "=" in a])
@@ -389,7 +435,7 @@ def _worker(mode: str, argv: list[str]) -> None:
     """torchrun runs this in place of launchers/pretrain.py: the real launcher, plus one test-only fault."""
     sys.path.insert(0, str(REPO / "launchers"))
     if mode == "slow-save":
-        import metalm.train.checkpoint as checkpoint
+        import metalm.checkpoint as checkpoint
 
         record = checkpoint.record_files
 

@@ -61,7 +61,7 @@ def _snapshot(trainer) -> list:
     import deepspeed
     import torch
 
-    engine = trainer.engine
+    engine = trainer.engine.ds  # the DeepSpeed engine behind the adapter: the test inspects its internals
     opt = engine.basic_optimizer
     out = []
     for group in opt.param_groups:
@@ -88,12 +88,13 @@ def _step(trainer, poison=(), scale: float = 1.0) -> float:
     """One optimizer step; returns its summed (AR + meta) loss as the loop accumulated it (0 when skipped)."""
     POISON["reset"]()
     POISON["micro"], SCALE["factor"] = set(poison), scale
-    before = float(trainer.acc["ar_loss"] + trainer.acc["meta_loss"])
+    sums = lambda: float(trainer.interval.sums["ar_loss"] + trainer.interval.sums["meta_loss"])  # noqa: E731
+    before = sums()
     try:
         trainer.train_step()
     finally:
         POISON["micro"], SCALE["factor"] = set(), 1.0
-    return float(trainer.acc["ar_loss"] + trainer.acc["meta_loss"]) - before
+    return sums() - before
 
 
 def _trainer(run_dir: Path, shards: str, *extra: str):
@@ -103,17 +104,16 @@ def _trainer(run_dir: Path, shards: str, *extra: str):
 
     cfg = load_config(CONFIG, OVERRIDES + [f"data.shards={shards}", f"train.run_dir={run_dir}", *extra], world_size=1)
     if "dist" not in _PROCESS:
-        _PROCESS["dist"] = init_distributed(cfg)  # once per process: one process group of one
+        _PROCESS["dist"] = init_distributed(cfg.train)  # once per process: one process group of one
     trainer = Trainer(cfg, _PROCESS["dist"])
-    trainer.setup()
-    trainer.loader_iter = iter(trainer.loader)
-    trainer._reset_acc()
+    trainer.batches = iter(trainer.loader)  # what run() sets up before its loop
+    trainer._new_interval()
     return trainer
 
 
 def worker(shards: str, out_dir: str, tiny_fs: str) -> None:
-    from metalm.train import checkpoint as ckpt
-    from metalm.train.guards import TrainingError
+    from metalm import checkpoint as ckpt
+    from metalm.train.errors import TrainingError
 
     _install_injection()
     out = Path(out_dir)
@@ -121,13 +121,13 @@ def worker(shards: str, out_dir: str, tiny_fs: str) -> None:
     for zero, precision in CASES:
         t = _trainer(out / f"z{zero}-{precision}", shards, f"train.zero_stage={zero}", f"train.precision={precision}")
         losses = [_step(t), _step(t)]
-        before, lr_epoch = _snapshot(t), t.engine.lr_scheduler.last_epoch
+        before, lr_epoch = _snapshot(t), t.engine.ds.lr_scheduler.last_epoch
         losses.append(_step(t, poison={1}))  # the second micro-batch of the step (accumulation 2): NaN
         after_skip = _snapshot(t)
-        skipped = t.acc["nonfinite_skipped"]
+        skipped = t.interval.skipped
         losses.append(_step(t))
         after_next = _snapshot(t)
-        counters = (t.engine.lr_scheduler.last_epoch - lr_epoch, t.step, t.engine.global_steps)
+        counters = (t.engine.ds.lr_scheduler.last_epoch - lr_epoch, t.step, t.engine.ds.global_steps)
         losses += [_step(t), _step(t)]  # steps 4 (AR) and 5, 6 (meta): the head idles in step 4
         report[f"{zero}-{precision}"] = {
             "losses": losses,
@@ -161,8 +161,7 @@ def worker(shards: str, out_dir: str, tiny_fs: str) -> None:
     t = _trainer(out / "spike", shards, "meta.enabled=false", "train.spike_window=6", "train.spike_sigma=4")
     for i in range(10):
         _step(t, scale=30.0 if i == 8 else 1.0)
-        t.metrics.log(t._report(0.0, 0, 0.0))
-        t._reset_acc()
+        t._report()
     t.metrics.close()
     # a full disk while writing step 4's checkpoint (checkpoint.max_failed_saves=0: stop at once)
     save_weights = ckpt.save_weights
@@ -265,7 +264,7 @@ def test_zero_stages_train_the_same_model(report):
 
 @pytest.mark.slow
 def test_full_disk_during_a_save_stops_naming_path_and_errno(report):
-    from metalm.train import checkpoint as ckpt
+    from metalm import checkpoint as ckpt
 
     msg = report["enospc"]
     assert msg is not None and "checkpoint of step 4" in msg, msg

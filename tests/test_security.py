@@ -106,13 +106,14 @@ class Payload:
 def test_resume_refuses_a_tampered_deepspeed_file_that_deepspeed_would_run(tmp_path):
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    from metalm.train import checkpoint as ckpt
+    from metalm import checkpoint as ckpt
+    from metalm.train.engine import safe_deepspeed_load
 
     sentinel = tmp_path / "pwned"
     evil = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": Payload(sentinel)}, evil)
     engine = SimpleNamespace(checkpoint_engine=TorchCheckpointEngine())
-    with ckpt.safe_deepspeed_load(engine):
+    with safe_deepspeed_load(engine):
         with pytest.raises(ckpt.CheckpointError, match="refusing to unpickle it.*posix.system|refusing to unpickle"):
             engine.checkpoint_engine.load(str(evil))
     assert not sentinel.exists()
@@ -121,7 +122,7 @@ def test_resume_refuses_a_tampered_deepspeed_file_that_deepspeed_would_run(tmp_p
 
     good = tmp_path / "good.pt"
     torch.save({"zero_stage": ZeroStageEnum.gradients, "t": torch.ones(2)}, good)
-    with ckpt.safe_deepspeed_load(engine):
+    with safe_deepspeed_load(engine):
         assert engine.checkpoint_engine.load(str(good))["zero_stage"] == ZeroStageEnum.gradients
     # ... and it would have run the payload: the threat is real
     engine.checkpoint_engine.load(str(evil))
@@ -129,11 +130,11 @@ def test_resume_refuses_a_tampered_deepspeed_file_that_deepspeed_would_run(tmp_p
 
 
 def test_rank_state_is_read_without_unpickling_objects(tmp_path):
-    from metalm.train import checkpoint as ckpt
+    from metalm import checkpoint as ckpt
 
     sentinel = tmp_path / "pwned"
     torch.save({"data": "{}", "rng": Payload(sentinel), "extra": "{}"}, tmp_path / "rank_00000.pt")
-    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+    with pytest.raises(ckpt.CheckpointError, match=r"rank_00000\.pt: refusing to unpickle it: .*GLOBAL posix\.system"):
         ckpt.load_rank_state(tmp_path, 0)
     assert not sentinel.exists()
 

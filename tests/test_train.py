@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from procs import cpu_run_env, free_port
 
-from metalm.train import checkpoint as ckpt
+from metalm import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launchers" / "pretrain.py"
@@ -71,7 +71,7 @@ def test_deepspeed_launcher_end_to_end(tmp_path, shards):
     latest = ckpt.find_latest(run_dir / "checkpoints")
     assert latest.name == "step_00000012" and (latest / "meta_head.safetensors").is_file()
     state = ckpt.read_state(latest)
-    assert state["step"] == 12 and state["world_size"] == 2
+    assert state.step == 12 and state.world_size == 2
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in rows)
     assert any(r.get("meta_loss") is not None for r in rows) and any(r.get("ar_loss") is not None for r in rows)
@@ -95,3 +95,13 @@ def test_resume_with_other_world_size_is_refused(tmp_path, shards):
     out = subprocess.run(cmd, cwd=REPO, env=cpu_run_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "cannot resume" in out.stderr and "world_size" in out.stderr
+
+
+def test_a_step_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path, shards):
+    cmd = [sys.executable, str(LAUNCHER), *COMMON, f"data.shards={shards}", f"train.run_dir={tmp_path / 'big'}",
+           "train.micro_batch=65536", "train.global_batch=65536"]
+    out = subprocess.run(cmd, cwd=REPO, env=cpu_run_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr[-2000:]
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("metalm: error"))
+    assert "one training step needs about" in line and "available host memory" in line and "train.micro_batch" in line
+    assert "Traceback" not in out.stderr

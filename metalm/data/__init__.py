@@ -1,8 +1,8 @@
 """Data pipeline: document sources -> tokenizer -> packed WebDataset shards -> resumable training stream.
 
     prepare(source, tokenizer_spec, out_dir, seq_len, ...) -> manifest      (CLI: metalm-prepare)
-    ensure_prepared(cfg) -> manifest                                         (launcher)
-    build_loader(cfg, split=..., rank=..., world_size=...) -> ShardLoader    (trainer / evaluator)
+    ensure_prepared(cfg.data, seq_len=..., vocab_size=..., seed=...) -> manifest         (trainer)
+    build_loader(cfg.data, split=..., seq_len=..., micro_batch=..., seed=...) -> loader  (trainer / evaluator)
 
 The loader names (torch) are imported lazily: `metalm-prepare` and its tokenizer processes never import torch.
 """

@@ -1,4 +1,5 @@
-"""The one error type of the data pipeline, and JSON parsing that reports through it."""
+"""The one error type of the data pipeline (and its kind for paths that leave their directory), and JSON parsing
+that reports through it."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,15 @@ from typing import Any
 
 class DataError(ValueError):
     """Bad input data, shards, manifests or tokenizers; the message names the file (and line, shard or key)."""
+
+
+class UnsafePathError(DataError):
+    """A path found in data we were handed (a manifest entry, a tar member name, a symlink's target) that leads
+    out of the directory it belongs to. `where` is the file that holds it, `path` the offending path."""
+
+    def __init__(self, message: str, where: str = "", path: str = ""):
+        super().__init__(message)
+        self.where, self.path = where, path  # restored by pickle from __dict__ (args holds the message only)
 
 
 def parse_json(text: str | bytes, where: str) -> Any:

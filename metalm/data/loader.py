@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
+import os
 import tarfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from metalm.data.errors import DataError
+from metalm.config import ON_BAD_SAMPLE
+from metalm.data.errors import DataError, UnsafePathError, parse_json
 from metalm.data.manifest import SPLITS, load_manifest
 from metalm.data.shards import npy_header
 
@@ -132,6 +133,7 @@ class _ShardReader:
 
     def __init__(self, shards_dir: Path, manifest: dict, split: str, *, verify: bool, on_bad_sample: str):
         self.dir = shards_dir
+        self.real_dir = Path(os.path.realpath(shards_dir))
         self.manifest = manifest
         self.split = split
         self.records = manifest["splits"][split]["shards"]
@@ -151,8 +153,9 @@ class _ShardReader:
 
         rec = self.records[index]
         path = self.dir / rec["path"]
+        real = self._inside(path)
         try:
-            data = path.read_bytes()
+            data = real.read_bytes()
         except OSError as e:
             raise DataError(f"shard {path}: cannot read: {e.strerror or e}") from None
         if len(data) != rec["bytes"]:
@@ -167,8 +170,11 @@ class _ShardReader:
         try:
             for entry in wds.tariterators.tar_file_iterator(io.BytesIO(data), skip_meta=None):
                 name = entry["fname"]
+                _check_member_name(path, name)
                 if name == "__meta__.json":
-                    meta = json.loads(entry["data"])
+                    meta = parse_json(entry["data"], f"shard {path}: member __meta__.json")
+                    if not isinstance(meta, dict):
+                        raise DataError(f"shard {path}: member __meta__.json is not a JSON object")
                     continue
                 key, _, ext = name.partition(".")
                 if ext != "npy":
@@ -190,6 +196,16 @@ class _ShardReader:
             raise DataError(f"shard {path}: {len(keys)} samples, the manifest says {rec['samples']}")
         self._cached = _Shard(index, path, keys, blobs)
         return self._cached
+
+    def _inside(self, path: Path) -> Path:
+        """The real path of shard `path`, which must lie inside the (real) shard directory; symlinks inside it are
+        followed, a symlink (of the shard, or of a directory on the way) that leads out of it is refused."""
+        real = Path(os.path.realpath(path))  # never raises: a loop or a dangling link fails at the read
+        if real.is_relative_to(self.real_dir):
+            return real
+        how = (f"a symlink to {real}" if path.is_symlink() else f"resolves to {real} through a symlinked directory")
+        raise UnsafePathError(f"shard {path}: {how}, outside the shard directory {self.real_dir}; refusing to read it",
+                              where=str(path), path=str(real))
 
     def sample(self, shard: _Shard, r: int) -> np.ndarray | None:
         """The r-th sample of `shard`, validated; None if it is bad and bad samples are skipped."""
@@ -216,6 +232,18 @@ class _ShardReader:
             raise DataError(msg)
         log.warning("skipping bad sample: %s", msg)
         return None
+
+
+def _check_member_name(shard: Path, name: str) -> None:
+    """Refuse a tar member whose name would leave the shard if extracted (absolute, or with a '..' component)."""
+    if name.startswith("/"):
+        why = "an absolute path"
+    elif ".." in name.split("/"):
+        why = "a path with a '..' component"
+    else:
+        return
+    raise UnsafePathError(f"shard {shard}: member {name!r} is {why}, expected <key>.npy or __meta__.json inside the "
+                          f"shard; refusing the shard", where=str(shard), path=name)
 
 
 def _batches(plan: _Plan, reader: _ShardReader, slot: int, start: int, skipped: int, infinite: bool,
@@ -285,8 +313,8 @@ class ShardLoader:
             raise DataError(f"micro_batch={micro_batch}: expected a positive integer")
         if num_workers < 0:
             raise DataError(f"num_workers={num_workers}: expected >= 0")
-        if on_bad_sample not in ("error", "skip"):
-            raise DataError(f"on_bad_sample={on_bad_sample!r}: expected error or skip")
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise DataError(f"on_bad_sample={on_bad_sample!r}: expected {' or '.join(ON_BAD_SAMPLE)}")
         self._manifest_dir = Path(shards_dir)
         self.manifest = load_manifest(self._manifest_dir, expected_tokenizer_hash=expected_tokenizer_hash)
         if self.manifest["seq_len"] != seq_len:
@@ -453,12 +481,11 @@ class ShardLoader:
         self._batches = int(state["batches"])
 
 
-def build_loader(cfg, *, split: str, rank: int = 0, world_size: int = 1, **kwargs: Any) -> ShardLoader:
-    """The loader for `split` of ``cfg.data.shards`` (seq_len, micro_batch, seed from ``cfg.train``)."""
-    d = cfg.data
-    return ShardLoader(
-        d.shards, split=split, seq_len=int(cfg.train.seq_len), micro_batch=int(cfg.train.micro_batch),
-        seed=int(cfg.train.seed), rank=rank, world_size=world_size, num_workers=int(d.num_workers),
-        shuffle=bool(d.shuffle), on_bad_sample=str(d.on_bad_sample), verify=bool(getattr(d, "verify_shards", True)),
-        **kwargs,
-    )
+def build_loader(d, *, split: str, seq_len: int, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1,
+                 **overrides: Any) -> ShardLoader:
+    """The loader for `split` of ``d.shards`` (``d``: the data config section); `overrides` replace the
+    section's loader settings (num_workers, shuffle, on_bad_sample, verify)."""
+    settings = {"num_workers": int(d.num_workers), "shuffle": bool(d.shuffle), "on_bad_sample": str(d.on_bad_sample),
+                "verify": bool(d.verify_shards), **overrides}
+    return ShardLoader(d.shards, split=split, seq_len=int(seq_len), micro_batch=int(micro_batch), seed=int(seed),
+                       rank=rank, world_size=world_size, **settings)

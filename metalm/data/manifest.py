@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from metalm.data.errors import DataError, parse_json
+from metalm.data.errors import DataError, UnsafePathError, parse_json
 from metalm.fsutil import file_sha256
 
 FORMAT = "metalm-shards"
@@ -56,6 +56,18 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _check_relative(value: str, field: str, where: str) -> None:
+    """A path the manifest gives relative to the shard directory: no NUL, not absolute, no '..' component.
+
+    (Symlinks inside the directory are the loader's check, on the resolved path.)"""
+    if "\0" in value:
+        raise DataError(f"{where}: {field} {value!r} contains a NUL character")
+    p = Path(value)
+    if p.is_absolute() or ".." in p.parts:
+        raise UnsafePathError(f"{where}: {field} {value!r} must be relative, inside the shard directory",
+                              where=where, path=value)
+
+
 def validate_manifest(man: Any, where: str) -> dict:
     """Check the manifest's structure and internal consistency; DataError naming the field otherwise."""
     if not isinstance(man, dict):
@@ -77,6 +89,7 @@ def validate_manifest(man: Any, where: str) -> dict:
         raise DataError(f"{where}: dtype {man['dtype']!r} should be one of {', '.join(DTYPES)}")
     if man["dtype"] == "uint16" and man["vocab_size"] > 65536:
         raise DataError(f"{where}: vocab_size={man['vocab_size']} does not fit dtype uint16")
+    _check_relative(man["tokenizer_file"], "tokenizer_file", where)
     if not _SHA.match(man["tokenizer_hash"]):
         raise DataError(f"{where}: tokenizer_hash {man['tokenizer_hash']!r} is not a sha256 hex digest")
     for role in SPECIAL_ROLES:
@@ -97,10 +110,7 @@ def validate_manifest(man: Any, where: str) -> dict:
                 if not (_is_int(shard[key]) if typ is int else isinstance(shard[key], typ)):
                     raise DataError(f"{where}: splits.{split}.shards[{i}].{key}={shard[key]!r} should be "
                                     f"{typ.__name__}")
-            p = Path(shard["path"])
-            if p.is_absolute() or ".." in p.parts:
-                raise DataError(f"{where}: splits.{split}.shards[{i}].path {shard['path']!r} must be relative, "
-                                f"inside the shard directory")
+            _check_relative(shard["path"], f"splits.{split}.shards[{i}].path", where)
             if shard["samples"] <= 0 or shard["bytes"] <= 0 or not _SHA.match(shard["sha256"]):
                 raise DataError(f"{where}: splits.{split}.shards[{i}] ({shard['path']}): bad samples/bytes/sha256")
             total += shard["samples"]

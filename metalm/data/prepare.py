@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import logging
 import multiprocessing as mp
 import os
 import sys
@@ -30,13 +31,15 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from metalm.data.errors import DataError
+from metalm.data.errors import DataError, UnsafePathError
 from metalm.data.manifest import (FORMAT, MANIFEST, PREPARE_STATE, SPLITS, TOKENIZER_FILE, VERSION, load_manifest,
                                   sample_dtype)
 from metalm.data.sources import describe_source, iter_documents
 from metalm.data.shards import SplitWriter, finished_shards, remove_stale
 from metalm.data.tokenizer import Tokenizer, load_tokenizer
 from metalm.fsutil import file_sha256, write_json_atomic
+
+log = logging.getLogger("metalm.data.prepare")
 
 BATCH_DOCS = 128  # documents per tokenizer task
 
@@ -232,6 +235,10 @@ def prepare(source: str, tokenizer_spec: str | Tokenizer, out_dir: str | os.Path
                     man = load_manifest(out)
                     complete = all((out / s["path"]).is_file() and (out / s["path"]).stat().st_size == s["bytes"]
                                    for split in SPLITS for s in man["splits"][split]["shards"])
+                except UnsafePathError as e:
+                    log.warning("%s; rebuilding it from the shard records (%s)", e,
+                                ", ".join(f"{split}/shard-*.json" for split in SPLITS))
+                    complete = False
                 except DataError:
                     complete = False
                 if complete:
@@ -340,19 +347,15 @@ def _run(source: str, tok: Tokenizer, out: Path, config: dict, *, num_proc: int,
 # ---------------------------------------------------------------------------------------------------------
 # launcher entry point
 # ---------------------------------------------------------------------------------------------------------
-def ensure_prepared(cfg, *, progress: bool | None = None) -> dict:
-    """The manifest of ``cfg.data.shards``, preparing the shards first when allowed.
+def ensure_prepared(d, *, seq_len: int, vocab_size: int, seed: int, progress: bool = True) -> dict:
+    """The manifest of ``d.shards`` (``d``: the data config section), preparing the shards first when allowed.
 
-    A valid manifest is used when its seq_len equals ``cfg.train.seq_len`` and its vocabulary (incl. the
-    added mask token) fits ``cfg.model.vocab_size``; if ``cfg.data.tokenizer`` names another tokenizer than
-    the one recorded, its hash must match the shards'. Otherwise, with ``cfg.data.prepare_if_missing``, the
-    shards are prepared (or a partial preparation resumed) from ``cfg.data.source``/``cfg.data.tokenizer``.
+    A valid manifest is used when its seq_len equals `seq_len` (train.seq_len) and its vocabulary (incl. the
+    added mask token) fits `vocab_size` (model.vocab_size); if ``d.tokenizer`` names another tokenizer than
+    the one recorded, its hash must match the shards'. Otherwise, with ``d.prepare_if_missing``, the shards
+    are prepared (or a partial preparation resumed) from ``d.source``/``d.tokenizer`` with `seed`.
     """
-    d = cfg.data
     out = Path(d.shards)
-    seq_len = int(cfg.train.seq_len)
-    if progress is None:
-        progress = bool(getattr(getattr(cfg, "logging", None), "progress", True))
     man = None
     if (out / MANIFEST).exists():
         try:
@@ -378,11 +381,10 @@ def ensure_prepared(cfg, *, progress: bool | None = None) -> dict:
                         f"data.prepare_if_missing=true")
     else:
         man = prepare(d.source, d.tokenizer, out, seq_len, val_fraction=float(d.val_fraction),
-                      samples_per_shard=int(d.samples_per_shard), num_proc=int(getattr(d, "prepare_num_proc", 0)),
-                      text_field=d.text_field, seed=int(cfg.train.seed), text_split=getattr(d, "text_split", "file"),
-                      progress=progress)
-    if man["vocab_size"] > cfg.model.vocab_size:
-        raise DataError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the shards' vocabulary "
+                      samples_per_shard=int(d.samples_per_shard), num_proc=int(d.prepare_num_proc),
+                      text_field=d.text_field, seed=int(seed), text_split=d.text_split, progress=progress)
+    if man["vocab_size"] > vocab_size:
+        raise DataError(f"model.vocab_size={vocab_size} is smaller than the shards' vocabulary "
                         f"({man['vocab_size']} ids incl. the mask token); raise model.vocab_size (e.g. to "
                         f"{-(-man['vocab_size'] // 128) * 128})")
     return man
@@ -392,7 +394,7 @@ def ensure_prepared(cfg, *, progress: bool | None = None) -> dict:
 # CLI
 # ---------------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    from metalm.config import DataConfig, TrainConfig
+    from metalm.config import TEXT_SPLITS, DataConfig, TrainConfig
 
     d, t = DataConfig(), TrainConfig()
     p = argparse.ArgumentParser(prog="metalm-prepare", description="Tokenize documents into packed WebDataset "
@@ -409,7 +411,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int, help=f"default {d.samples_per_shard}")
     p.add_argument("--num-proc", type=int, help="tokenizer processes (default: one per available core)")
     p.add_argument("--text-field", help=f"jsonl key / parquet column (default {d.text_field})")
-    p.add_argument("--text-split", choices=("file", "blank_line"), help="plain text: one doc per file, or "
+    p.add_argument("--text-split", choices=TEXT_SPLITS, help="plain text: one doc per file, or "
                    "blank-line separated (default file)")
     p.add_argument("--seed", type=int, help=f"val split and shuffle seed (default {t.seed})")
     p.add_argument("--shuffle-window", type=int, default=65536, help="shuffle documents within windows of this "

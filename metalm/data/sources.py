@@ -38,6 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Union
 
+from metalm.config import TEXT_SPLITS
 from metalm.data.errors import DataError, parse_json
 
 Document = Union[str, list]  # text, or token ids for pretokenized sources
@@ -47,7 +48,6 @@ BUILTIN_LANGS = {"en": "en-us", "fr": "fr-fr", "es": "es-es"}
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TEXT_SUFFIXES = (".txt", ".md")
 PARQUET_SUFFIXES = (".parquet",)
-TEXT_SPLITS = ("file", "blank_line")
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 
 

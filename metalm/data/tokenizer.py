@@ -220,13 +220,8 @@ def train_bpe(docs: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -
     return Tokenizer(backend, f"train_bpe(vocab_size={vocab_size})")
 
 
-def tokenizer_info(tok: Tokenizer) -> dict:
-    """What the manifest records about a tokenizer."""
-    return {"spec": tok.spec, "hash": tok.hash, "vocab_size": tok.vocab_size, "special_ids": dict(tok.special_ids)}
-
-
 def json_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-__all__ = ["Tokenizer", "load_tokenizer", "train_bpe", "builtin_tokenizer_path", "tokenizer_info", "json_hash"]
+__all__ = ["Tokenizer", "load_tokenizer", "train_bpe", "builtin_tokenizer_path", "json_hash"]

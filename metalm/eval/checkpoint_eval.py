@@ -47,7 +47,7 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
     import torch
 
     from metalm.config import load_config
-    from metalm.train.checkpoint import load_model, read_state
+    from metalm.checkpoint import load_model, read_state
 
     t_start = time.time()
     ckpt_dir = Path(ckpt_dir)
@@ -150,8 +150,8 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {
-        "version": RESULT_VERSION, "checkpoint": ckpt_dir.name, "step": int(state.get("step", -1)),
-        "tokens": int(state.get("tokens", 0) or 0), "metrics": metrics, "skipped": skipped, "timing": timing,
+        "version": RESULT_VERSION, "checkpoint": ckpt_dir.name, "step": state.step,
+        "tokens": state.tokens, "metrics": metrics, "skipped": skipped, "timing": timing,
         "seconds": round(time.time() - t_start, 3), "device": device, "details": details,
         "run": {"wandb": bool(cfg.logging.wandb), "project": cfg.logging.project, "entity": cfg.logging.entity,
                 "name": cfg.logging.run_name},

@@ -10,6 +10,8 @@
 Columns are tab-separated (a token may contain spaces). The token and tag columns are configurable
 (0-based); when `index_col` is set, it must count 1, 2, 3, ... within each sentence. Tags must be `O` or
 `B-TYPE` / `I-TYPE`. Every problem raises IOB2FormatError naming the file and the 1-based line.
+A leading UTF-8 byte order mark is dropped. Lines end at \n, \r\n or \r only (not at U+2028, U+0085, \v, \f,
+... as `str.splitlines` would), so line numbers are an editor's and such characters stay inside their token.
 A sequence that starts a span with `I-` is accepted (evaluation treats it as seqeval does).
 """
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TAG_RE = re.compile(r"^(O|[BI]-\S+)$")
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
+BOM = "\ufeff"
 
 
 class IOB2FormatError(ValueError):
@@ -39,9 +43,11 @@ def _open_text(path: str | Path) -> str:
     if "://" in p:
         import fsspec
 
-        with fsspec.open(p, "rt", encoding="utf-8") as f:
-            return f.read()
-    return Path(p).read_text(encoding="utf-8")
+        with fsspec.open(p, "rb") as f:  # bytes: no newline translation, line breaks are parse_iob2's
+            data = f.read()
+    else:
+        data = Path(p).read_bytes()
+    return data.decode("utf-8")  # a leading BOM is kept here and dropped by parse_iob2 (exactly one)
 
 
 def read_iob2(path: str | Path, token_col: int = 1, tag_col: int = 2, index_col: int | None = 0) -> list[Sentence]:
@@ -58,6 +64,8 @@ def read_iob2(path: str | Path, token_col: int = 1, tag_col: int = 2, index_col:
 def parse_iob2(text: str, name: str = "<string>", token_col: int = 1, tag_col: int = 2,
                index_col: int | None = 0) -> list[Sentence]:
     need = max(token_col, tag_col, index_col if index_col is not None else 0) + 1
+    if text.startswith(BOM):
+        text = text[1:]
     sentences: list[Sentence] = []
     cur: Sentence | None = None
     pending_comments: list[str] = []
@@ -68,8 +76,7 @@ def parse_iob2(text: str, name: str = "<string>", token_col: int = 1, tag_col: i
             sentences.append(cur)
             cur = None
 
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.rstrip("\r\n")
+    for lineno, line in enumerate(LINE_BREAK.split(text), start=1):
         if not line.strip():
             close()
             continue

@@ -52,10 +52,8 @@ def word_encoder(tokenizer, word_sep: str = " ") -> WordEncoder:
     word i > 0 is encoded as `word_sep + word`, so its sub-tokens are those of the running text. Use
     word_sep="" for scripts written without spaces (Japanese, Chinese): with a byte-level BPE, " 日本" starts
     with a lone space token, which would then carry the label."""
-    try:
-        from tokenizers import Tokenizer as HFTokenizer
-    except ImportError:  # pragma: no cover - tokenizers is a dependency
-        HFTokenizer = ()  # type: ignore[assignment]
+    from tokenizers import Tokenizer as HFTokenizer
+
     if isinstance(tokenizer, HFTokenizer):
         def enc(text: str) -> list[int]:
             return tokenizer.encode(text, add_special_tokens=False).ids
@@ -82,19 +80,9 @@ def load_tokenizer_for(ckpt_dir: Optional[Path], cfg) -> object:
         from tokenizers import Tokenizer
 
         return Tokenizer.from_file(str(Path(ckpt_dir) / "tokenizer.json"))
-    spec = cfg.data.tokenizer
-    try:
-        from metalm.data.tokenizer import load_tokenizer
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        return load_tokenizer(spec)
-    if Path(spec).is_file():
-        from tokenizers import Tokenizer
+    from metalm.data.tokenizer import load_tokenizer
 
-        return Tokenizer.from_file(spec)
-    raise FileNotFoundError(f"no tokenizer: the checkpoint has no tokenizer.json and data.tokenizer={spec!r} "
-                            "cannot be loaded (metalm.data.tokenizer is unavailable)")
+    return load_tokenizer(cfg.data.tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------- encoding

@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from metalm.train.checkpoint import MARKER, STEP_RE
+from metalm.checkpoint import MARKER, STEP_RE
 
 REQUIRED_FILES = (MARKER, "trainer_state.json", "config.yaml", "model.safetensors")
 OPTIONAL_FILES = ("tokenizer.json",)

@@ -5,7 +5,6 @@ batches; val_ppl = exp(val_loss).
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -19,16 +18,7 @@ log = logging.getLogger("metalm.eval.valloss")
 
 
 def as_tokens(item) -> torch.Tensor:
-    """A (B, T+1) LongTensor from a loader item (a tensor, a (tensor, ...) tuple, or a dict)."""
-    if isinstance(item, dict):
-        for key in ("tokens", "input_ids", "ids"):
-            if key in item:
-                item = item[key]
-                break
-        else:
-            raise TypeError(f"loader item has none of tokens/input_ids/ids: keys {sorted(item)}")
-    if isinstance(item, (tuple, list)) and item and torch.is_tensor(item[0]):
-        item = item[0]
+    """A (B, T+1) LongTensor from a loader batch (a (B, T+1) tensor) or one (T+1,) sequence."""
     t = torch.as_tensor(item)
     if t.dim() == 1:
         t = t.unsqueeze(0)
@@ -65,18 +55,14 @@ def validation_loss(model, batches: Iterable, max_batches: Optional[int] = None,
 def val_batches_from_config(cfg, batch_size: int):
     """(iterator of (B, T+1) validation batches, None) from the data loader, or (None, reason) when there is
     no validation data. T is the shards' packed length; the batch size is set to `batch_size`, no shuffling."""
-    try:
-        from metalm.data.loader import build_loader
-    except ImportError as e:
-        return None, f"metalm.data.loader is unavailable ({e})"
+    from metalm.data.loader import build_loader
+
     shards = cfg.data.shards
     if "://" not in shards and not (Path(shards) / "manifest.json").is_file():
         return None, f"no data shards at data.shards={shards!r} (manifest.json missing)"
     try:
-        cfg = copy.deepcopy(cfg)
-        cfg.train.micro_batch = batch_size
-        cfg.data.shuffle = False
-        loader = build_loader(cfg, split="val", rank=0, world_size=1)
+        loader = build_loader(cfg.data, split="val", seq_len=cfg.train.seq_len, micro_batch=batch_size,
+                              seed=cfg.train.seed, shuffle=False)
         return iter(loader), None
     except Exception as e:  # noqa: BLE001 - a broken/missing val split is reported, not fatal to the watcher
         return None, f"cannot build the validation loader: {type(e).__name__}: {e}"

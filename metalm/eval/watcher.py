@@ -44,7 +44,7 @@ from typing import Optional
 from metalm.eval.checkpoint_eval import evaluate_checkpoint, pick_device
 from metalm.eval.sources import LocalSource, Ref, Vanished, make_source
 from metalm.fsutil import write_atomic, write_json_atomic
-from metalm.train.checkpoint import MARKER, STEP_RE
+from metalm.checkpoint import MARKER, STEP_RE
 
 log = logging.getLogger("metalm.eval.watcher")
 

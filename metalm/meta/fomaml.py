@@ -42,10 +42,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from metalm.config import HEAD_INITS
 from metalm.meta.head import head_spec, mlp_forward, output_rows
 from metalm.meta.tasks import Episode
-
-HEAD_INITS = ("persistent", "zero", "prototype")
 
 
 def meta_loss(hidden_fn: Callable[[torch.Tensor], torch.Tensor], head: nn.Sequential, episode: Episode, *,

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from metalm.config import HEAD_WEIGHT_INITS
+
 
 def build_head(meta_cfg, d_model: int, vocab_size: int) -> nn.Sequential:
     """``Linear(d, h), ReLU, Dropout, ..., Linear(h, vocab_size)`` with ``meta_cfg.head.layers`` Linear layers.
@@ -23,8 +25,8 @@ def build_head(meta_cfg, d_model: int, vocab_size: int) -> nn.Sequential:
     hc = meta_cfg.head
     if hc.layers < 1 or hc.hidden < 1:
         raise ValueError(f"meta.head.layers={hc.layers}, meta.head.hidden={hc.hidden}: expected positive integers")
-    if hc.init not in ("xavier", "normal"):
-        raise ValueError(f"meta.head.init={hc.init!r}: expected xavier or normal")
+    if hc.init not in HEAD_WEIGHT_INITS:
+        raise ValueError(f"meta.head.init={hc.init!r}: expected {' or '.join(HEAD_WEIGHT_INITS)}")
     widths = [d_model] + [hc.hidden] * (hc.layers - 1) + [vocab_size]
     modules: list[nn.Module] = []
     for i in range(hc.layers):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-BRANCHES = ("per_step", "per_microbatch")
+from metalm.config import META_BRANCHES as BRANCHES
+
 _M64 = (1 << 64) - 1
 _TAG_BRANCH = 0x4D455441  # distinct streams for the branch draw and the episode seeds
 _TAG_EPISODE = 0x45504953

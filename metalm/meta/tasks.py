@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-SAMPLERS = ("smlmt", "reference")
+from metalm.config import META_SAMPLERS as SAMPLERS
 
 
 class EpisodeError(ValueError):

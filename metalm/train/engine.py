@@ -1,26 +1,29 @@
-"""Process-group and DeepSpeed engine set-up: the one place that knows about ranks and devices."""
+"""The DeepSpeed adapter: process-group set-up and the one surface the training loop, the checkpointer and the
+benchmarks use (forward, backward, step(skip), save, load, gather_for_export).
+
+This is the only module that touches DeepSpeed's internals. Each workaround says which DeepSpeed version it
+was written against (0.19.x, pinned in constraints.txt); on an upgrade, check the ones marked here and nothing
+else.
+"""
 from __future__ import annotations
 
 import importlib
-import logging
-import math
 import os
+import pickle
 import socket
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, Optional
 
 import torch
 
-from metalm.config import Config, deepspeed_config
+from metalm.checkpoint import CheckpointError
+from metalm.config import OptimConfig, TrainConfig
+from metalm.train.dist import Dist
+from metalm.train.lr_schedule import lr_lambda
 
-log = logging.getLogger("metalm.engine")
 
-
-@dataclass
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
+class DeviceError(RuntimeError):
+    """The configured device cannot be used on this machine."""
 
 
 def _free_port() -> int:
@@ -30,26 +33,27 @@ def _free_port() -> int:
 
 
 def _skip_cpu_shm_build() -> None:
-    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce at init (about a minute, needs a C++
-    toolchain). gloo is adequate for the small CPU runs we do there, so we skip it unless METALM_DS_SHM=1."""
+    """DeepSpeed 0.19: on CPU, `deepspeed.comm.torch` JIT-compiles a shared-memory all-reduce at init (about a
+    minute, needs a C++ toolchain) through its module-level `build_shm_op`. gloo is adequate for the small CPU
+    runs we do, so we replace that function unless METALM_DS_SHM=1."""
     if os.environ.get("METALM_DS_SHM") == "1":
         return
     ds_torch = importlib.import_module("deepspeed.comm.torch")
     ds_torch.build_shm_op = lambda: None
 
 
-def resolve_device(cfg: Config) -> str:
-    want = cfg.train.device
+def resolve_device(want: str) -> str:
     if want == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+        raise DeviceError("train.device=cuda but no CUDA device is visible (torch "
+                          f"{torch.__version__}); set train.device=cpu or auto, or run on a GPU machine")
     return want
 
 
-def init_distributed(cfg: Config) -> Dist:
+def init_distributed(train: TrainConfig) -> Dist:
     """Initialise torch.distributed through DeepSpeed (works under deepspeed, torchrun and plain python)."""
-    device_type = resolve_device(cfg)
+    device_type = resolve_device(train.device)
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _skip_cpu_shm_build()
@@ -71,26 +75,6 @@ def init_distributed(cfg: Config) -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
-def lr_lambda(cfg: Config):
-    """Multiplier on optim.lr: linear warm-up, then cosine/linear decay to min_lr_ratio, or constant."""
-    o, total = cfg.optim, cfg.train.max_steps
-    warm = o.warmup_steps
-
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if o.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        if o.schedule == "linear":
-            shape = 1.0 - progress
-        else:
-            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * shape
-
-    return f
-
-
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices; never norms or biases (1-D parameters)."""
     decay, no_decay = [], []
@@ -100,20 +84,198 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: Config, module: torch.nn.Module, dist: Dist):
-    """deepspeed.initialize with a client AdamW and LambdaLR (both saved in DeepSpeed checkpoints)."""
-    import deepspeed
+@contextmanager
+def _instance_patch(obj: Any, **attrs: Any) -> Iterator[None]:
+    """Set attributes on one object for the duration of a block, then restore exactly what was there."""
+    saved = {name: (name in vars(obj), vars(obj).get(name)) for name in attrs}
+    for name, value in attrs.items():
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for name, (had, value) in saved.items():
+            if had:
+                setattr(obj, name, value)
+            else:
+                delattr(obj, name)
 
-    o = cfg.optim
-    use_fused = dist.device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
-                                  eps=o.eps, fused=use_fused or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, dist.world_size))
-    if cfg.train.zero_stage == 3 and getattr(module, "head", None) is not None:
-        # The meta step reads the head's parameters directly (functional inner loop), outside the head
-        # submodules' own forward: tell ZeRO-3 to gather them for the whole forward of the wrapper.
-        for p in module.head.parameters():
-            deepspeed.zero.register_external_parameter(module, p)
-    return engine
+
+@contextmanager
+def update_suppressed(optimizer) -> Iterator[None]:
+    """Inside this block `optimizer.step()` does nothing.
+
+    DeepSpeed 0.19: its wrappers (ZeRO 1/2/3, bf16/fp16) reduce, clip and clear the gradients and advance their
+    counters in `engine.step()`, and call the basic optimizer (`engine.basic_optimizer`, our AdamW) to change
+    the fp32 master weights: that call is what is suppressed. So parameters (whose 16-bit copies are re-derived
+    from the unchanged masters) and the AdamW state (moments, step count) stay exactly as they were.
+    """
+    had = "step" in vars(optimizer)  # torch's LR scheduler wraps `step` on the instance: keep its wrapper
+    previous = vars(optimizer).get("step")
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if had:
+            optimizer.step = previous
+        else:
+            del optimizer.step
+
+
+@contextmanager
+def deferred_io_errors(ds_engine, errors: list) -> Iterator[None]:
+    """Inside this block, a failed write of DeepSpeed's `save_checkpoint` is appended to `errors` instead of
+    raised, and later writes of the same save are skipped.
+
+    DeepSpeed 0.19's save runs collectives (a barrier after creating the directory, a tag check, a barrier at
+    the end) between its writes, through `checkpoint_engine.save/makedirs` and `_copy_recovery_script`. If one
+    rank raised on a full disk, the others would wait in the next collective forever; recording the error lets
+    every rank go through the same collectives, after which the checkpointer agrees on the outcome.
+    """
+    def guarded(fn):
+        def call(*args, **kwargs):
+            if errors:
+                return None
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError
+                errors.append(e)
+                return None
+        return call
+
+    ce = ds_engine.checkpoint_engine
+    with _instance_patch(ce, save=guarded(ce.save), makedirs=guarded(ce.makedirs)), \
+            _instance_patch(ds_engine, _copy_recovery_script=guarded(ds_engine._copy_recovery_script)):
+        yield
+
+
+def _deepspeed_safe_globals() -> list:
+    """DeepSpeed 0.19: the only non-container classes it pickles into its checkpoints (ZeRO 0-3, fp32/bf16/fp16):
+    plain data records (an enum, a dataclass, loss-scaler settings). Unpickling them cannot run code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def safe_deepspeed_load(ds_engine) -> Iterator[None]:
+    """Make DeepSpeed's `load_checkpoint` read its files with torch.load(weights_only=True): tensors, plain
+    containers and the few DeepSpeed records above, never arbitrary pickled objects (DeepSpeed 0.19 itself
+    passes weights_only=False to `checkpoint_engine.load`, which runs whatever code a tampered file carries).
+    A file holding anything else raises CheckpointError naming it."""
+    allowed = _deepspeed_safe_globals()
+
+    def load(path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), str(e)[:300])
+            raise CheckpointError(f"{path}: refusing to unpickle it: {detail}") from None
+
+    with _instance_patch(ds_engine.checkpoint_engine, load=load):
+        yield
+
+
+class Engine:
+    """One DeepSpeed engine around the PretrainModule, with a client AdamW and LambdaLR (both in its
+    checkpoints). `module` is the wrapped PretrainModule (its parameters are ZeRO-3 partitions at stage 3)."""
+
+    TAG = "ds"  # the DeepSpeed state's subdirectory in a checkpoint
+
+    def __init__(self, module: torch.nn.Module, optim: OptimConfig, train: TrainConfig, ds_config: dict,
+                 dist: Dist):
+        import deepspeed
+
+        self.zero_stage = train.zero_stage
+        self.dist = dist
+        optimizer = torch.optim.AdamW(param_groups(module, optim.weight_decay), lr=optim.lr,
+                                      betas=tuple(optim.betas), eps=optim.eps,
+                                      fused=(dist.device.type == "cuda") or None)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, train.max_steps))
+        self.ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                config=ds_config)
+        head = getattr(module, "head", None)
+        if self.zero_stage == 3 and head is not None:
+            # The meta step reads the head's parameters directly (functional inner loop), outside the head
+            # submodules' own forward: tell ZeRO-3 to gather them for the whole forward of the wrapper.
+            for p in head.parameters():
+                deepspeed.zero.register_external_parameter(module, p)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def __call__(self, batch: torch.Tensor, episode=None):
+        return self.ds(batch, episode=episode)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch; before the last micro-batch of a step DeepSpeed's `step()` only counts
+        it (DeepSpeed 0.19 needs that call after every backward), the update happens in `step`."""
+        self.ds.backward(loss)
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()
+
+    def step(self, skip: bool) -> bool:
+        """The optimizer step at the accumulation boundary: reduce, clip, update, clear the gradients, advance
+        the LR schedule. skip=True does all of it but the update. Returns whether an update was applied."""
+        sched = self.ds.lr_scheduler
+        before = sched.last_epoch
+        with update_suppressed(self.ds.basic_optimizer) if skip else nullcontext():
+            self.ds.step()
+        if sched.last_epoch == before:
+            sched.step()  # DeepSpeed skipped on its own (fp16 overflow): the LR stays a function of the step
+        if self.zero_stage == 3:
+            # DeepSpeed 0.19's ZeRO-3 keeps every parameter's gradient partition in one flat buffer that it
+            # overwrites only for parameters that receive a gradient in the first micro-batch of a step. A
+            # parameter without one (the meta head in an AR step, the LM head in a meta step) would be updated
+            # with its gradient from an earlier step, and a NaN from a skipped step would stay there.
+            flat = getattr(self.ds.optimizer, "grad_partitions_flat_buffer", None)
+            if flat is not None:
+                flat.zero_()
+        return not skip and self.ds.was_step_applied()
+
+    @property
+    def lr(self) -> float:
+        return self.ds.get_lr()[0]
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        self.ds.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.ds.train()
+
+    def save(self, directory: str, errors: list) -> None:
+        """Collective: write the DeepSpeed state under `directory`/ds. A failed write is appended to `errors`
+        (see deferred_io_errors) so that every rank still reaches DeepSpeed's collectives."""
+        with deferred_io_errors(self.ds, errors):
+            self.ds.save_checkpoint(directory, tag=self.TAG, save_latest=False)
+
+    def load(self, directory: str) -> None:
+        """Collective: model, optimizer and LR-scheduler state from `directory`/ds, read without unpickling
+        code."""
+        with safe_deepspeed_load(self.ds):
+            path, _ = self.ds.load_checkpoint(directory, tag=self.TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {directory}/{self.TAG}")
+
+    @contextmanager
+    def gather_for_export(self) -> Iterator[Optional[torch.nn.Module]]:
+        """Collective: the full (unpartitioned) module on rank 0 for the duration of the block (None on the other
+        ranks); under ZeRO-3 the partitions are gathered first."""
+        module = self.ds.module
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                yield module if self.dist.rank == 0 else None
+        else:
+            yield module if self.dist.rank == 0 else None
+
+    def destroy(self) -> None:
+        self.ds.destroy()

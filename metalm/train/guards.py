@@ -1,144 +1,20 @@
-"""Run-time guards of a training run: output-directory preflight, non-finite losses, loss spikes, stop signals.
+"""Run-time guards of a training run: non-finite losses, loss spikes, stop signals.
 
 Everything here is decided identically on every rank: the loop all-reduces the inputs (one small
-all-reduce per optimizer step) before calling into these classes, so a rank never skips, stops or saves
-alone (ZeRO would hang or silently mix parameters from different updates otherwise).
+all-reduce per optimizer step) before calling `StepGuards.before_update`, so a rank never skips, stops or
+saves alone (ZeRO would hang or silently mix parameters from different updates otherwise).
 """
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import time
 from collections import deque
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
-NONFINITE_POLICIES = ("skip", "stop")
-
-_CKPT_OVERHEAD = 1 << 20  # config, tokenizer, trainer and per-rank state, pickling overhead
-
-
-class TrainingError(RuntimeError):
-    """A condition that stops training: non-finite losses, repeated checkpoint failures, an unusable run
-    directory. The message names the step or the path (and errno)."""
-
-
-# ------------------------------------------------------------------------------------------------ preflight
-
-
-def checkpoint_bytes(n_params: int, precision: str, zero_stage: int) -> int:
-    """An estimate of one checkpoint's size on disk, for `n_params` trained parameters (meta head included):
-    the DeepSpeed module state (2 or 4 bytes per parameter), the optimizer state (AdamW's two fp32 moments,
-    plus the fp32 master copy that ZeRO 1-3 and 16-bit training keep) and the consolidated fp32 safetensors
-    the evaluator reads."""
-    module = 4 if precision == "fp32" else 2
-    optimizer = 8 if precision == "fp32" and zero_stage == 0 else 12
-    return n_params * (module + optimizer + 4) + _CKPT_OVERHEAD
-
-
-def _existing_ancestor(path: Path) -> Path:
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def free_bytes(path: Path) -> int:
-    """Free bytes (for an unprivileged writer) on the filesystem that holds, or will hold, `path`."""
-    return shutil.disk_usage(_existing_ancestor(path)).free
-
-
-def probe_writable(directory: Path, tag: str) -> None:
-    """Create `directory`, then write, fsync and remove a small file in it; OSError when that fails."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    probe = directory / f".metalm-probe-{tag}-{os.getpid()}"
-    try:
-        with open(probe, "wb") as f:
-            f.write(b"metalm write probe\n" * 64)
-            f.flush()
-            os.fsync(f.fileno())
-    finally:
-        try:
-            probe.unlink()
-        except FileNotFoundError:
-            pass
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def probe_dirs(run_dir: Path, ckpt_root: Path, tag: str) -> None:
-    """The run directory and the checkpoint directory take writes: TrainingError naming the directory and the
-    errno otherwise (a read-only or full filesystem, a path through a file, no permission)."""
-    for key, d in (("train.run_dir", run_dir), ("checkpoint directory", ckpt_root)):
-        try:
-            probe_writable(d, tag)
-        except OSError as e:
-            raise TrainingError(f"{key} {d}: cannot write there ({describe_error(e)}); make it writable or "
-                                f"choose another train.run_dir") from None
-
-
-def check_free_space(ckpt_root: Path, need_bytes: int, keep_last_k: int) -> list[str]:
-    """TrainingError when the checkpoint directory's filesystem cannot hold one checkpoint of about
-    `need_bytes`; a warning (returned) when it holds fewer than keep_last_k + 1 (the disk fills up mid-run)."""
-    free = free_bytes(ckpt_root)
-    if free < need_bytes:
-        raise TrainingError(f"not enough free space for a checkpoint in {ckpt_root}: {_gib(free)} free, one "
-                            f"checkpoint needs about {_gib(need_bytes)}; free some space, move train.run_dir, "
-                            f"or set checkpoint.check_free_space=false if the filesystem misreports")
-    want = need_bytes * (keep_last_k + 1)
-    if free < want:
-        return [f"{ckpt_root}: {_gib(free)} free holds fewer than checkpoint.keep_last_k + 1 = {keep_last_k + 1} "
-                f"checkpoints of about {_gib(need_bytes)}; saves will fail once the disk is full"]
-    return []
-
-
-def _oserror(e: OSError) -> str:
-    import errno as _errno
-
-    name = _errno.errorcode.get(e.errno or 0, "")
-    return f"{name + ' ' if name else ''}[Errno {e.errno}] {e.strerror or e}" + (f": '{e.filename}'" if e.filename else "")
-
-
-def describe_error(e: BaseException) -> str:
-    """One line for a failed write: the errno name and number and the path for OSErrors."""
-    if isinstance(e, OSError):
-        return _oserror(e)
-    return f"{type(e).__name__}: {e}"
-
-
-# ------------------------------------------------------------------------------------------ non-finite loss
-
-
-@contextmanager
-def update_suppressed(optimizer) -> Iterator[None]:
-    """Inside this block `optimizer.step()` does nothing.
-
-    Used around DeepSpeed's `engine.step()` at the boundary of a step whose loss was not finite: DeepSpeed's
-    wrappers (ZeRO 1/2/3, bf16/fp16) still reduce, clip and clear the gradients and advance their counters,
-    but they call the basic optimizer (`engine.basic_optimizer`, our AdamW) to change the fp32 master
-    weights, and that call is what is suppressed. So parameters (whose 16-bit copies are re-derived from
-    the unchanged masters) and the AdamW state (moments, step count) stay exactly as they were.
-    """
-    had = "step" in vars(optimizer)  # torch's LR scheduler wraps `step` on the instance: keep its wrapper
-    previous = vars(optimizer).get("step")
-
-    def _no_update(*args, **kwargs):
-        return None
-
-    optimizer.step = _no_update
-    try:
-        yield
-    finally:
-        if had:
-            optimizer.step = previous
-        else:
-            del optimizer.step
+from metalm.config import TrainConfig
+from metalm.train.errors import TrainingError
 
 
 class NonFiniteGuard:
@@ -149,8 +25,6 @@ class NonFiniteGuard:
     """
 
     def __init__(self, policy: str, max_in_row: int):
-        if policy not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite policy {policy!r}: expected one of {', '.join(NONFINITE_POLICIES)}")
         self.policy, self.max_in_row = policy, max_in_row
         self.in_row = 0
         self.total = 0
@@ -216,6 +90,42 @@ class SpikeDetector:
 
     def load_state_dict(self, state: dict) -> None:
         self.history = {k: deque((float(x) for x in v), maxlen=self.window or None) for k, v in state.items()}
+
+
+# -------------------------------------------------------------------------------------- once per step
+
+
+class StepGuards:
+    """The guards the loop consults once per optimizer step, after its micro-batches and before its update."""
+
+    def __init__(self, train: TrainConfig, world_size: int):
+        self.world_size = world_size
+        self.nonfinite = NonFiniteGuard(train.nonfinite_policy, train.max_nonfinite_in_row)
+        self.spikes = SpikeDetector(train.spike_window, train.spike_sigma)
+
+    def before_update(self, step: int, nonfinite_ranks: int, mean_losses: dict) -> tuple[bool, list[str], list[dict]]:
+        """(skip the update, warnings, spike records) for 1-based step `step`, from the all-reduced count of
+        ranks with a non-finite loss and the step's mean loss of each kind ("ar", "meta"; None when the step
+        had none). Raises TrainingError when the non-finite policy says stop."""
+        if self.nonfinite.check(step, nonfinite_ranks, self.world_size):
+            return True, [f"non-finite loss at step {step} on {nonfinite_ranks} rank(s): its update is skipped "
+                          f"({self.nonfinite.in_row} in a row; train.max_nonfinite_in_row="
+                          f"{self.nonfinite.max_in_row})"], []
+        warnings, records = [], []
+        for kind, value in mean_losses.items():
+            spike = self.spikes.update(kind, value) if value is not None else None
+            if spike is not None:
+                records.append({"step": step, **spike})
+                warnings.append(f"{kind} loss spike at step {step}: {spike['loss']:.4f}, window mean "
+                                f"{spike['window_mean']:.4f} +- {spike['window_std']:.4f}")
+        return False, warnings, records
+
+    def state_dict(self) -> dict:
+        return {"nonfinite": self.nonfinite.state_dict(), "spikes": self.spikes.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.nonfinite.load_state_dict(state.get("nonfinite", {}))
+        self.spikes.load_state_dict(state.get("spikes", {}))
 
 
 # ---------------------------------------------------------------------------------------------- stop signals

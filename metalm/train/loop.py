@@ -1,44 +1,37 @@
 """The hybrid AR / meta training loop.
 
-Each optimizer step runs `grad_accum` micro-batches; a seeded, stateless schedule (identical on every
-rank) decides whether a micro-batch is an AR step or a FOMAML meta step. Losses are accumulated on the
-device; once per optimizer step, before the update, one small all-reduce tells every rank whether any rank
-saw a non-finite loss (the update is then skipped or the run stopped, on all ranks alike), whether a stop
-signal arrived anywhere, and the step's mean losses for loss-spike detection. The per-interval metrics are
-reduced only every `log_every` steps.
-
-Failures are collective decisions too: a checkpoint save that fails on any rank is discarded on every rank
-(`latest` keeps naming the previous complete checkpoint), and then retried at the next interval, up to
-checkpoint.max_failed_saves consecutive failures, after which the run stops with exit status 1.
+`Trainer(cfg, dist)` builds the run's components from their config sections; `run()` is the loop. Each
+optimizer step runs `grad_accum` micro-batches; the meta step's seeded schedule (identical on every rank)
+decides whether a micro-batch is an AR step or a FOMAML meta step. Losses are summed on the device; once per
+optimizer step, before the update, one small all-reduce tells every rank whether any rank saw a non-finite
+loss (the guards then skip the update or stop the run, on all ranks alike), whether a stop signal arrived
+anywhere, and the step's mean losses for loss-spike detection. Metrics are reduced every `log_every` steps.
 """
 from __future__ import annotations
 
-import logging
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.distributed as tdist
 
-from metalm.config import Config, grad_accum
+from metalm.checkpoint import TrainerState
+from metalm.config import Config, deepspeed_config, grad_accum, to_dict, to_yaml
+from metalm.meta.step import MetaStep, head_flops
 from metalm.model import flops_per_token, num_params
-from metalm.train import checkpoint as ckpt
-from metalm.train.engine import Dist, build_engine
-from metalm.train.guards import (NonFiniteGuard, SpikeDetector, StopRequest, TrainingError, check_free_space,
-                                 checkpoint_bytes, probe_dirs, update_suppressed)
+from metalm.train.checkpointer import Checkpointer
+from metalm.train.dist import Collectives, Dist
+from metalm.train.engine import Engine
+from metalm.train.errors import TrainingError
+from metalm.train.guards import StepGuards, StopRequest
+from metalm.train.interval import Interval, StepTotals
 from metalm.train.metrics import MetricsLogger
 from metalm.train.module import PretrainModule
-from metalm.train.saving import CheckpointSaving
-
-log = logging.getLogger("metalm.loop")
+from metalm.train.preflight import (RunLock, check_step_memory, checkpoint_bytes, probe_dirs, step_memory_bytes)
 
 # Dense bf16 peak FLOP/s by device name, for MFU. Unknown devices (and CPUs) report no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
-
-STAT_KEYS = ("support_acc_before", "support_acc_after", "query_acc", "inner_grad_norm")
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
@@ -48,374 +41,253 @@ def peak_flops(device: torch.device) -> Optional[float]:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def meta_head_flops(cfg: Config) -> float:
-    """FLOPs of one episode's head work on one rank: T inner SGD steps over the support positions plus the
-    query forward/backward, each 6 x (active head params) per position; the output layer is N rows."""
-    m, B = cfg.meta, cfg.train.micro_batch
-    dims = [cfg.model.d_model] + [m.head.hidden] * (m.head.layers - 1)
-    active = sum(a * b for a, b in zip(dims[:-1], dims[1:])) + dims[-1] * m.n_way
-    n_support = m.n_way * m.k_shot if m.sampler == "smlmt" else B * m.k_shot
-    n_query = m.n_way * m.q_queries if m.sampler == "smlmt" else B
-    return 6.0 * active * (m.inner_steps * n_support + n_query)
+def _warn(text: str) -> None:
+    print(f"metalm: warning: {text}", file=sys.stderr, flush=True)
 
 
-class Trainer(CheckpointSaving):
+class Trainer:
     def __init__(self, cfg: Config, dist: Dist):
-        self.cfg, self.dist = cfg, dist
-        self.run_dir = Path(cfg.train.run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
-        self.accum = grad_accum(cfg, dist.world_size)
-        self.step = 0
-        self.tokens = 0
-        self.flops = 0.0
-        self.stop = StopRequest()
-        self.stop_agreed = False  # the all-reduced stop flag: identical on every rank
-        t = cfg.train
-        self.nonfinite = NonFiniteGuard(t.nonfinite_policy, t.max_nonfinite_in_row)
-        self.spikes = SpikeDetector(t.spike_window, t.spike_sigma)
-        self.failed_saves = 0
-        self.ckpt_bytes: Optional[int] = None  # size of the last checkpoint written (free-space check)
-
-    # ----------------------------------------------------------------- set-up
-    def setup(self) -> None:
         from metalm.data import build_loader, ensure_prepared
 
-        cfg, d = self.cfg, self.dist
-        # Before any work: every rank can write the run and checkpoint directories (all ranks agree).
+        t, d = cfg.train, dist
+        self.cfg, self.dist, self.comm = cfg, dist, Collectives(dist)
+        self.run_dir = Path(t.run_dir)
+        self.accum = grad_accum(cfg, dist.world_size)
+        self.step, self.tokens, self.flops = 0, 0, 0.0
+        self.lock = RunLock(self.run_dir)
+        self._claim_run_dir()
+        try:
+            self._build(build_loader, ensure_prepared)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, build_loader, ensure_prepared) -> None:
+        cfg, t, d = self.cfg, self.cfg.train, self.dist
+        self.manifest = self._prepared_data(ensure_prepared)
+        self.special = self.manifest["special_ids"]
+        torch.manual_seed(t.seed)  # identical initialisation on every rank
+        self.module = PretrainModule(cfg)
+        self._check_memory()
+        self.engine = Engine(self.module, cfg.optim, t, deepspeed_config(cfg, d.world_size), d)
+        torch.manual_seed(t.seed + 1000 + d.rank)  # dropout differs per rank, reproducibly
+        self.loader = build_loader(cfg.data, split="train", seq_len=t.seq_len, micro_batch=t.micro_batch,
+                                   seed=t.seed, rank=d.rank, world_size=d.world_size)
+        self.meta = MetaStep(cfg.meta, t.seed, self.special, self.loader.vocab_size) if cfg.meta.enabled else None
+        self.guards = StepGuards(t, d.world_size)
+        self.stop = StopRequest()
+        self.stop_agreed = False  # the all-reduced stop flag: identical on every rank
+        self.metrics = MetricsLogger(cfg.logging, self.run_dir, d.rank, to_dict(cfg))
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint, self.run_dir / "checkpoints", self.comm, self.engine, dataloader=self.loader,
+            config_yaml=to_yaml(cfg), tokenizer_json=Path(cfg.data.shards) / "tokenizer.json",
+            estimate_bytes=checkpoint_bytes(sum(p.numel() for p in self.module.parameters()), t.precision,
+                                            t.zero_stage),
+            log=self.metrics.log)
+        self.checkpointer.prepare()
+        self._resume()
+        self.metrics.begin(self.step)
+        self.peak = peak_flops(d.device)
+        self.tok_per_micro = t.micro_batch * t.seq_len * d.world_size
+        self.ar_flops = flops_per_token(cfg.model, t.seq_len) * self.tok_per_micro
+        body = flops_per_token(cfg.model, t.seq_len, lm_head=False, backward=False) \
+            + flops_per_token(cfg.model, t.seq_len, lm_head=False)
+        self.meta_flops = body * self.tok_per_micro \
+            + head_flops(cfg.meta, cfg.model.d_model, t.micro_batch) * d.world_size
+        self._announce()
+
+    # ----------------------------------------------------------------------------------------- set-up
+
+    def _claim_run_dir(self) -> None:
+        """Collective: every rank can write the run and checkpoint directories, and rank 0 holds the run lock."""
         err = None
         try:
-            probe_dirs(self.run_dir, self.ckpt_root, f"rank{d.rank}")
+            probe_dirs(self.run_dir, self.run_dir / "checkpoints", f"rank{self.dist.rank}")
+            if self.dist.rank == 0:
+                self.lock.acquire()
         except TrainingError as e:
             err = str(e)
-        self._raise_agreed(err, TrainingError)
-        if d.rank == 0:
-            ckpt.clean_stale_tmp(self.ckpt_root)
-            self.manifest = ensure_prepared(cfg)
-        tdist.barrier()
-        if d.rank != 0:
-            self.manifest = ensure_prepared(cfg)
-        torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
-        self.module = PretrainModule(cfg)
-        self.ckpt_estimate = checkpoint_bytes(sum(p.numel() for p in self.module.parameters()), cfg.train.precision,
-                                              cfg.train.zero_stage)
-        err = None
-        if d.rank == 0 and cfg.checkpoint.check_free_space:  # the checkpoint directory is shared by the ranks
-            try:
-                for warning in check_free_space(self.ckpt_root, self.ckpt_estimate, cfg.checkpoint.keep_last_k):
-                    print(f"metalm: warning: {warning}", file=sys.stderr, flush=True)
-            except TrainingError as e:
-                err = str(e)
-        self._raise_agreed(err, TrainingError)
-        self.engine = build_engine(cfg, self.module, d)
-        torch.manual_seed(cfg.train.seed + 1000 + d.rank)  # dropout differs per rank, reproducibly
-        self.loader = build_loader(cfg, split="train", rank=d.rank, world_size=d.world_size)
-        self.special = self.manifest["special_ids"]
-        self.schedule = None
-        if cfg.meta.enabled:
-            from metalm.meta.schedule import MetaSchedule
+        self.comm.raise_agreed(err, TrainingError)
 
-            self.schedule = MetaSchedule(cfg.train.seed, cfg.meta.hybrid_ratio, cfg.meta.branch)
-        self._resume()
-        self.metrics = MetricsLogger(cfg, self.run_dir, d.rank, resumed_step=self.step)
-        self.peak = peak_flops(d.device)
-        self.tok_per_micro = cfg.train.micro_batch * cfg.train.seq_len * d.world_size
-        self.fpt = flops_per_token(cfg.model, cfg.train.seq_len)
-        body = flops_per_token(cfg.model, cfg.train.seq_len, lm_head=False, backward=False) \
-            + flops_per_token(cfg.model, cfg.train.seq_len, lm_head=False)
-        self.meta_flops = body * self.tok_per_micro + meta_head_flops(cfg) * d.world_size
-        if d.rank == 0:
-            n = num_params(cfg.model)
-            extra = sum(p.numel() for p in self.module.head.parameters()) if self.module.head is not None else 0
-            print(f"metalm: model {n / 1e6:.2f}M parameters (+{extra / 1e6:.2f}M meta head), "
-                  f"{d.world_size} process(es) on {d.device.type}, ZeRO-{cfg.train.zero_stage}, "
-                  f"{cfg.train.precision}, global batch {cfg.train.global_batch} x {cfg.train.seq_len} "
-                  f"(micro {cfg.train.micro_batch} x accum {self.accum} x world {d.world_size}), "
-                  f"meta {'on (ratio %.2f, %s)' % (cfg.meta.hybrid_ratio, cfg.meta.sampler) if cfg.meta.enabled else 'off'}",
-                  flush=True)
+    def _prepared_data(self, ensure_prepared) -> dict:
+        """The shards' manifest; rank 0 prepares them first when allowed, the others wait for it."""
+        t = self.cfg.train
+        prepare = lambda: ensure_prepared(self.cfg.data, seq_len=t.seq_len, vocab_size=self.cfg.model.vocab_size,  # noqa: E731
+                                          seed=t.seed, progress=self.cfg.logging.progress)
+        manifest = prepare() if self.dist.rank == 0 else None
+        self.comm.barrier()
+        return manifest if manifest is not None else prepare()
+
+    def _check_memory(self) -> None:
+        t, m = self.cfg.train, self.cfg.model
+        if not t.check_memory:
+            return
+        parts = step_memory_bytes(sum(p.numel() for p in self.module.parameters()), d_model=m.d_model,
+                                  n_layers=m.n_layers, ffn_hidden=m.ffn_hidden, vocab_size=m.vocab_size,
+                                  micro_batch=t.micro_batch, seq_len=t.seq_len, precision=t.precision,
+                                  zero_stage=t.zero_stage, world_size=self.dist.world_size,
+                                  fused_linear_ce=m.fused_linear_ce)
+        err, warnings = None, []
+        try:
+            warnings = check_step_memory(parts, self.dist.device.type, self.accum)
+        except TrainingError as e:
+            err = str(e)
+        self.comm.raise_agreed(err, TrainingError)
+        if self.dist.rank == 0:
+            for w in warnings:
+                _warn(w)
 
     def _resume(self) -> None:
-        """Rank 0 picks (and verifies) the checkpoint and checks that this run can continue it; every rank
-        then loads it. Any problem is a CheckpointError on every rank."""
-        mode = self.cfg.checkpoint.resume
-        if mode == "never":
-            return
-        choice, err = None, None
-        if self.dist.rank == 0:
-            try:
-                choice = self._pick_checkpoint(mode)
-            except ckpt.CheckpointError as e:
-                err = str(e)
-        if self.dist.world_size > 1:
-            box = [choice, err]
-            tdist.broadcast_object_list(box, src=0)
-            choice, err = box
-        if err:
-            raise ckpt.CheckpointError(err)
-        if choice is None:
-            return
-        path = Path(choice)
-        state = ckpt.read_state(path)
-        with ckpt.safe_deepspeed_load(self.engine):
-            load_path, _ = self.engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
-                                                       load_lr_scheduler_states=True)
-        if load_path is None:
-            raise ckpt.CheckpointError(f"DeepSpeed could not load {path}/ds")
-        rank_state = ckpt.load_rank_state(path, self.dist.rank)
-        self.loader.load_state_dict(rank_state["data"])
-        ckpt.set_rng_state(rank_state["rng"])
-        self.step, self.tokens, self.flops = state["step"], state["tokens"], state.get("flops", 0.0)
-        guards = state.get("guards", {})
-        self.nonfinite.load_state_dict(guards.get("nonfinite", {}))
-        self.spikes.load_state_dict(guards.get("spikes", {}))
-        if self.dist.rank == 0:
-            print(f"metalm: resumed from {path} at step {self.step}", flush=True)
-
-    def _pick_checkpoint(self, mode: str) -> Optional[str]:
-        verify = self.cfg.checkpoint.checksums
-        if mode == "auto":
-            path = ckpt.find_latest(self.ckpt_root, verify=verify)
-            if path is None:
-                return None
-        else:
-            path = Path(mode)
-            problem = ckpt.checkpoint_problem(path, checksums=verify) if path.is_dir() else "no such directory"
-            if problem:
-                raise ckpt.CheckpointError(f"checkpoint.resume={mode}: {path} is not a complete checkpoint: "
-                                           f"{problem}")
         t = self.cfg.train
         now = {"world_size": self.dist.world_size, "global_batch": t.global_batch, "micro_batch": t.micro_batch,
                "seq_len": t.seq_len, "tokenizer_hash": self.manifest.get("tokenizer_hash")}
-        mismatch = ckpt.resume_mismatch(ckpt.read_state(path), now)
-        if mismatch:
-            raise ckpt.CheckpointError(f"cannot resume from {path}: {mismatch}")
-        return str(path)
+        state = self.checkpointer.resume(now)
+        if state is not None:
+            self.step, self.tokens, self.flops = state.step, state.tokens, state.flops
+            self.guards.load_state_dict(state.guards)
 
-    # ------------------------------------------------------------ collectives
-    def reduce(self, values: list, op=tdist.ReduceOp.SUM) -> list[float]:
-        """All-reduce numbers and 0-d tensors across ranks as one device tensor (the backend's device: NCCL
-        reduces no CPU tensors); returns Python floats (one host sync)."""
-        dev = self.dist.device
-        t = torch.stack([v.detach().float().reshape(()).to(dev) if torch.is_tensor(v)
-                         else torch.tensor(float(v), device=dev) for v in values])
-        if self.dist.world_size > 1:
-            tdist.all_reduce(t, op=op)
-        return t.tolist()
+    def _announce(self) -> None:
+        cfg, d = self.cfg, self.dist
+        if d.rank != 0:
+            return
+        head = self.module.head
+        extra = sum(p.numel() for p in head.parameters()) if head is not None else 0
+        meta = f"on (ratio {cfg.meta.hybrid_ratio:.2f}, {cfg.meta.sampler})" if cfg.meta.enabled else "off"
+        print(f"metalm: model {num_params(cfg.model) / 1e6:.2f}M parameters (+{extra / 1e6:.2f}M meta head), "
+              f"{d.world_size} process(es) on {d.device.type}, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, "
+              f"global batch {cfg.train.global_batch} x {cfg.train.seq_len} (micro {cfg.train.micro_batch} x accum "
+              f"{self.accum} x world {d.world_size}), meta {meta}", flush=True)
 
-    def _raise_agreed(self, msg: Optional[str], error: Callable[[str], Exception]) -> None:
-        """Collective: if any rank has an error message, raise `error` with the first rank's message on every
-        rank (so no rank goes on alone into a collective the others never reach)."""
-        msg = self._agreed_message(msg)
-        if msg is not None:
-            raise error(msg)
+    def trainer_state(self) -> TrainerState:
+        t = self.cfg.train
+        return TrainerState(step=self.step, tokens=self.tokens, flops=self.flops, world_size=self.dist.world_size,
+                            global_batch=t.global_batch, micro_batch=t.micro_batch, seq_len=t.seq_len,
+                            grad_accum=self.accum, tokenizer_hash=self.manifest.get("tokenizer_hash"),
+                            special_ids=dict(self.special), data_shards=str(Path(self.cfg.data.shards).resolve()),
+                            guards=self.guards.state_dict())
 
-    def _agreed_message(self, msg: Optional[str]) -> Optional[str]:
-        if self.dist.world_size == 1:
-            return msg
-        if self.reduce([1.0 if msg else 0.0], tdist.ReduceOp.MAX)[0] == 0:
-            return None
-        msgs: list = [None] * self.dist.world_size
-        tdist.all_gather_object(msgs, msg)
-        return next(m for m in msgs if m)
+    # ---------------------------------------------------------------------------------------- one step
 
-    # ------------------------------------------------------------ one step
     def _episode(self, batch: torch.Tensor, micro: int):
-        from metalm.meta.schedule import episode_generator
-        from metalm.meta.tasks import EpisodeError, sample_episode
-
-        m = self.cfg.meta
-        gen = episode_generator(self.cfg.train.seed, self.step, micro, self.dist.rank)
-        exclude = tuple(int(v) for v in self.special.values() if v is not None)
-        try:
-            ep = sample_episode(batch[:, :-1], n_way=m.n_way, k_shot=m.k_shot, q_queries=m.q_queries,
-                                mask_id=int(self.special["mask"]), sampler=m.sampler, generator=gen,
-                                min_freq=m.min_token_freq, max_freq=m.max_token_freq, exclude_ids=exclude,
-                                vocab_size=self.loader.vocab_size)
-            ok = 1.0
-        except EpisodeError as e:
-            ep, ok = None, 0.0
-            log.warning("rank %d step %d: no episode from this batch (%s); all ranks take an AR micro-batch",
-                        self.dist.rank, self.step, e)
-        # Every rank must take the same branch (ZeRO reduces gradients in lock-step): if any rank could
-        # not build an episode, all fall back to an AR micro-batch, and the fallback is counted.
-        if self.reduce([ok], tdist.ReduceOp.MIN)[0] < 1:
+        """This micro-batch's episode, or None when any rank could not build one: every rank must take the same
+        branch (ZeRO reduces gradients in lock-step), so then all fall back to an AR micro-batch."""
+        ep = self.meta.episode(batch, self.step, micro, self.dist.rank)
+        if not self.comm.all_true(ep is not None):
             return None
         return ep.to(self.dist.device, non_blocking=True)
 
-    def train_step(self) -> None:
-        dev = self.dist.device
-        z = lambda: torch.zeros((), device=dev)  # noqa: E731
-        step_acc = {"ar_loss": z(), "meta_loss": z(), "nonfinite": z(), **{k: z() for k in STAT_KEYS}}
-        ar_n = meta_n = fallback = 0
+    def train_step(self) -> StepTotals:
+        """One optimizer step: its micro-batches, the guards' verdict, the update."""
+        totals = StepTotals(self.dist.device)
         for micro in range(self.accum):
-            batch = next(self.loader_iter)  # on the host: episodes are sampled there, without device syncs
-            meta = self.schedule is not None and self.schedule.is_meta(self.step, micro)
+            batch = next(self.batches)  # on the host: episodes are sampled there, without device syncs
+            meta = self.meta is not None and self.meta.is_meta(self.step, micro)
             episode = self._episode(batch, micro) if meta else None
-            batch = batch.to(dev, non_blocking=True)
-            if meta and episode is None:
-                fallback += 1
-            loss, stats = self.engine(batch, episode=episode)
+            totals.fallback += int(meta and episode is None)
+            loss, stats = self.engine(batch.to(self.dist.device, non_blocking=True), episode=episode)
             self.engine.backward(loss)
-            value = loss.detach().float()
-            step_acc["nonfinite"] += (~torch.isfinite(value)).float()
-            self.tokens += self.tok_per_micro  # tokens drawn from the data stream, whichever branch; flops: their cost
-            if episode is None:
-                step_acc["ar_loss"] += value
-                ar_n += 1
-                self.flops += self.fpt * self.tok_per_micro
-            else:
-                step_acc["meta_loss"] += value
-                meta_n += 1
-                for k in STAT_KEYS:
-                    step_acc[k] += stats[k].detach().float()
-                self.flops += self.meta_flops
-            if micro < self.accum - 1:
-                self.engine.step()  # not a boundary: DeepSpeed only accumulates
-        skip = self._check_step(step_acc, ar_n, meta_n)
-        # The boundary: DeepSpeed reduces, clips, updates, clears the gradients and advances its counters.
-        # On a skipped step it still does all of that except the update (see guards.update_suppressed).
-        sched = self.engine.lr_scheduler
-        before = sched.last_epoch if sched is not None else None
-        with update_suppressed(self.engine.basic_optimizer) if skip else nullcontext():
-            self.engine.step()
-        if sched is not None and sched.last_epoch == before:
-            sched.step()  # DeepSpeed skipped on its own (gradient overflow): the LR stays a function of the step
-        if self.cfg.train.zero_stage == 3:
-            # ZeRO-3 keeps every parameter's gradient partition in one flat buffer that it overwrites only for
-            # parameters that receive a gradient in the first micro-batch of a step. A parameter without one
-            # (the meta head in an AR step, the LM head in a meta step) would be updated with its gradient from
-            # an earlier step, and a NaN from a skipped step would stay there. Clear it after every update.
-            flat = getattr(self.engine.optimizer, "grad_partitions_flat_buffer", None)
-            if flat is not None:
-                flat.zero_()
+            totals.add(loss, stats, meta=episode is not None)
+            self.tokens += self.tok_per_micro  # tokens drawn from the data stream, whichever branch
+            self.flops += self.meta_flops if episode is not None else self.ar_flops
+        skip = self._before_update(totals)
+        applied = self.engine.step(skip)
         self.step += 1
-        self.acc["meta_fallback"] += fallback
-        if skip or not self.engine.was_step_applied():
-            self.acc["nonfinite_skipped"] += 1
-        if not skip:
-            for k in ("ar_loss", "meta_loss", *STAT_KEYS):
-                self.acc[k] += step_acc[k]
-            self.acc["ar_n"] += ar_n
-            self.acc["meta_n"] += meta_n
+        self.interval.add(totals, skipped=skip, applied=applied)
+        return totals
 
-    def _check_step(self, step_acc: dict, ar_n: int, meta_n: int) -> bool:
-        """Collective, once per optimizer step before its update: True when the update is to be skipped.
-
-        One all-reduce carries: how many ranks saw a non-finite loss, the step's loss sums, and the stop flag.
-        Raises TrainingError (on every rank) when the non-finite policy says stop."""
-        d = self.dist
-        bad_ranks, ar_sum, meta_sum, stops = self.reduce([(step_acc["nonfinite"] > 0).float(), step_acc["ar_loss"],
-                                                          step_acc["meta_loss"], 1.0 if self.stop.requested else 0.0])
+    def _before_update(self, totals: StepTotals) -> bool:
+        """Collective, once per optimizer step: True when its update is to be skipped. One all-reduce carries how
+        many ranks saw a non-finite loss, the step's loss sums and the stop flag."""
+        world = self.dist.world_size
+        bad, ar_sum, meta_sum, stops = self.comm.reduce([(totals.nonfinite > 0).float(), totals.sums["ar_loss"],
+                                                         totals.sums["meta_loss"], float(self.stop.requested)])
         if stops > 0:
             self.stop_agreed = True
             self.stop.signame = self.stop.signame or "a signal (to another rank)"
-        step = self.step + 1
-        skip = self.nonfinite.check(step, int(bad_ranks), d.world_size)
-        if skip:
-            if d.rank == 0:
-                print(f"metalm: warning: non-finite loss at step {step} on {int(bad_ranks)} rank(s): its update is "
-                      f"skipped ({self.nonfinite.in_row} in a row; train.max_nonfinite_in_row="
-                      f"{self.nonfinite.max_in_row})", file=sys.stderr, flush=True)
-            return True
-        for kind, total, n in (("ar", ar_sum, ar_n), ("meta", meta_sum, meta_n)):
-            if not n:
-                continue
-            spike = self.spikes.update(kind, total / (n * d.world_size))
-            if spike is not None:
-                self.metrics.log({"step": step, **spike})
-                if d.rank == 0:
-                    print(f"metalm: warning: {kind} loss spike at step {step}: {spike['loss']:.4f}, window mean "
-                          f"{spike['window_mean']:.4f} +- {spike['window_std']:.4f}", file=sys.stderr, flush=True)
-        return False
+        means = {"ar": ar_sum / (totals.ar_n * world) if totals.ar_n else None,
+                 "meta": meta_sum / (totals.meta_n * world) if totals.meta_n else None}
+        skip, warnings, spikes = self.guards.before_update(self.step + 1, int(bad), means)
+        for rec in spikes:
+            self.metrics.log(rec)
+        if self.dist.rank == 0:
+            for w in warnings:
+                _warn(w)
+        return skip
 
-    # ----------------------------------------------------------- reporting
-    def _reset_acc(self) -> None:
-        z = lambda: torch.zeros((), device=self.dist.device)  # noqa: E731
-        self.acc = {"ar_loss": z(), "ar_n": 0, "meta_loss": z(), "meta_n": 0, "meta_fallback": 0,
-                    "nonfinite_skipped": 0}
-        self.acc.update({k: z() for k in STAT_KEYS})
+    def _new_interval(self) -> None:
+        self.interval = Interval(self.dist.device, self.step, self.tokens, self.flops)
 
-    def _report(self, t_start: float, tokens_start: int, flops_start: float) -> dict:
-        a = self.acc
-        vals = self.reduce([a["ar_loss"], a["meta_loss"], *[a[k] for k in STAT_KEYS],
-                            a["ar_n"], a["meta_n"], a["meta_fallback"]])
-        vals, counts = vals[:-3], vals[-3:]
-        ar_n, meta_n = counts[0], counts[1]
-        elapsed = max(time.time() - t_start, 1e-9)
-        tps = (self.tokens - tokens_start) / elapsed
-        flops_s = (self.flops - flops_start) / elapsed
-        rec = {
-            "step": self.step, "tokens": self.tokens, "flops": self.flops,
-            "ar_loss": vals[0] / ar_n if ar_n else None,
-            "meta_loss": vals[1] / meta_n if meta_n else None,
-            "meta_microbatches": int(meta_n), "ar_microbatches": int(ar_n),
-            "meta_fallbacks": int(counts[2]), "nonfinite_skipped": a["nonfinite_skipped"],
-            "lr": self.engine.get_lr()[0], "tokens_per_s": tps, "time": time.time(),
-            "mfu": flops_s / (self.peak * self.dist.world_size) if self.peak else None,
-        }
-        if meta_n:
-            rec.update({f"meta/{k}": v / meta_n for k, v in zip(STAT_KEYS, vals[2:])})
-        return rec
+    def _report(self) -> None:
+        rec = self.interval.record(self.comm, self.step, self.tokens, self.flops, self.engine.lr, self.peak)
+        self.metrics.log(rec)
+        self.metrics.progress(self.step, self.cfg.train.max_steps, rec)
+        self._new_interval()
 
-    @torch.no_grad()
     def validate(self) -> float:
+        """Collective: the mean AR loss over train.val_batches batches of the validation split."""
         from metalm.data import build_loader
 
-        cfg = self.cfg
-        loader = build_loader(cfg, split="val", rank=self.dist.rank, world_size=self.dist.world_size)
-        self.engine.eval()
+        t = self.cfg.train
+        loader = build_loader(self.cfg.data, split="val", seq_len=t.seq_len, micro_batch=t.micro_batch,
+                              seed=t.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         total, n = torch.zeros((), device=self.dist.device), 0
-        for i, batch in enumerate(loader):
-            if i >= cfg.train.val_batches:
-                break
-            loss, _ = self.engine(batch.to(self.dist.device))
-            total += loss.detach().float()
-            n += 1
-        self.engine.train()
-        total, n = self.reduce([total, n])
-        return total / max(n, 1)
+        with self.engine.evaluating():
+            for i, batch in enumerate(loader):
+                if i >= t.val_batches:
+                    break
+                loss, _ = self.engine(batch.to(self.dist.device))
+                total += loss.detach().float()
+                n += 1
+        total, n = self.comm.reduce([total, n])
+        val = total / max(n, 1)
+        self.metrics.log({"step": self.step, "tokens": self.tokens, "flops": self.flops, "val_loss": val})
+        if self.dist.rank == 0:
+            print(f"metalm: step {self.step} val_loss {val:.4f}", flush=True)
+        return val
 
-    # ---------------------------------------------------------------- run
+    # --------------------------------------------------------------------------------------------- run
+
     def run(self) -> int:
-        cfg, d = self.cfg, self.dist
-        if cfg.checkpoint.save_on_signal:
+        t, ck = self.cfg.train, self.cfg.checkpoint
+        if ck.save_on_signal:
             self.stop.install()
-        self.loader_iter = iter(self.loader)
-        self._reset_acc()
-        t0, tok0, fl0 = time.time(), self.tokens, self.flops
+        self.batches = iter(self.loader)
+        self._new_interval()
         last_saved = self.step
-        while self.step < cfg.train.max_steps:
-            self.train_step()
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                rec = self._report(t0, tok0, fl0)
-                self.metrics.log(rec)
-                self.metrics.progress(self.step, cfg.train.max_steps, rec)
-                self._reset_acc()
-                t0, tok0, fl0 = time.time(), self.tokens, self.flops
-            if cfg.train.val_every and self.step % cfg.train.val_every == 0:
-                val = self.validate()
-                self.metrics.log({"step": self.step, "tokens": self.tokens, "flops": self.flops, "val_loss": val})
-                if d.rank == 0:
-                    print(f"metalm: step {self.step} val_loss {val:.4f}", flush=True)
-            at_stop = bool(cfg.train.stop_at) and cfg.train.stop_at <= self.step < cfg.train.max_steps
-            stopping = self.stop_agreed or at_stop  # identical on every rank (stop_agreed is all-reduced)
-            if self.step % cfg.checkpoint.every == 0 or (stopping and last_saved != self.step):
-                if self._save(final=stopping):
-                    last_saved = self.step
-            if stopping:
-                if d.rank == 0:
-                    by = f"train.stop_at={cfg.train.stop_at}" if at_stop and not self.stop_agreed \
-                        else (self.stop.signame or "a signal")
-                    print(f"metalm: stopped by {by} at step {self.step}; checkpoint saved; rerun the same command "
-                          f"to resume", flush=True)
-                self.metrics.close()
-                return 0
-        if last_saved != self.step:
-            self._save(final=True)
-        self.metrics.close()
-        if d.rank == 0:
-            latest = ckpt.find_latest(self.ckpt_root)
+        try:
+            while self.step < t.max_steps:
+                self.train_step()
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    self._report()
+                if t.val_every and self.step % t.val_every == 0:
+                    self.validate()
+                at_stop = bool(t.stop_at) and t.stop_at <= self.step < t.max_steps
+                stopping = self.stop_agreed or at_stop  # identical on every rank (stop_agreed is all-reduced)
+                if self.step % ck.every == 0 or (stopping and last_saved != self.step):
+                    if self.checkpointer.save(self.trainer_state(), final=stopping):
+                        last_saved = self.step
+                if stopping:
+                    self._say_stopped(at_stop)
+                    return 0
+            if last_saved != self.step:
+                self.checkpointer.save(self.trainer_state(), final=True)
+            self._say_done()
+            return 0
+        finally:
+            self.metrics.close()
+            self.lock.release()
+
+    def _say_stopped(self, at_stop: bool) -> None:
+        if self.dist.rank == 0:
+            by = f"train.stop_at={self.cfg.train.stop_at}" if at_stop and not self.stop_agreed \
+                else (self.stop.signame or "a signal")
+            print(f"metalm: stopped by {by} at step {self.step}; checkpoint saved; rerun the same command to "
+                  f"resume", flush=True)
+
+    def _say_done(self) -> None:
+        if self.dist.rank == 0:
+            latest = self.checkpointer.latest()
             print(f"metalm: done, {self.step} steps, {self.tokens:,} tokens\n"
                   f"  run directory: {self.run_dir.resolve()}\n"
-                  f"  checkpoints:   {self.ckpt_root.resolve()} (latest: {latest.name if latest else None})\n"
+                  f"  checkpoints:   {self.checkpointer.root.resolve()} (latest: {latest.name if latest else None})\n"
                   f"  metrics:       {(self.run_dir / 'metrics.jsonl').resolve()}", flush=True)
-        return 0

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from metalm.config import Config, to_dict
+from metalm.config import LoggingConfig
 
 
 def _git_commit() -> Optional[str]:
@@ -45,24 +45,30 @@ def _fmt_time(seconds: float) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, cfg: Config, run_dir: Path, rank: int, resumed_step: int = 0):
-        self.cfg, self.rank = cfg, rank
+    """`begin(step)` once the run knows the step it starts from; then `log` records and `progress` lines."""
+
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, rank: int, run_config: dict):
+        self.cfg, self.rank, self.run_dir, self.run_config = cfg, rank, Path(run_dir), run_config
         self.enabled = rank == 0
-        self.path = run_dir / "metrics.jsonl"
+        self.path = self.run_dir / "metrics.jsonl"
         self.wandb = None
         self.t0 = time.time()
-        self.start_step = resumed_step
+        self.start_step = 0
         self.write_failed = False
+
+    def begin(self, step: int) -> None:
+        """Start logging at `step` (0 for a fresh run): records past it, left by a run that died after logging
+        them (before a checkpoint, or after the one resumed from), are dropped, since they are about to be
+        re-done; then W&B starts, when enabled."""
+        self.start_step, self.t0 = step, time.time()
         if not self.enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resumed_step:
-            self._truncate_after(resumed_step)
-        if cfg.logging.wandb:
-            self._init_wandb(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(step)
+        if self.cfg.wandb:
+            self._init_wandb()
 
     def _truncate_after(self, step: int) -> None:
-        """After a resume, drop lines logged past the checkpoint: they are about to be re-done."""
         if not self.path.is_file():
             return
         kept = []
@@ -76,21 +82,37 @@ class MetricsLogger:
         tmp.write_text("".join(k + "\n" for k in kept))
         os.replace(tmp, self.path)
 
-    def _init_wandb(self, run_dir: Path) -> None:
-        lg = self.cfg.logging
-        mode = lg.mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    def wandb_mode(self) -> str:
+        """logging.mode, where `auto` defers to a WANDB_MODE the user set, else online with an API key."""
+        if self.cfg.mode != "auto":
+            return self.cfg.mode
+        env = os.environ.get("WANDB_MODE", "").strip().lower()
+        if env in ("online", "offline", "disabled"):
+            return env
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+    def _init_wandb(self) -> None:
+        """W&B never stops a run: if it cannot start (no package, no network, a bad key), one warning, and the
+        run goes on logging to metrics.jsonl."""
         try:
             import wandb
         except ImportError:
-            print("metalm: wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
+            self._wandb_failed("wandb is not installed")
             return
-        config = to_dict(self.cfg)
+        lg = self.cfg
+        config = dict(self.run_config)
         config["_meta"] = {"git_commit": _git_commit(), "hardware": hardware_summary()}
-        self.wandb = wandb.init(project=lg.project, entity=lg.entity, name=lg.run_name or run_dir.name,
-                                tags=list(lg.tags), config=config, dir=str(run_dir), mode=mode,
-                                resume="allow", id=self._run_id(run_dir))
+        try:
+            self.wandb = wandb.init(project=lg.project, entity=lg.entity, name=lg.run_name or self.run_dir.name,
+                                    tags=list(lg.tags), config=config, dir=str(self.run_dir), mode=self.wandb_mode(),
+                                    resume="allow", id=self._run_id(self.run_dir))
+        except Exception as e:  # noqa: BLE001 - wandb raises CommError, UsageError, timeouts, ...
+            self._wandb_failed(f"W&B could not start ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+
+    def _wandb_failed(self, why: str) -> None:
+        self.wandb = None
+        print(f"metalm: warning: {why}; logging to {self.path} only (set WANDB_MODE=offline to keep a local W&B "
+              f"run, or logging.wandb=false)", file=sys.stderr, flush=True)
 
     @staticmethod
     def _run_id(run_dir: Path) -> str:
@@ -118,10 +140,13 @@ class MetricsLogger:
                       f"it works again", file=sys.stderr, flush=True)
             self.write_failed = True
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            try:
+                self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            except Exception as e:  # noqa: BLE001 - a W&B failure never stops training
+                self._wandb_failed(f"W&B logging failed ({type(e).__name__}: {e})")
 
     def progress(self, step: int, max_steps: int, record: dict) -> None:
-        if not self.enabled or not self.cfg.logging.progress:
+        if not self.enabled or not self.cfg.progress:
             return
         elapsed = time.time() - self.t0
         done = step - self.start_step
@@ -142,5 +167,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.wandb is not None:
-            self.wandb.finish()
+            try:
+                self.wandb.finish()
+            except Exception as e:  # noqa: BLE001
+                print(f"metalm: warning: W&B did not finish cleanly ({type(e).__name__}: {e})", file=sys.stderr)
             self.wandb = None

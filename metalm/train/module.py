@@ -46,8 +46,6 @@ class PretrainModule(nn.Module):
         """AR step: returns (loss, {}). Meta step (episode given): returns (query loss, stats)."""
         if episode is None:
             return self.ar_loss(batch), {}
-        from metalm.meta.fomaml import meta_loss_with_stats
+        from metalm.meta.step import meta_step_loss
 
-        m = self.cfg.meta
-        return meta_loss_with_stats(self.lm.hidden_states, self.head, episode, inner_steps=m.inner_steps,
-                                    inner_lr=m.inner_lr, head_init=m.head_init, second_order=m.second_order)
+        return meta_step_loss(self.cfg.meta, self.lm.hidden_states, self.head, episode)

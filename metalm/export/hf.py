@@ -67,15 +67,18 @@ def export_model(model: Transformer, out_dir: Path, tokenizer_json: Path | None 
 
 
 def export_checkpoint(ckpt: Path, out_dir: Path) -> Path:
-    from metalm.train.checkpoint import load_model, read_state
+    """Export a verified checkpoint. The special token ids are the ones the checkpoint records (checkpoints
+    from before they were recorded: those of the manifest of the shards it trained on, when still there)."""
+    from metalm.checkpoint import load_model, read_state
 
-    model, cfg = load_model(ckpt)
+    model, _ = load_model(ckpt)
+    state = read_state(ckpt)
+    special = dict(state.special_ids)
+    if not special and state.data_shards:
+        manifest = Path(state.data_shards) / "manifest.json"
+        if manifest.is_file():
+            special = json.loads(manifest.read_text()).get("special_ids") or {}
     tok = Path(ckpt) / "tokenizer.json"
-    special = None
-    manifest = Path(cfg.data.shards) / "manifest.json"
-    if manifest.is_file():
-        special = json.loads(manifest.read_text()).get("special_ids")
-    read_state(ckpt)
     return export_model(model, out_dir, tok if tok.is_file() else None, special)
 
 

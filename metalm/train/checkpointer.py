@@ -1,0 +1,226 @@
+"""The checkpointer of a training run: saves (collective, atomic, failure-tolerant), resumes and prunes the
+checkpoints under RUN/checkpoints, in the format of metalm.checkpoint.
+
+It is handed what it saves: the engine (model, optimizer, LR schedule), the data loader (per-rank position),
+the run's resolved config and tokenizer; the trainer gives it a TrainerState at each save and gets one back
+from `resume`.
+
+Every rank writes its part into `.tmp-step_N/`; the files are fsynced and recorded (size, sha256) in the
+COMPLETE marker; rank 0 renames the directory into place and moves `latest`. A write that fails on any rank
+is discarded on every rank (`latest` keeps naming the previous complete checkpoint) and retried at the next
+interval, up to checkpoint.max_failed_saves consecutive failures, after which the run stops (TrainingError).
+"""
+from __future__ import annotations
+
+import errno
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from metalm import checkpoint as ckpt
+from metalm.checkpoint import CheckpointError, TrainerState
+from metalm.config import CheckpointConfig
+from metalm.fsutil import write_atomic
+from metalm.train.dist import Collectives
+from metalm.train.engine import Engine
+from metalm.train.errors import TrainingError, describe_error
+from metalm.train.preflight import check_free_space, free_bytes
+
+
+class SaveFailed(Exception):
+    """A checkpoint save failed on at least one rank (raised on every rank alike, with the same message)."""
+
+
+def _warn(text: str) -> None:
+    print(f"metalm: warning: {text}", file=sys.stderr, flush=True)
+
+
+class Checkpointer:
+    def __init__(self, cfg: CheckpointConfig, root: Path, comm: Collectives, engine: Engine, *, dataloader,
+                 config_yaml: str, tokenizer_json: Optional[Path], estimate_bytes: int,
+                 log: Callable[[dict], None]):
+        self.cfg, self.root, self.comm, self.engine = cfg, Path(root), comm, engine
+        self.loader, self.config_yaml, self.tokenizer_json = dataloader, config_yaml, tokenizer_json
+        self.estimate_bytes = estimate_bytes  # one checkpoint's size, until the first save measures it
+        self.last_bytes: Optional[int] = None
+        self.failed_saves = 0
+        self.log = log
+        self.rank = comm.dist.rank
+
+    # ----------------------------------------------------------------------------------------- start
+
+    def prepare(self) -> None:
+        """Collective, before training: sweep what interrupted saves and prunes left, and check that the disk
+        can hold a checkpoint (a warning when it cannot hold keep_last_k + 1)."""
+        err = None
+        if self.rank == 0:
+            ckpt.clean_stale(self.root)
+            if self.cfg.check_free_space:
+                try:
+                    for warning in check_free_space(self.root, self.estimate_bytes, self.cfg.keep_last_k):
+                        _warn(warning)
+                except TrainingError as e:
+                    err = str(e)
+        self.comm.raise_agreed(err, TrainingError)
+
+    def latest(self) -> Optional[Path]:
+        return ckpt.find_latest(self.root)
+
+    def resume(self, now: dict) -> Optional[TrainerState]:
+        """Collective: rank 0 picks (and verifies) the checkpoint that checkpoint.resume names and checks that a
+        run with `now` (geometry, tokenizer hash) can continue it; every rank then loads its part. Returns the
+        checkpoint's TrainerState (None: start from scratch). Any problem is a CheckpointError on every rank."""
+        if self.cfg.resume == "never":
+            return None
+        choice, err = None, None
+        if self.rank == 0:
+            try:
+                choice = self._pick(now)
+            except CheckpointError as e:
+                err = str(e)
+        choice, err = self.comm.broadcast((choice, err))
+        if err:
+            raise CheckpointError(err)
+        if choice is None:
+            return None
+        path = Path(choice)
+        rank_state, err = None, None
+        try:
+            state = ckpt.read_state(path)
+            rank_state = ckpt.load_rank_state(path, self.rank)
+        except CheckpointError as e:
+            err = f"rank {self.rank}: {e}"
+        self.comm.raise_agreed(err, CheckpointError)  # before DeepSpeed's collectives: all ranks stop alike
+        self.engine.load(str(path))
+        self.loader.load_state_dict(rank_state["data"])
+        ckpt.set_rng_state(rank_state["rng"])
+        if self.rank == 0:
+            print(f"metalm: resumed from {path} at step {state.step}", flush=True)
+        return state
+
+    def _pick(self, now: dict) -> Optional[str]:
+        mode = self.cfg.resume
+        if mode == "auto":
+            path = ckpt.find_latest(self.root, verify=self.cfg.checksums)
+            if path is None:
+                return None
+        else:
+            path = Path(mode)
+            problem = ckpt.checkpoint_problem(path, checksums=self.cfg.checksums) if path.is_dir() \
+                else "no such directory"
+            if problem:
+                raise CheckpointError(f"checkpoint.resume={mode}: {path} is not a complete checkpoint: {problem}")
+        mismatch = ckpt.resume_mismatch(ckpt.read_state(path), now)
+        if mismatch:
+            raise CheckpointError(f"cannot resume from {path}: {mismatch}")
+        return str(path)
+
+    # ------------------------------------------------------------------------------------------ save
+
+    def save(self, state: TrainerState, final: bool) -> bool:
+        """Collective: write a checkpoint of `state`, with the failure policy; True when saved. A failed save is
+        logged and training goes on (retried at the next interval); more than checkpoint.max_failed_saves
+        failures in a row, or a failed final save, stop the run (TrainingError on every rank)."""
+        try:
+            self._write(state)
+        except SaveFailed as e:
+            self.failed_saves += 1
+            limit = self.cfg.max_failed_saves
+            latest = self.latest()
+            self.log({"step": state.step, "checkpoint_failed": str(e)})
+            if final or self.failed_saves > limit:
+                why = "the final save" if final else f"{self.failed_saves} failed saves in a row " \
+                                                       f"(checkpoint.max_failed_saves={limit})"
+                raise TrainingError(f"{e}; stopping after {why}; the last complete checkpoint is {latest}, "
+                                    f"rerun the same command to resume from it") from None
+            if self.rank == 0:
+                _warn(f"{e}; training goes on and retries at the next checkpoint ({self.failed_saves} of {limit} "
+                      f"tolerated failure(s)); the last complete checkpoint is {latest}")
+            return False
+        self.failed_saves = 0
+        return True
+
+    def _write(self, state: TrainerState) -> Path:
+        """Collective. A write that fails on any rank (full disk, I/O error) raises SaveFailed on every rank
+        after all of them went through the same collectives; the partial directory is removed."""
+        name = ckpt.step_dir_name(state.step)
+        tmp, final = self.root / f".tmp-{name}", self.root / name
+        errors: list = []
+
+        def attempt(fn: Callable, *args) -> None:
+            if not errors:
+                try:
+                    fn(*args)
+                except Exception as e:  # noqa: BLE001 - recorded, then agreed on by all ranks
+                    errors.append(e)
+
+        if self.rank == 0:
+            attempt(self._fresh_tmp, tmp)
+        self._agree(errors, tmp, state.step)
+        self.engine.save(str(tmp), errors)
+        attempt(ckpt.save_rank_state, tmp, self.rank, self.loader.state_dict())
+        if self.cfg.export_weights:
+            with self.engine.gather_for_export() as module:  # collective under ZeRO-3
+                if module is not None:
+                    attempt(self._write_weights, module, tmp)
+        if self.rank == 0:
+            attempt(self._write_run_files, tmp, state)
+        self._agree(errors, tmp, state.step)
+        files = self._record_files(tmp, attempt)
+        self._agree(errors, tmp, state.step)
+        if self.rank == 0:
+            attempt(ckpt.finalize, tmp, final, self.root, self.cfg.keep_last_k, files, state.step)
+        self._agree(errors, tmp, state.step)
+        self.last_bytes = sum(r["bytes"] for r in files.values())
+        return final
+
+    def _fresh_tmp(self, tmp: Path) -> None:
+        if self.cfg.check_free_space:
+            need = self.last_bytes or self.estimate_bytes
+            free = free_bytes(self.root)
+            if free < need:
+                raise OSError(errno.ENOSPC, f"no room for a checkpoint: {free:,} bytes free, the last one took "
+                                            f"{need:,} (checked before writing)", str(self.root))
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+
+    @staticmethod
+    def _write_weights(module, tmp: Path) -> None:
+        ckpt.save_weights(module.lm, tmp / "model.safetensors")
+        if module.head is not None:
+            ckpt.save_weights(module.head, tmp / "meta_head.safetensors")
+
+    def _write_run_files(self, tmp: Path, state: TrainerState) -> None:
+        write_atomic(tmp / "config.yaml", self.config_yaml.encode())
+        ckpt.write_state(tmp, state)
+        if self.tokenizer_json is not None and self.tokenizer_json.is_file():
+            shutil.copyfile(self.tokenizer_json, tmp / "tokenizer.json")
+
+    def _record_files(self, tmp: Path, attempt: Callable) -> dict:
+        """fsync, size and sha256 of every file, the files split over the ranks; the merged records on all."""
+        d = self.comm.dist
+        names = self.comm.broadcast(ckpt.checkpoint_files(tmp) if self.rank == 0 else None)
+        mine: dict = {}
+        attempt(lambda: mine.update(ckpt.record_files(tmp, names[d.rank::d.world_size], self.cfg.checksums)))
+        return {k: v for part in self.comm.gather(mine) for k, v in part.items()}
+
+    def _agree(self, errors: list, tmp: Path, step: int) -> None:
+        """Collective: all ranks learn whether any rank's write failed; if so the partial checkpoint goes and
+        SaveFailed is raised everywhere with the first failing rank's message."""
+        msg = None
+        if errors:
+            e = errors[0]
+            msg = f"rank {self.rank}: {describe_error(e)}"
+            if not isinstance(e, OSError):  # torch's zip writer reports a full disk without an errno
+                free = free_bytes(self.root)
+                if free < (1 << 20):
+                    msg = (f"rank {self.rank}: ENOSPC [Errno 28] No space left on device: {self.root} has {free:,} "
+                           f"bytes free (the writer reported {describe_error(e)})")
+        msg = self.comm.agreed_message(msg)
+        if msg is None:
+            return
+        if self.rank == 0 and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveFailed(f"checkpoint of step {step} in {tmp} failed: {msg}")

@@ -1,0 +1,70 @@
+"""Who the ranks are, and how they agree: every decision that changes what a rank does next (skip an update,
+stop, a failed save, an unusable directory) is reduced across ranks first, so no rank goes on alone into a
+collective the others never reach."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+class Collectives:
+    def __init__(self, dist: Dist):
+        self.dist = dist
+
+    def reduce(self, values: list, op=tdist.ReduceOp.SUM) -> list[float]:
+        """All-reduce numbers and 0-d tensors across ranks as one device tensor (the backend's device: NCCL
+        reduces no CPU tensors); returns Python floats (one host sync)."""
+        dev = self.dist.device
+        t = torch.stack([v.detach().float().reshape(()).to(dev) if torch.is_tensor(v)
+                         else torch.tensor(float(v), device=dev) for v in values])
+        if self.dist.world_size > 1:
+            tdist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def all_true(self, flag: bool) -> bool:
+        return self.reduce([1.0 if flag else 0.0], tdist.ReduceOp.MIN)[0] > 0
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if self.dist.world_size == 1:
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.dist.world_size == 1:
+            return [obj]
+        out: list = [None] * self.dist.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def agreed_message(self, msg: Optional[str]) -> Optional[str]:
+        """The first rank's message when any rank has one, else None; identical on every rank."""
+        if self.dist.world_size == 1:
+            return msg
+        if self.reduce([1.0 if msg else 0.0], tdist.ReduceOp.MAX)[0] == 0:
+            return None
+        return next(m for m in self.gather(msg) if m)
+
+    def raise_agreed(self, msg: Optional[str], error: Callable[[str], Exception]) -> None:
+        """If any rank has an error message, raise `error` with the first rank's message on every rank."""
+        msg = self.agreed_message(msg)
+        if msg is not None:
+            raise error(msg)
+
+    def barrier(self) -> None:
+        if self.dist.world_size > 1:
+            tdist.barrier()

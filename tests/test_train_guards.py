@@ -1,0 +1,84 @@
+"""The run-time guards (metalm.train.guards): non-finite losses, loss spikes, the per-step verdict, stop signals."""
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from metalm.config import load_config
+from metalm.train import guards
+from metalm.train.guards import NonFiniteGuard, SpikeDetector, StepGuards, TrainingError
+
+
+
+def test_nonfinite_guard_skips_resets_and_stops():
+    g = NonFiniteGuard("skip", max_in_row=3)
+    assert [g.check(s, b, 2) for s, b in ((1, 0), (2, 1), (3, 2), (4, 0), (5, 1), (6, 1))] == \
+        [False, True, True, False, True, True]
+    with pytest.raises(TrainingError, match=r"3 steps in a row \(steps 5\.\.7"):
+        g.check(7, 1, 2)
+    with pytest.raises(TrainingError, match="non-finite loss at step 9 on 1 of 2 rank"):
+        NonFiniteGuard("stop", 3).check(9, 1, 2)
+    h = NonFiniteGuard("skip", 3)
+    h.load_state_dict(json.loads(json.dumps(NonFiniteGuard("skip", 3).state_dict() | {"in_row": 2})))
+    with pytest.raises(TrainingError):
+        h.check(10, 1, 1)  # the count in a row survives a resume
+
+
+def test_spike_detector_flags_a_jump_only_with_enough_history():
+    d = SpikeDetector(window=20, sigma=4.0, min_history=5)
+    assert d.update("ar", 50.0) is None  # no history yet
+    base = [3.0, 3.1, 2.9, 3.05, 2.95, 3.0, 3.02]
+    d2 = SpikeDetector(window=20, sigma=4.0, min_history=5)
+    assert [d2.update("ar", v) for v in base] == [None] * len(base)
+    spike = d2.update("ar", 4.0)
+    assert spike["loss_spike"] == "ar" and spike["sigma"] > 4
+    assert d2.update("meta", 4.0) is None  # kinds keep separate windows
+    assert d2.update("ar", float("nan")) is None
+    restored = SpikeDetector(window=20, sigma=4.0, min_history=5)
+    restored.load_state_dict(json.loads(json.dumps(d2.state_dict())))
+    assert restored.update("ar", 9.0) == d2.update("ar", 9.0)  # a resumed run decides the same
+    assert SpikeDetector(window=0, sigma=1.0).update("ar", 1e9) is None
+
+
+def test_step_guards_skip_without_touching_the_spike_windows_and_restore_their_state():
+    train = load_config(None, ["train.spike_window=10", "train.spike_sigma=3", "train.max_nonfinite_in_row=2"]).train
+    g = StepGuards(train, world_size=2)
+    for step, loss in enumerate([3.0, 3.1, 2.9, 3.0, 3.05, 2.95, 3.0, 3.02], start=1):
+        assert g.before_update(step, 0, {"ar": loss, "meta": None}) == (False, [], [])
+    skip, warnings, records = g.before_update(9, 1, {"ar": float("nan"), "meta": None})
+    assert skip and records == [] and "non-finite loss at step 9 on 1 rank(s)" in warnings[0]
+    assert len(g.spikes.history["ar"]) == 8  # a skipped step's loss never joins the window
+    skip, warnings, records = g.before_update(10, 0, {"ar": 9.0, "meta": 1.0})
+    assert not skip and records[0]["step"] == 10 and records[0]["loss_spike"] == "ar"
+    assert "ar loss spike at step 10: 9.0000" in warnings[0]
+    again = StepGuards(train, world_size=2)
+    again.load_state_dict(json.loads(json.dumps(g.state_dict())))
+    assert again.before_update(11, 0, {"ar": 9.5, "meta": None}) == g.before_update(11, 0, {"ar": 9.5, "meta": None})
+    g.before_update(12, 1, {"ar": None, "meta": None})
+    with pytest.raises(TrainingError, match="2 steps in a row"):
+        g.before_update(13, 2, {"ar": None, "meta": None})
+
+
+# ------------------------------------------------------------------------------------------------ signals
+
+
+def test_duplicate_delivery_is_one_request_a_later_signal_exits_at_once(monkeypatch):
+    from metalm.train import guards
+
+    clock = {"t": 100.0}
+    exits = []
+    monkeypatch.setattr(guards.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(guards.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(guards.StopRequest, "_say", staticmethod(lambda text: None))
+    stop = guards.StopRequest()
+    stop._handle(signal.SIGINT, None)
+    assert stop.requested and stop.signame == "SIGINT" and not exits
+    clock["t"] += 0.01
+    stop._handle(signal.SIGTERM, None)  # the launcher forwarding the same Ctrl-C
+    assert not exits
+    clock["t"] += 1.0
+    stop._handle(signal.SIGTERM, None)
+    assert exits == [128 + signal.SIGTERM]
+
