@@ -6,7 +6,13 @@
     python launchers/evaluate.py --checkpoint runs/cpu-tiny/checkpoints/step_00000100 \
         --config eval.metrics=[rank,entropy,ner] eval.ner.train=ja-train.iob2 eval.ner.test=ja-test.iob2
 
+    python launchers/evaluate.py --watch runs/new-run --wait-for-dir   # started before the trainer creates it
+    python launchers/evaluate.py --watch runs/cpu-tiny --once --shards /data/wiki/shards   # val_loss from these
+
 Results: RUN/eval/step_XXXXXXXX.json (one per checkpoint) and RUN/eval/eval.jsonl; see metalm/eval/watcher.py.
+Exit status: 0 done; 1 an evaluation failed (--once, --checkpoint); 2 refused before touching any checkpoint
+(unknown device or no GPU for --device cuda, a bad --config override, a missing --watch directory, --shards
+without manifest.json), with one line on stderr saying why.
 """
 from __future__ import annotations
 

@@ -1,24 +1,94 @@
 """Evaluate one checkpoint: every metric its config's `eval.metrics` asks for (validation loss, effective rank,
 attention entropy, NER), returned as a result record that the watcher writes (metalm/eval/watcher.py).
+
+Every file read is first checked against the checkpoint's COMPLETE marker (sizes, and sha256 where the marker
+records them): a corrupted file is a CheckpointError naming it, never a metric computed from it. A metric that
+cannot run for want of data is skipped with a WARNING saying why and how to supply what it needs.
+
+The validation shards are the config's `data.shards`, unless `shards` (the evaluator's --shards) names others;
+when `data.shards` is a relative path that does not exist from the current directory (the trainer ran
+elsewhere), the absolute path the run recorded in its trainer state (`data_shards`) is used if it exists.
 """
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 log = logging.getLogger("metalm.eval.checkpoint_eval")
 
 RESULT_VERSION = 1
+# the small files checked (sha256 included) before they are read; config.yaml and model.safetensors are
+# checked by load_model itself
+SMALL_FILES = ("trainer_state.json", "config.yaml", "tokenizer.json")
+
+
+class DeviceError(ValueError):
+    """The requested device cannot be used here (checked before any checkpoint is touched)."""
+
+
+class OverrideError(ValueError):
+    """The evaluator's --config overrides do not apply to this checkpoint's config (which alone is valid): a
+    fault of the overrides, not of the checkpoint."""
 
 
 def pick_device(spec: str) -> str:
+    """`spec` (auto | cpu | cuda | cuda:N | mps) as a torch device string, or DeviceError saying why it cannot be
+    used on this machine. auto is cuda when a CUDA device is visible, else cpu."""
     import torch
 
+    spec = str(spec).strip()
     if spec == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", spec)
+    if m is None or (m.group(1) != "cuda" and m.group(2) is not None):
+        raise DeviceError(f"--device {spec}: not a device; expected auto, cpu, cuda or cuda:N")
+    kind, index = m.group(1), m.group(2)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            if torch.version.cuda is None:
+                why = "this PyTorch build has no CUDA support"
+            elif os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+                why = f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r}"
+            else:
+                why = "torch.cuda.is_available() is False: no GPU or no working driver"
+            raise DeviceError(f"--device {spec}: no CUDA device is visible ({why}); use --device cpu, or run "
+                              f"where a GPU is visible")
+        n = torch.cuda.device_count()
+        if index is not None and int(index) >= n:
+            raise DeviceError(f"--device {spec}: only {n} CUDA device{'s are' if n != 1 else ' is'} visible "
+                              f"(cuda:0 to cuda:{n - 1})")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"--device {spec}: MPS is not available on this machine; use --device cpu")
     return spec
+
+
+def resolve_shards(cfg, state, shards: Optional[str] = None, from_overrides: bool = False) -> tuple[str, str]:
+    """(the validation shards to read, where that choice came from: "--shards", "config" or
+    "trainer_state.json"). A relative `data.shards` that does not exist from the current directory gives way
+    to the absolute path the run recorded (`state.data_shards`) when that exists; one set by an override is
+    taken as given."""
+    if shards:
+        return str(shards), "--shards"
+    configured = str(cfg.data.shards)
+    if from_overrides or "://" in configured or Path(configured).is_absolute() or Path(configured).exists():
+        return configured, "config"
+    recorded = getattr(state, "data_shards", None)
+    if recorded and ("://" in recorded or Path(recorded).exists()):
+        return recorded, "trainer_state.json"
+    return configured, "config"
+
+
+PROBE_FIX = ("set eval.probe_text to a text/jsonl file (--config eval.probe_text=FILE), or give validation shards "
+             "(--shards DIR)")
+VAL_FIX = ("pass --shards DIR (the run's shards directory, with manifest.json) or --config data.shards=DIR; or leave "
+           "val_loss out of eval.metrics")
+NER_DATA_FIX = ("set eval.ner.train and eval.ner.test (IOB2 files) or eval.ner.langs with --config, or leave ner out "
+                "of eval.metrics")
+NER_TOKENIZER_FIX = "the checkpoint has no usable tokenizer.json: set data.tokenizer with --config"
 
 
 def _probe_batch(cfg, model, ckpt_dir: Path, encode_text: Callable[[], Callable]) -> tuple:
@@ -36,30 +106,70 @@ def _probe_batch(cfg, model, ckpt_dir: Path, encode_text: Callable[[], Callable]
             reason = "the validation split is empty"
     if cfg.eval.probe_text:
         return probe_batch_from_text(cfg.eval.probe_text, encode_text(), B, T, cfg.data.text_field), "probe_text"
-    return None, f"no probe batch: {reason}; set eval.probe_text to a text/jsonl file"
+    return None, f"no probe batch: {reason} and eval.probe_text is not set"
+
+
+def _overrides_set(overrides: list[str], key: str) -> bool:
+    return any(item.split("=", 1)[0].strip() == key for item in overrides)
 
 
 def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, device: str = "cpu",
-                        progress: Callable[[str], None] = lambda s: None) -> dict:
+                        progress: Callable[[str], None] = lambda s: None, *, name: Optional[str] = None,
+                        origin: Optional[str] = None, shards: Optional[str] = None, verify: bool = True) -> dict:
     """Every metric in the checkpoint's `eval.metrics` (after overrides), plus `ner` whenever eval.ner.train and
     eval.ner.test (or eval.ner.langs) are set. A metric that cannot run (no validation shards, no probe batch, no
-    NER data) is listed under "skipped" with the reason. Returns the result record."""
+    NER data) is listed under "skipped" with the reason and the fix, and logged as a WARNING. Returns the result
+    record.
+
+    `name` is the checkpoint's name in the record and in log lines (default: the directory's name); `origin` the
+    location named in messages instead of `ckpt_dir` (the watcher evaluates a snapshot of the checkpoint);
+    `shards` replaces the validation shards of the config (see the module doc); `verify` checks the sha256 of
+    every file against the marker before it is read."""
     import torch
 
-    from metalm.config import load_config
-    from metalm.checkpoint import load_model, read_state
+    from metalm.checkpoint import CheckpointError, checkpoint_problem, load_model, read_state
+    from metalm.config import ConfigError, load_config
 
     t_start = time.time()
     ckpt_dir = Path(ckpt_dir)
+    overrides = list(overrides or [])
+    label = name or ckpt_dir.name
+    where = origin or str(ckpt_dir)
+
+    def here(text: str) -> str:
+        return text.replace(str(ckpt_dir), where) if origin else text
+
+    problem = checkpoint_problem(ckpt_dir, checksums=verify, only=SMALL_FILES)
+    if problem is not None:
+        raise CheckpointError(f"{where} is not a usable checkpoint: {problem}")
     state = read_state(ckpt_dir)
-    cfg = load_config(ckpt_dir / "config.yaml", overrides or [])
-    model, _ = load_model(ckpt_dir, device)
+    try:
+        cfg = load_config(ckpt_dir / "config.yaml", overrides)
+    except ConfigError as e:
+        try:
+            load_config(ckpt_dir / "config.yaml")
+        except ConfigError:
+            raise CheckpointError(here(f"{ckpt_dir}/config.yaml: {e}")) from None
+        raise OverrideError(f"the --config overrides do not apply to {where}: {e}") from None
+    shard_path, shard_from = resolve_shards(cfg, state, shards, _overrides_set(overrides, "data.shards"))
+    if shard_path != cfg.data.shards:
+        if shard_from == "trainer_state.json":
+            log.info("%s: data.shards=%r does not exist from %s; using the run's shards %s (data_shards in "
+                     "trainer_state.json)", label, cfg.data.shards, os.getcwd(), shard_path)
+        cfg.data.shards = shard_path
+    model, _ = load_model(ckpt_dir, device, verify=verify)
     model.eval()
     metrics: dict[str, float] = {}
     skipped: dict[str, str] = {}
-    details: dict = {}
+    details: dict = {"shards": {"path": str(cfg.data.shards), "from": shard_from}}
     timing: dict[str, float] = {}
     tok_cache: list = []
+
+    def skip(metrics_: tuple[str, ...], reason: str, fix: str) -> None:
+        reason = here(reason)
+        for m in metrics_:
+            skipped[m] = f"{reason}; {fix}"
+        log.warning("%s: %s skipped: %s; %s", label, " and ".join(metrics_), reason, fix)
 
     def tokenizer():
         if not tok_cache:
@@ -88,29 +198,28 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
             probe = probe.to(device)
             details["probe"] = {"source": src, "shape": list(probe.shape)}
         else:
-            details["probe"] = {"source": None, "reason": src}
+            details["probe"] = {"source": None, "reason": here(src)}
 
-    for name in wanted:
+    for metric in wanted:
         t0 = time.time()
-        if name == "val_loss":
+        if metric == "val_loss":
             from metalm.eval.valloss import val_batches_from_config, validation_loss
 
             it, reason = val_batches_from_config(cfg, cfg.eval.batch_size)
             if it is None:
-                skipped["val_loss"] = reason
-                log.info("val_loss skipped: %s", reason)
+                skip(("val_loss",), reason, VAL_FIX)
                 continue
             r = validation_loss(model, it, cfg.eval.val_batches, device)
             metrics.update({k: float(v) for k, v in r.items()})
             progress(f"val_loss {r['val_loss']:.4f}")
-        elif name == "rank":
+        elif metric == "rank":
             from metalm.eval import rank
 
             r = rank.weight_ranks(model)
             details["rank_weight"] = r
             metrics.update(rank.flatten("rank/weight", r))
             if probe is None:
-                skipped["rank_activations"] = skipped["rank_gradients"] = details["probe"]["reason"]
+                skip(("rank_activations", "rank_gradients"), details["probe"]["reason"], PROBE_FIX)
             else:
                 ra = rank.activation_ranks(model, probe[:, :-1])
                 rg = rank.gradient_ranks(model, probe)
@@ -118,39 +227,38 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
                 metrics.update(rank.flatten("rank/act", ra))
                 metrics.update(rank.flatten("rank/grad", rg))
             progress(f"rank: attention ER {r['attn_mean_er']:.2f} (PER {r['attn_mean_per']:.3f})")
-        elif name == "entropy":
+        elif metric == "entropy":
             from metalm.eval import entropy
 
             if probe is None:
-                skipped["entropy"] = details["probe"]["reason"]
+                skip(("entropy",), details["probe"]["reason"], PROBE_FIX)
                 continue
             r = entropy.attention_entropy(model, probe[:, :-1])
             details["entropy"] = r
             metrics.update(entropy.flatten("entropy", r))
             progress(f"entropy: normalised {r['norm_mean']:.3f}")
-        elif name == "ner":
+        elif metric == "ner":
             from metalm.eval import ner
 
             if not ((nc.train and nc.test) or nc.langs):
-                skipped["ner"] = "eval.ner.train/test (or eval.ner.langs) not set"
-                log.info("ner skipped: %s", skipped["ner"])
+                skip(("ner",), "eval.ner.train/test (or eval.ner.langs) not set", NER_DATA_FIX)
                 continue
             try:
                 enc = ner.word_encoder(tokenizer(), nc.word_sep)
             except Exception as e:  # noqa: BLE001
-                skipped["ner"] = f"no tokenizer: {e}"
+                skip(("ner",), f"no tokenizer: {e}", NER_TOKENIZER_FIX)
                 continue
             r = ner.run_ner(model, enc, nc, device, progress)
             details["ner"] = r
             metrics.update(ner.flatten("ner", r))
             if "test" in r:
                 progress(f"ner: test F1 {r['test']['f1']:.4f}")
-        timing[name] = round(time.time() - t0, 3)
+        timing[metric] = round(time.time() - t0, 3)
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {
-        "version": RESULT_VERSION, "checkpoint": ckpt_dir.name, "step": state.step,
+        "version": RESULT_VERSION, "checkpoint": label, "step": state.step,
         "tokens": state.tokens, "metrics": metrics, "skipped": skipped, "timing": timing,
         "seconds": round(time.time() - t_start, 3), "device": device, "details": details,
         "run": {"wandb": bool(cfg.logging.wandb), "project": cfg.logging.project, "entity": cfg.logging.entity,

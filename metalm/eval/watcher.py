@@ -10,7 +10,9 @@ State, all in the results directory (default RUN/eval/):
     step_XXXXXXXX.inprogress  written before an evaluation starts, removed after the result is written; found
                               on start-up without a result, it means the last run died mid-evaluation (that
                               checkpoint is evaluated again, once).
-    step_XXXXXXXX.error.json  the evaluation raised; not retried (delete the file to retry).
+    step_XXXXXXXX.error.json  the evaluation raised, or the checkpoint is broken (a file that differs from its
+                              COMPLETE marker, or is missing while the marker is there); not retried: every
+                              pass lists the checkpoints held back so (delete the file to retry).
     eval.jsonl                one line per result (step, tokens, flat metrics), appended after the result file;
                               rebuilt from the result files on start-up if a crash left it short or torn.
     .lock                     flock held while a watcher runs, so two watchers never share a results dir.
@@ -18,9 +20,16 @@ State, all in the results directory (default RUN/eval/):
                               checkpoints, downloaded copies for fsspec URLs), removed afterwards.
 
 A checkpoint is read only once its COMPLETE marker exists (the trainer writes it last and renames the directory
-into place), and only through its snapshot: a checkpoint pruned by keep_last_k while being snapshotted is
-reported and skipped; one pruned after the snapshot is evaluated from the snapshot. SIGTERM/SIGINT stop the
-watcher cleanly (an evaluation in progress is abandoned and redone on the next start; exit status 0).
+into place), and only through its snapshot, which includes the marker: every file evaluated is verified against
+the sizes and sha256s recorded at save time, and messages name the checkpoint, never its snapshot. A checkpoint
+pruned by keep_last_k while being snapshotted is reported and skipped; one pruned after the snapshot is
+evaluated from the snapshot. SIGTERM/SIGINT stop the watcher cleanly (an evaluation in progress is abandoned and
+redone on the next start; exit status 0).
+
+What cannot work at all is refused before any checkpoint is touched, in one line on stderr with exit status 2:
+a device that is not there (--device cuda without a visible GPU), a --config override that does not parse or
+validate, --shards without a manifest.json, a --watch directory that does not exist (unless --wait-for-dir,
+for a watcher started before the trainer). --once exits with status 1 when an evaluation of its pass failed.
 """
 from __future__ import annotations
 
@@ -38,18 +47,26 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
-from metalm.eval.checkpoint_eval import evaluate_checkpoint, pick_device
+from metalm.checkpoint import MARKER, STEP_RE, CheckpointError
+from metalm.config import ConfigError, load_config
+from metalm.eval.checkpoint_eval import DeviceError, OverrideError, evaluate_checkpoint, pick_device
 from metalm.eval.sources import LocalSource, Ref, Vanished, make_source
 from metalm.fsutil import write_atomic, write_json_atomic
-from metalm.checkpoint import MARKER, STEP_RE
 
 log = logging.getLogger("metalm.eval.watcher")
 
+
 class Stop(BaseException):
     """SIGTERM/SIGINT during an evaluation (BaseException so that `except Exception` blocks let it through)."""
+
+
+class UsageError(ValueError):
+    """An option that cannot work (a missing directory, shards without a manifest): refused before any
+    checkpoint is touched (exit status 2)."""
 
 
 # ----------------------------------------------------------------------------------------------- watcher
@@ -59,9 +76,24 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def check_shards(shards: Optional[str]) -> Optional[str]:
+    """--shards: a URL as given, a local directory (made absolute) only if it holds a manifest.json."""
+    if shards is None or "://" in shards:
+        return shards
+    if not (Path(shards) / "manifest.json").is_file():
+        raise UsageError(f"--shards {shards}: no manifest.json there (expected a shards directory made by "
+                         f"metalm-prepare, e.g. the run's data.shards)")
+    return str(Path(shards).resolve())
+
+
 class Watcher:
+    """Evaluates the checkpoints under `source` once each. The constructor checks what does not depend on a
+    checkpoint (overrides, device, shards) and raises before anything is created; `run` checks the source."""
+
     def __init__(self, source: str, results: Optional[str] = None, overrides: list[str] | None = None,
-                 every: float = 300.0, device: str = "auto", wandb: bool = True):
+                 every: float = 300.0, device: str = "auto", wandb: bool = True, shards: Optional[str] = None,
+                 wait_for_dir: bool = False):
+        self.given = source
         self.source = make_source(source)
         if results is None:
             if not isinstance(self.source, LocalSource):
@@ -69,22 +101,31 @@ class Watcher:
             results = str(self.source.run_dir / "eval")
         self.results = Path(results)
         self.overrides = list(overrides or [])
+        load_config(None, self.overrides)  # ConfigError now, not one error file per checkpoint later
         self.every = every
         self.device = pick_device(device)
+        self.shards = check_shards(shards)
+        self.wait_for_dir = wait_for_dir
         self.wandb_enabled = wandb
         self._wandb = None
         self._lock_fd: Optional[int] = None
         self._evaluating = False
         self.stop_requested = False
         self._announced: set[str] = set()
+        self._override_failed: set[str] = set()  # the overrides do not apply to these: not retried by this process
         self.evaluated: list[str] = []
+        self.failed: list[str] = []  # of the current (last) pass
+        self.held_back: list[tuple[str, Path]] = []  # (name, error file) found by the last scan
 
     # -- state files
     def result_path(self, name: str) -> Path:
         return self.results / f"{name}.json"
 
+    def error_path(self, name: str) -> Path:
+        return self.results / f"{name}.error.json"
+
     def done(self, name: str) -> bool:
-        return self.result_path(name).is_file() or (self.results / f"{name}.error.json").is_file()
+        return self.result_path(name).is_file() or self.error_path(name).is_file()
 
     def acquire(self) -> None:
         self.results.mkdir(parents=True, exist_ok=True)
@@ -156,9 +197,16 @@ class Watcher:
 
     # -- scanning
     def pending(self) -> list[Ref]:
-        refs = []
+        """The complete checkpoints without a result, oldest first; those an error file holds back are in
+        `held_back`."""
+        refs, held = [], []
         for name, loc in self.source.list():
-            if self.done(name):
+            if self.result_path(name).is_file():
+                continue
+            if self.error_path(name).is_file():
+                held.append((name, self.error_path(name)))
+                continue
+            if name in self._override_failed:
                 continue
             if not self.source.complete(loc):
                 if name not in self._announced:
@@ -166,6 +214,7 @@ class Watcher:
                     self._announced.add(name)
                 continue
             refs.append(Ref(name, int(STEP_RE.match(name).group(1)), loc))
+        self.held_back = held
         return sorted(refs, key=lambda r: r.step)
 
     # -- one checkpoint
@@ -183,20 +232,29 @@ class Watcher:
                 log.warning("%s: skipped: %s", ref.name, e)
                 inprog.unlink(missing_ok=True)
                 return None
+            except CheckpointError as e:  # there, but a file is missing: it stays broken, record it once
+                self._record_error(ref, e, snap)
+                inprog.unlink(missing_ok=True)
+                return None
             log.info("evaluating %s on %s", ref.name, self.device)
             self._evaluating = True
             if self.stop_requested:
                 raise Stop()
             try:
                 rec = evaluate_checkpoint(snap, self.overrides, self.device,
-                                          progress=lambda s: log.info("%s: %s", ref.name, s))
+                                          progress=lambda s: log.info("%s: %s", ref.name, s), name=ref.name,
+                                          origin=ref.location, shards=self.shards)
+            except OverrideError as e:  # the overrides' fault: no error file, so a corrected restart evaluates it
+                self._evaluating = False
+                self._override_failed.add(ref.name)
+                self.failed.append(ref.name)
+                log.error("%s: not evaluated: %s; no error file is written: correct --config and restart",
+                          ref.name, self._unsnap(str(e), snap, ref))
+                inprog.unlink(missing_ok=True)
+                return None
             except Exception as e:  # noqa: BLE001 - one broken checkpoint must not stop the watcher
                 self._evaluating = False
-                log.exception("%s: evaluation failed; recorded in %s.error.json (delete it to retry)", ref.name,
-                              ref.name)
-                write_json_atomic(self.results / f"{ref.name}.error.json",
-                                  {"checkpoint": ref.name, "error": f"{type(e).__name__}: {e}", "at": _now()},
-                                  sort_keys=True)
+                self._record_error(ref, e, snap)
                 inprog.unlink(missing_ok=True)
                 return None
             self._evaluating = False
@@ -213,6 +271,27 @@ class Watcher:
         log.info("%s done in %.1fs -> %s", ref.name, rec["seconds"], self.result_path(ref.name))
         self._log_wandb(rec)
         return rec
+
+    @staticmethod
+    def _unsnap(text: str, snap: Path, ref: Ref) -> str:
+        """`text` naming the checkpoint where it names its snapshot (which is gone by the time anyone reads it)."""
+        for form in dict.fromkeys((str(snap.resolve()), str(snap.absolute()), str(snap))):
+            text = text.replace(form, ref.location)
+        return text
+
+    def _record_error(self, ref: Ref, e: BaseException, snap: Path) -> None:
+        """Write RESULTS/step_X.error.json (the checkpoint is held back until it is deleted) and log one line;
+        an unexpected exception (not a broken checkpoint or config) gets its traceback too."""
+        message = self._unsnap(f"{type(e).__name__}: {e}", snap, ref)
+        expected = isinstance(e, (CheckpointError, ConfigError))
+        record = {"checkpoint": ref.name, "source": ref.location, "error": message, "at": _now()}
+        if not expected:
+            record["traceback"] = self._unsnap(traceback.format_exc(), snap, ref)
+        err = self.error_path(ref.name)
+        write_json_atomic(err, record, sort_keys=True)
+        self.failed.append(ref.name)
+        log.error("%s: evaluation failed; recorded in %s (delete it to retry): %s%s", ref.name, err, message,
+                  "" if expected else "\n" + record["traceback"].rstrip())
 
     def _log_wandb(self, rec: dict) -> None:
         run = rec.get("run", {})
@@ -240,8 +319,13 @@ class Watcher:
 
     # -- loops
     def poll(self) -> int:
+        """One pass: evaluate what is pending. Returns how many were evaluated; `failed` lists the failures."""
         n = 0
+        self.failed = []
         refs = self.pending()
+        if self.held_back:
+            log.warning("held back by earlier errors: %s; delete the error file to retry",
+                        ", ".join(f"{name} ({err})" for name, err in self.held_back))
         if refs:
             log.info("%d checkpoint(s) to evaluate: %s", len(refs), ", ".join(r.name for r in refs))
         for ref in refs:
@@ -258,34 +342,60 @@ class Watcher:
             self._evaluating = False
             raise Stop()
 
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.time() + seconds
+        while not self.stop_requested and time.time() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.time())))
+
+    def wait_for_source(self) -> bool:
+        """True once the watched directory exists; UsageError when it does not and wait_for_dir is off; False
+        when stopped while waiting for it."""
+        if self.source.exists():
+            return True
+        if isinstance(self.source, LocalSource) and self.source.given.exists():
+            raise UsageError(f"--watch {self.given}: not a directory")
+        if not self.wait_for_dir:
+            raise UsageError(f"--watch {self.given}: no such directory; check the path, or pass --wait-for-dir "
+                             f"to wait for it to appear (a watcher started before the trainer)")
+        log.info("waiting for %s to appear", self.given)
+        while not self.stop_requested:
+            self._sleep(min(max(self.every, 0.05), 2.0))
+            if self.source.exists():
+                log.info("%s appeared", self.given)
+                return True
+        return False
+
     def run(self, once: bool = False) -> int:
+        """Poll until stopped (or one pass with `once`). 0, or 1 when `once` and an evaluation failed."""
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
+            if not self.wait_for_source():
+                return 0
             self.acquire()
             log.info("watching %s every %.0fs; results in %s", self.source, self.every, self.results)
             while not self.stop_requested:
                 self.poll()
                 if once:
                     break
-                deadline = time.time() + self.every
-                while not self.stop_requested and time.time() < deadline:
-                    time.sleep(min(0.2, max(0.0, deadline - time.time())))
+                self._sleep(self.every)
         except Stop:
             log.info("stopped during an evaluation; it will be redone on the next start")
         finally:
             self.release()
             for s, h in old.items():
                 signal.signal(s, h)
-        return 0
+        return 1 if once and self.failed else 0
 
 
 def evaluate_one(path: str, results: Optional[str], overrides: list[str], device: str, wandb: bool,
-                 force: bool = False) -> int:
+                 force: bool = False, shards: Optional[str] = None) -> int:
     """--checkpoint PATH: evaluate a single checkpoint, recorded in the same results layout."""
     src_root, name = path.rstrip("/").rsplit("/", 1) if "/" in path.rstrip("/") else (".", path)
     if not STEP_RE.match(name):
         raise ValueError(f"{path}: a checkpoint directory is named step_XXXXXXXX")
-    w = Watcher(src_root, results, overrides, 0, device, wandb)
+    w = Watcher(src_root, results, overrides, 0, device, wandb, shards=shards)
+    if name not in dict(w.source.list()):
+        raise UsageError(f"--checkpoint {path}: no such directory")
     if force:
         w.result_path(name).unlink(missing_ok=True)
         (w.results / f"{name}.error.json").unlink(missing_ok=True)
@@ -297,7 +407,7 @@ def evaluate_one(path: str, results: Optional[str], overrides: list[str], device
             return 0
         loc = dict(w.source.list()).get(name)
         if loc is None or not w.source.complete(loc):
-            log.error("%s is not a complete checkpoint", path)
+            log.error("%s is not a complete checkpoint (no %s marker)", path, MARKER)
             return 1
         rec = w.process(Ref(name, int(STEP_RE.match(name).group(1)), loc))
         return 0 if rec is not None else 1
@@ -327,36 +437,53 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     what.add_argument("--watch", metavar="DIR_OR_URL", help="run dir, its checkpoints/ dir, or an fsspec URL")
     what.add_argument("--checkpoint", metavar="PATH", help="evaluate this one checkpoint and exit")
     p.add_argument("--every", type=parse_duration, default=300.0, help="poll interval (default 5m)")
-    p.add_argument("--once", action="store_true", help="evaluate what is pending, then exit")
+    p.add_argument("--once", action="store_true",
+                   help="evaluate what is pending, then exit (status 1 when an evaluation failed)")
+    p.add_argument("--wait-for-dir", action="store_true",
+                   help="with --watch: wait for the directory to appear (a watcher started before the trainer) "
+                        "instead of refusing a directory that does not exist")
     p.add_argument("--results", help="results dir (default RUN/eval; required for URLs)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--config", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="overrides applied to each checkpoint's config, e.g. eval.metrics=[rank,entropy]")
+    p.add_argument("--shards", metavar="PATH",
+                   help="validation shards (a directory with manifest.json, or a URL) instead of the checkpoint's "
+                        "data.shards")
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     p.add_argument("--force", action="store_true", help="with --checkpoint: evaluate again even if done")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The CLI. Exit status 0: done (or stopped by a signal); 1: an evaluation of a --once pass (or the
+    --checkpoint) failed, or the source cannot be read; 2: refused up front (bad option, override, device or
+    directory), with nothing touched."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from metalm.config import ConfigError, load_config
-
     try:
-        load_config(None, args.config)  # fail fast on a bad override, before any checkpoint exists
-    except ConfigError as e:
-        print(f"metalm-evaluate: configuration error: {e}", file=sys.stderr)
-        return 2
-    try:
+        load_config(None, args.config)  # fail fast on a bad override, before any checkpoint is looked at
         if args.checkpoint:
+            if args.wait_for_dir:
+                raise UsageError("--wait-for-dir goes with --watch, not --checkpoint")
             return evaluate_one(args.checkpoint, args.results, args.config, args.device, not args.no_wandb,
-                                args.force)
-        w = Watcher(args.watch, args.results, args.config, args.every, args.device, not args.no_wandb)
+                                args.force, args.shards)
+        w = Watcher(args.watch, args.results, args.config, args.every, args.device, not args.no_wandb,
+                    shards=args.shards, wait_for_dir=args.wait_for_dir)
         return w.run(once=args.once)
-    except (ValueError, RuntimeError, ImportError) as e:  # ImportError: e.g. s3:// without s3fs installed
-        print(f"metalm-evaluate: {e}", file=sys.stderr)
+    except ConfigError as e:
+        print(f"metalm-evaluate: configuration error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except (UsageError, DeviceError) as e:
+        print(f"metalm-evaluate: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, ImportError, OSError) as e:  # ImportError: e.g. s3:// without s3fs
+        print(f"metalm-evaluate: {_one_line(e)}", file=sys.stderr)
         return 1
 
 

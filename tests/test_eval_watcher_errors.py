@@ -1,0 +1,373 @@
+"""The evaluator's failure paths, on real checkpoints: corrupted files, a device or option that cannot work,
+a watched directory that is missing, checkpoints held back by earlier errors, a checkpoint that stays broken,
+and metrics skipped for want of data (with the shards the run recorded in its trainer state)."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from metalm.checkpoint import MARKER, checkpoint_files, checkpoint_problem, load_model, record_files
+from metalm.checkpoint.layout import MARKER_FORMAT
+from metalm.config import ConfigError
+from metalm.eval import watcher as W
+from test_eval_watcher import TEXT, assets, jsonl, make_ckpt  # noqa: F401 - assets: the module fixture
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def seal(d: Path, step: int) -> Path:
+    """The COMPLETE marker a real save writes: every file's size and sha256."""
+    files = record_files(d, checkpoint_files(d), checksums=True)
+    (d / MARKER).write_text(json.dumps({"format": MARKER_FORMAT, "version": 1, "step": step, "files": files}))
+    return d
+
+
+def sealed_ckpt(root: Path, step: int, assets: Path, extra=()) -> Path:
+    return seal(make_ckpt(root, step, assets, complete=False, extra=extra), step)
+
+
+def stderr_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def toy_shards(tmp_path_factory, assets):
+    """Real shards (seq_len 32, the tiny config's train.seq_len) made with the checkpoints' own tokenizer."""
+    from metalm.data.prepare import prepare
+
+    d = tmp_path_factory.mktemp("toy-shards")
+    (d / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT * 40))
+    prepare(str(d / "docs.jsonl"), str(assets / "tokenizer.json"), str(d / "shards"), 32, val_fraction=0.2,
+            samples_per_shard=16, num_proc=1, seed=0, progress=False)
+    return d / "shards"
+
+
+# ------------------------------------------------------------------------------------- 1. corrupted files
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "config.yaml"])
+def test_corrupted_file_is_an_error_naming_it_and_the_original_checkpoint(tmp_path, assets, caplog, monkeypatch,
+                                                                          victim):
+    run = tmp_path / "run"
+    bad = sealed_ckpt(run, 10, assets)
+    sealed_ckpt(run, 20, assets)
+    f = bad / victim
+    data = bytearray(f.read_bytes())
+    if victim == "model.safetensors":
+        mid = len(data) // 2  # inside the tensor data: the file still parses, only the weights change
+        data[mid:mid + 4] = bytes(b ^ 0xFF for b in data[mid:mid + 4])
+    else:
+        i = data.index(b"n_layers: 2")
+        data[i:i + 11] = b"n_layers: 1"  # same size, still valid YAML
+    f.write_bytes(bytes(data))
+    assert f.stat().st_size == len(data)
+    if victim == "model.safetensors":
+        load_model(bad, "cpu", verify=False)  # without the sha256 check these weights would be evaluated
+
+    seen = {}
+    real = W.evaluate_checkpoint
+
+    def spy(snap, *a, **k):
+        snap = Path(snap)
+        seen[snap.name.split("-")[0]] = {
+            "marker": (snap / MARKER).is_file(), "snap": str(snap),
+            "problem": checkpoint_problem(snap, checksums=True, only=("config.yaml", "model.safetensors"))}
+        return real(snap, *a, **k)
+
+    monkeypatch.setattr(W, "evaluate_checkpoint", spy)
+    caplog.set_level("INFO")
+    w = W.Watcher(str(run), wandb=False, device="cpu")
+    assert w.run(once=True) == 1  # a failure in this pass
+    ev = run / "eval"
+    assert w.evaluated == ["step_00000020"]
+    assert not (ev / "step_00000010.json").exists()
+    assert [r["checkpoint"] for r in jsonl(ev / "eval.jsonl")] == ["step_00000020"]
+    err = json.loads((ev / "step_00000010.error.json").read_text())
+    assert f"{victim}: sha256 differs from the {MARKER} marker" in err["error"]
+    assert err["error"].startswith(f"CheckpointError: {bad} is not a usable checkpoint")
+    assert ".snapshots" not in err["error"] and ".snapshots" not in caplog.text
+    # the snapshot carries the marker, so the verification ran on the very files that were evaluated
+    look = seen["step_00000010"]
+    assert look["marker"] and f"{victim}: sha256 differs" in look["problem"] and ".snapshots" in look["snap"]
+    assert seen["step_00000020"]["marker"] and seen["step_00000020"]["problem"] is None
+    failed = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(failed) == 1 and str(bad) in failed[0].getMessage() and failed[0].exc_info is None
+
+
+def test_corrupted_trainer_state_is_an_error_too(tmp_path, assets):
+    run = tmp_path / "run"
+    d = sealed_ckpt(run, 10, assets)
+    state = d / "trainer_state.json"
+    state.write_text(state.read_text().replace('"step": 10', '"step": 90'))  # same size, another step
+    w = W.Watcher(str(run), wandb=False, device="cpu")
+    assert w.run(once=True) == 1
+    err = json.loads((run / "eval" / "step_00000010.error.json").read_text())["error"]
+    assert f"{d} is not a usable checkpoint: trainer_state.json: sha256 differs" in err
+
+
+# --------------------------------------------------------------------------- 2. checked before anything
+
+
+def test_device_cuda_without_cuda_is_one_line_up_front(tmp_path, assets):
+    run = tmp_path / "run"
+    sealed_ckpt(run, 10, assets)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # no GPU visible, even on a GPU host
+    p = subprocess.run([sys.executable, str(REPO / "launchers" / "evaluate.py"), "--watch", str(run), "--once",
+                        "--no-wandb", "--device", "cuda"], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr
+    lines = stderr_lines(p.stderr)
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("metalm-evaluate: --device cuda: no CUDA device is visible ("), lines[0]
+    assert "--device cpu" in lines[0]
+    assert not (run / "eval").exists()  # no error file, no lock, no results directory
+
+
+def test_device_errors_in_process(tmp_path, assets, monkeypatch, capsys):
+    run = tmp_path / "run"
+    ck = sealed_ckpt(run, 10, assets)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for args in (["--watch", str(run), "--once"], ["--checkpoint", str(ck)]):
+        for dev in ("cuda", "cuda:1", "gpu"):
+            assert W.main(args + ["--no-wandb", "--device", dev]) == 2
+            (line,) = stderr_lines(capsys.readouterr().err)
+            want = "no CUDA device is visible" if dev.startswith("cuda") else "not a device"
+            assert line.startswith(f"metalm-evaluate: --device {dev}: {want}"), line
+    assert not (run / "eval").exists()
+    with pytest.raises(ValueError, match="no CUDA device is visible"):
+        W.Watcher(str(run), wandb=False, device="cuda")
+
+
+def test_bad_override_is_one_line_up_front(tmp_path, assets, capsys):
+    run = tmp_path / "run"
+    sealed_ckpt(run, 10, assets)
+    with pytest.raises(ConfigError, match="eval.ner.mode"):
+        W.Watcher(str(run), overrides=["eval.ner.mode=bogus"], wandb=False, device="cpu")
+    for bad in ("eval.metrics=[bogus]", "eval.batch_size=abc", "nope.key=1", "no-equals-sign"):
+        assert W.main(["--watch", str(run), "--once", "--no-wandb", "--device", "cpu", "--config", bad]) == 2
+        (line,) = stderr_lines(capsys.readouterr().err)
+        assert line.startswith("metalm-evaluate: configuration error: "), line
+    assert not (run / "eval").exists()
+
+
+# --------------------------------------------------------------------- 3 + 4. exit status, held-back list
+
+
+def test_once_exits_1_on_failure_and_each_pass_lists_what_is_held_back(tmp_path, assets, caplog):
+    run = tmp_path / "run"
+    sealed_ckpt(run, 1, assets)
+    bad = make_ckpt(run, 2, assets)  # legacy marker: nothing to verify against; the file itself is unreadable
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    ev = run / "eval"
+    args = ["--watch", str(run), "--once", "--no-wandb", "--device", "cpu"]
+    caplog.set_level("INFO")
+    assert W.main(args) == 1
+    assert (ev / "step_00000001.json").is_file() and (ev / "step_00000002.error.json").is_file()
+    assert "held back" not in caplog.text  # nothing was held back at the start of this pass
+
+    caplog.clear()
+    assert W.main(args) == 0  # nothing failed in this pass
+    held = [r for r in caplog.records if "held back" in r.getMessage()]
+    assert [(r.levelname, r.getMessage()) for r in held] == [
+        ("WARNING", f"held back by earlier errors: step_00000002 ({ev / 'step_00000002.error.json'}); "
+                    f"delete the error file to retry")]
+    assert "evaluating step_00000002" not in caplog.text
+
+    make_ckpt(run, 3, assets)
+    (run / "checkpoints" / "step_00000003" / "model.safetensors").write_bytes(b"")
+    assert W.main(args) == 1
+    caplog.clear()
+    assert W.main(args) == 0
+    (msg,) = [r.getMessage() for r in caplog.records if "held back" in r.getMessage()]
+    assert msg == (f"held back by earlier errors: step_00000002 ({ev / 'step_00000002.error.json'}), "
+                   f"step_00000003 ({ev / 'step_00000003.error.json'}); delete the error file to retry")
+
+    (ev / "step_00000002.error.json").unlink()  # the documented way to retry
+    caplog.clear()
+    assert W.main(args) == 1 and "evaluating step_00000002" in caplog.text
+
+
+# -------------------------------------------------------------------------------- 5. the watched directory
+
+
+def test_watch_a_missing_directory_is_an_error_and_creates_nothing(tmp_path, capsys):
+    missing = tmp_path / "runs" / "not-started"
+    assert W.main(["--watch", str(missing), "--once", "--no-wandb", "--device", "cpu"]) == 2
+    (line,) = stderr_lines(capsys.readouterr().err)
+    assert line.startswith(f"metalm-evaluate: --watch {missing}: no such directory"), line
+    assert "--wait-for-dir" in line
+    assert not (tmp_path / "runs").exists()
+    assert W.main(["--checkpoint", str(missing / "checkpoints" / "step_00000001"), "--no-wandb"]) == 2
+    (line,) = stderr_lines(capsys.readouterr().err)
+    assert "no such directory" in line and not (tmp_path / "runs").exists()
+
+
+def test_wait_for_dir_waits_for_the_run_to_appear(tmp_path, assets, caplog):
+    staging, run = tmp_path / "staging", tmp_path / "run"
+    sealed_ckpt(staging, 10, assets)
+
+    def trainer_starts_later():  # once the watcher is waiting: the whole run appears at once
+        deadline = time.time() + 60
+        while time.time() < deadline and not any("to appear" in r.getMessage() for r in list(caplog.records)):
+            time.sleep(0.05)
+        time.sleep(0.3)  # a few of its polls find nothing
+        os.rename(staging, run)
+
+    t = threading.Thread(target=trainer_starts_later)
+    caplog.set_level("INFO")
+    t.start()
+    try:
+        rc = W.main(["--watch", str(run), "--wait-for-dir", "--once", "--every", "0.1s", "--no-wandb",
+                     "--device", "cpu"])
+    finally:
+        t.join()
+    assert rc == 0
+    assert f"waiting for {run} to appear" in caplog.text
+    assert (run / "eval" / "step_00000010.json").is_file()
+
+
+# ------------------------------------------------------------------------------ 6. a checkpoint stays broken
+
+
+@pytest.mark.parametrize("lost", ["config.yaml", "trainer_state.json"])
+def test_a_checkpoint_missing_a_file_is_recorded_once(tmp_path, assets, caplog, lost):
+    run = tmp_path / "run"
+    d = sealed_ckpt(run, 10, assets)
+    (d / lost).unlink()
+    caplog.set_level("INFO")
+    w = W.Watcher(str(run), wandb=False, device="cpu")
+    w.source.recheck_s = 0.05
+    assert w.run(once=True) == 1
+    err = json.loads((run / "eval" / "step_00000010.error.json").read_text())
+    assert err["error"].startswith(f"CheckpointError: {d} is not a usable checkpoint: {lost} is missing")
+    assert "skipped" not in caplog.text and "disappeared" not in caplog.text and "waiting for" not in caplog.text
+    caplog.clear()
+    w2 = W.Watcher(str(run), wandb=False, device="cpu")
+    assert w2.run(once=True) == 0
+    assert w2.evaluated == [] and "skipped" not in caplog.text and "held back by earlier errors: step_00000010" \
+        in caplog.text
+
+
+def test_a_pruned_checkpoint_is_still_just_skipped(tmp_path, assets, caplog):
+    run = tmp_path / "run"
+    d = sealed_ckpt(run, 10, assets)
+    w = W.Watcher(str(run), wandb=False, device="cpu")
+    w.acquire()
+    try:
+        (ref,) = w.pending()
+        real = w.source.snapshot
+
+        def pruned_midway(ref, dest):  # the trainer's prune renames the directory away, then deletes it
+            os.rename(d, run / "checkpoints" / ".tmp-delete-step_00000010-1")
+            real(ref, dest)
+
+        w.source.snapshot = pruned_midway
+        caplog.set_level("WARNING")
+        assert w.process(ref) is None
+    finally:
+        w.release()
+    assert "step_00000010: skipped" in caplog.text
+    assert not list((run / "eval").glob("step_00000010*"))
+
+
+# ------------------------------------------------------------------------- 7. skipped metrics and shards
+
+
+def test_a_skipped_metric_is_a_warning_saying_how_to_fix_it(tmp_path, assets, caplog):
+    run = tmp_path / "run"
+    sealed_ckpt(run, 10, assets, extra=["eval.metrics=[val_loss,rank,entropy,ner]", "eval.probe_text=null"])
+    caplog.set_level("INFO")
+    w = W.Watcher(str(run), wandb=False, device="cpu")
+    assert w.run(once=True) == 0
+    rec = json.loads((run / "eval" / "step_00000010.json").read_text())
+    assert set(rec["skipped"]) == {"val_loss", "rank_activations", "rank_gradients", "entropy", "ner"}
+    warned = {r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "skipped" in r.getMessage()}
+    by_metric = {m: [x for x in warned if x.startswith(f"step_00000010: {m} skipped: ")]
+                 for m in ("val_loss", "rank_activations and rank_gradients", "entropy", "ner")}
+    assert all(len(v) == 1 for v in by_metric.values()), warned
+    (val,) = by_metric["val_loss"]
+    assert "manifest.json missing" in val and "--shards" in val and "eval.metrics" in val
+    assert "eval.probe_text" in by_metric["entropy"][0] and "eval.ner.train" in by_metric["ner"][0]
+    assert any(k.startswith("rank/weight/") for k in rec["metrics"])  # what needs no data is still computed
+
+
+def test_relative_shards_fall_back_to_the_trainer_state(tmp_path, assets, toy_shards, caplog, monkeypatch):
+    run = tmp_path / "run"
+    d = make_ckpt(run, 10, assets, complete=False, extra=["data.shards=data/shards"])  # relative to the trainer
+    state = json.loads((d / "trainer_state.json").read_text())
+    (d / "trainer_state.json").write_text(json.dumps({**state, "data_shards": str(toy_shards)}))
+    seal(d, 10)
+    monkeypatch.chdir(tmp_path)  # data/shards does not exist from here
+    caplog.set_level("INFO")
+    w = W.Watcher(str(run), wandb=False, device="cpu")
+    assert w.run(once=True) == 0
+    rec = json.loads((run / "eval" / "step_00000010.json").read_text())
+    assert "val_loss" not in rec["skipped"] and rec["metrics"]["val_tokens"] > 0
+    assert rec["details"]["shards"] == {"path": str(toy_shards), "from": "trainer_state.json"}
+    assert rec["details"]["probe"]["source"] == "val"
+    assert f"using the run's shards {toy_shards}" in caplog.text
+
+
+def test_shards_option_overrides_the_config(tmp_path, assets, toy_shards, capsys):
+    run = tmp_path / "run"
+    sealed_ckpt(run, 10, assets)  # data.shards names a directory that does not exist
+    args = ["--watch", str(run), "--once", "--no-wandb", "--device", "cpu"]
+    assert W.main(args + ["--shards", str(tmp_path / "nowhere")]) == 2
+    (line,) = stderr_lines(capsys.readouterr().err)
+    assert line.startswith(f"metalm-evaluate: --shards {tmp_path / 'nowhere'}: no manifest.json"), line
+    assert not (run / "eval").exists()
+    assert W.main(args + ["--shards", str(toy_shards)]) == 0
+    rec = json.loads((run / "eval" / "step_00000010.json").read_text())
+    assert rec["metrics"]["val_tokens"] > 0 and rec["details"]["shards"] == {"path": str(toy_shards),
+                                                                             "from": "--shards"}
+
+
+def test_an_override_that_only_this_checkpoint_rejects_writes_no_error_file(tmp_path, assets, caplog):
+    """model.n_heads=12 is valid for the default config (d_model 96) but not for this one (d_model 32): the
+    overrides are at fault, so the checkpoint is not held back by an error file."""
+    run = tmp_path / "run"
+    d = sealed_ckpt(run, 10, assets)
+    caplog.set_level("INFO")
+    w = W.Watcher(str(run), overrides=["model.n_heads=12"], wandb=False, device="cpu", every=0.05)
+    assert w.run(once=True) == 1
+    assert not list((run / "eval").glob("step_00000010*"))
+    (msg,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert msg.startswith(f"step_00000010: not evaluated: the --config overrides do not apply to {d}: ")
+    assert "correct --config and restart" in msg and ".snapshots" not in msg
+    assert w.pending() == []  # this process does not retry it
+    w2 = W.Watcher(str(run), wandb=False, device="cpu")
+    assert w2.run(once=True) == 0 and w2.evaluated == ["step_00000010"]
+
+
+def test_fsspec_source_missing_dir_and_missing_file(tmp_path, assets, capsys):
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    res = tmp_path / "res"
+    assert W.main(["--watch", "memory://evtest-missing/run", "--results", str(res), "--once", "--no-wandb",
+                   "--device", "cpu"]) == 2
+    (line,) = stderr_lines(capsys.readouterr().err)
+    assert line.startswith("metalm-evaluate: --watch memory://evtest-missing/run: no such directory") and \
+        not res.exists()
+    local = tmp_path / "local"
+    sealed_ckpt(local, 10, assets)
+    (local / "checkpoints" / "step_00000010" / "config.yaml").unlink()
+    for f in local.rglob("*"):
+        if f.is_file():
+            fs.pipe(f"/evtest-broken/run/{f.relative_to(local).as_posix()}", f.read_bytes())
+    try:
+        w = W.Watcher("memory://evtest-broken/run", results=str(res), wandb=False, device="cpu")
+        w.source.recheck_s = 0.05
+        assert w.run(once=True) == 1
+        err = json.loads((res / "step_00000010.error.json").read_text())["error"]
+        assert "/evtest-broken/run/checkpoints/step_00000010 is not a usable checkpoint: config.yaml is missing" \
+            in err
+        w2 = W.Watcher("memory://evtest-broken/run", results=str(res), wandb=False, device="cpu")
+        assert w2.run(once=True) == 0 and w2.pending() == [] and [n for n, _ in w2.held_back] == ["step_00000010"]
+    finally:
+        fs.rm("/evtest-broken", recursive=True)
