@@ -19,6 +19,7 @@ import pytest
 
 from metalm.data import DataError, ShardLoader, build_loader, ensure_prepared, load_manifest, load_tokenizer, prepare
 from metalm.data.prepare import is_val_doc, main as prepare_main, window_shuffle
+from legacy_shards import to_format_1
 
 def _ensure(cfg, **kw):
     """ensure_prepared on a whole config's sections, as the trainer calls it."""
@@ -77,14 +78,16 @@ def shards_copy(shards, tmp_path) -> Path:
 
 
 def read_split(shards_dir: Path, split: str) -> list[tuple]:
-    """Every sample of a split, read with tarfile + numpy (independently of the loader)."""
+    """Every sample of a split, read with tarfile + numpy (independently of the loader): the rows of each block
+    member (format 2), or one sample per member (format 1)."""
     man = json.loads((shards_dir / "manifest.json").read_text())
     out = []
     for rec in man["splits"][split]["shards"]:
         with tarfile.open(shards_dir / rec["path"]) as tar:
             for m in tar.getmembers():
                 if m.name.endswith(".npy"):
-                    out.append(tuple(np.load(io.BytesIO(tar.extractfile(m).read())).tolist()))
+                    arr = np.load(io.BytesIO(tar.extractfile(m).read()))
+                    out.extend(tuple(row) for row in (arr.tolist() if arr.ndim == 2 else [arr.tolist()]))
     return out
 
 
@@ -247,6 +250,82 @@ def test_prepare_cli(corpus, tok_path, tmp_path, capsys):
     rc = prepare_main(["--source", str(tmp_path / "missing.jsonl"), "--tokenizer", tok_path, "--out",
                        str(tmp_path / "p"), "--seq-len", "32", "--no-progress"])
     assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
+
+
+def test_prepare_progress_off_a_terminal_is_plain_lines_with_total_and_eta(corpus, tok_path, tmp_path, capsys):
+    src = tmp_path / "s.jsonl"
+    with open(corpus, encoding="utf-8") as f:
+        src.write_text("".join(islice(f, 300)))
+    out = tmp_path / "nested" / "o"
+    prepare(str(src), tok_path, out, 32, samples_per_shard=50, num_proc=1, progress=True)
+    err = capsys.readouterr().err  # pytest's capture is not a terminal, like a log file or a pipe
+    assert "\r" not in err and err.endswith("\n")
+    lines = err.splitlines()
+    assert all(ln.startswith(f"metalm-prepare {out}: ") for ln in lines), lines  # the output path, not "o"
+    assert lines[0].endswith("tokenizing 300 documents")
+    assert any("/300 docs (" in ln and ", eta " in ln for ln in lines[1:-1]), lines  # 128 docs a batch: 42%, 85%
+    assert "done: 300/300 docs (100%)" in lines[-1] and ", eta " not in lines[-1]
+
+
+def test_progress_prints_every_interval_without_a_total():
+    from metalm.data.prepare import Progress
+
+    now = [0.0]
+    stream = io.StringIO()
+    bar = Progress("data/x/shards", None, stream=stream, every_s=10.0, clock=lambda: now[0])
+    for t, docs in ((1, 100), (5, 500), (11, 1100), (15, 1500), (22, 2200)):
+        now[0] = t
+        bar.update(docs, docs * 10)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "metalm-prepare data/x/shards: tokenizing documents (total not known in advance)"
+    counts = [ln.split(": ", 1)[1].split(", ")[0] for ln in lines[1:]]
+    assert counts == ["1,100 docs", "2,200 docs", "done: 2,200/2,200 docs (100%)"]  # at 11 s and 22 s, then done
+    assert "100 docs/s" in lines[1] and "elapsed 0:11" in lines[1] and ", eta " not in lines[1]
+
+
+def test_progress_on_a_terminal_redraws_one_line():
+    from metalm.data.prepare import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    bar = Progress("data/x/shards", 300, stream=stream)
+    bar.update(150, 1500)
+    bar.close()
+    text = stream.getvalue()
+    assert "\r" in text and "prepare data/x/shards" in text and "/300" in text and "metalm-prepare" not in text
+
+
+def test_source_documents_counts_what_is_cheap_to_count(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from metalm.data.prepare import source_documents
+
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n{"text": "y"}\n{"text": "z"}')  # no final newline
+    pq.write_table(pa.table({"text": ["p", "q"]}), tmp_path / "b.parquet")
+    assert source_documents(str(tmp_path / "*.jsonl")) == 3
+    assert source_documents(str(tmp_path)) == 5
+    for i in range(3):
+        (tmp_path / "t" / f"{i}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "t" / f"{i}.txt").write_text("one document\n\nper file")
+    assert source_documents(str(tmp_path / "t")) == 3
+    assert source_documents(str(tmp_path / "t"), text_split="blank_line") is None  # would need a full read
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write('{"text": "g"}\n')
+    assert source_documents(str(tmp_path / "c.jsonl.gz")) is None
+    assert source_documents(str(tmp_path / "missing.jsonl")) is None
+    from metalm.data.prepare import _count_lines
+
+    big = tmp_path / "big.jsonl"
+    big.write_text('{"text": "same length"}\n' * 1000)  # 24 bytes a line
+    assert _count_lines(big) == 1000
+    assert _count_lines(big, exact_up_to=100, sample=240) == 1000  # estimated from the first 10 lines
 
 
 def test_prepare_bad_document_names_file_and_line(tok_path, tmp_path):
@@ -466,6 +545,8 @@ def test_modified_shard_fails_the_checksum(shards_copy):
     ("oov", r"token id 60000 outside the vocabulary \[0, 50281\)"),
 ])
 def test_bad_sample_errors_or_is_skipped(shards_copy, kind, match):
+    """Format 1 (one sample per member): a bad sample is named by its key."""
+    to_format_1(shards_copy)
     good = np.array(read_split(shards_copy, "val")[0], dtype=np.uint16)
     bad = {"short": good[:-1], "dtype": good.astype(np.int32),
            "oov": np.concatenate([good[:-1], np.array([60000], dtype=np.uint16)])}[kind]
@@ -477,6 +558,34 @@ def test_bad_sample_errors_or_is_skipped(shards_copy, kind, match):
     assert rows == len(read_split(shards_copy, "val")) - 1 and ld.skipped == 1
     tr = loader(shards_copy, "train", on_bad_sample="skip")
     assert take(tr, 3) and tr.skipped == 0
+
+
+def test_format_1_shards_read_the_same_samples(shards, shards_copy):
+    to_format_1(shards_copy)
+    assert load_manifest(shards_copy)["version"] == 1
+    assert [x.tolist() for x in loader(shards, "val")] == [x.tolist() for x in loader(shards_copy, "val")]
+    epoch = len(loader(shards))  # train is an infinite stream: one epoch and a bit, shuffled
+    assert take(loader(shards), epoch + 3) == take(loader(shards_copy), epoch + 3)
+
+
+@pytest.mark.parametrize("kind,match,rows", [
+    ("oov", r"sample 3 \(member 000000\.npy row 3\): token id 60000 outside the vocabulary \[0, 50281\)", 1),
+    ("dtype", r"sample 0 \(member 000000\.npy row 0\): member 000000\.npy: dtype int32, expected uint16", None),
+    ("short", r"sample 0 \(member 000000\.npy row 0\): member 000000\.npy: shape \(\d+, 64\), expected "
+              r"\(rows, 65\)", None),
+])
+def test_bad_rows_and_blocks_of_format_2(shards_copy, kind, match, rows):
+    """Format 2: a bad row is that sample; a block that does not decode makes each of its rows a bad sample."""
+    block = np.array(read_split(shards_copy, "val")[:PER_SHARD], dtype=np.uint16)
+    assert load_manifest(shards_copy)["samples_per_member"] >= PER_SHARD  # one block per shard here
+    bad = {"oov": np.where(np.arange(len(block))[:, None] == 3, np.uint16(60000), block),
+           "dtype": block.astype(np.int32), "short": block[:, :-1]}[kind]
+    _mutate_sample(shards_copy, "val", 0, 0, bad)
+    with pytest.raises(DataError, match=match):
+        list(loader(shards_copy, "val"))
+    ld = loader(shards_copy, "val", on_bad_sample="skip", micro_batch=8)
+    total = sum(len(b) for b in ld)
+    assert ld.skipped == (rows or len(block)) and total == len(read_split(shards_copy, "val")) - ld.skipped
 
 
 def test_manifest_validation(shards_copy, tok_path):
@@ -503,20 +612,40 @@ def test_tokenizer_hash_mismatch_between_shards_and_manifest(shards_copy):
     (shards_copy / "tokenizer.json").write_text(other.to_json())
     with pytest.raises(DataError, match="tokenizer.json: tokenizer hash mismatch"):
         loader(shards_copy)
+    # format 1 shards carry the hash in their __meta__.json member too: a shard from another preparation shows
+    to_format_1(shards_copy)
     _rewrite_manifest(shards_copy, lambda m: m.update(tokenizer_hash=other.hash))
     with pytest.raises(DataError, match=r"shard .*shard-\d+\.tar: tokenizer hash mismatch"):
         take(loader(shards_copy), 1)
 
 
 def test_shards_are_plain_webdataset(shards):
-    """Other tools read the shards too: webdataset's own pipeline decodes the .npy samples."""
+    """Other tools read the shards too: a plain webdataset pipeline gives every sample of every shard, as blocks
+    (`to_tuple("npy")`) or one by one (`.unbatched()`), and nothing else (no metadata member)."""
     import webdataset as wds
 
-    rec = load_manifest(shards)["splits"]["val"]["shards"][0]
-    ds = wds.WebDataset(str(shards / rec["path"]), shardshuffle=False).decode()
-    rows = [tuple(s["npy"].tolist()) for s in ds if "npy" in s]
-    assert len(rows) == rec["samples"]
-    assert rows == read_split(shards, "val")[: rec["samples"]]
+    man = load_manifest(shards)
+    for split in ("train", "val"):
+        urls = [str(shards / rec["path"]) for rec in man["splits"][split]["shards"]]
+        blocks = [b for (b,) in wds.WebDataset(urls, shardshuffle=False).decode().to_tuple("npy")]
+        assert all(b.ndim == 2 and b.shape[1] == SEQ + 1 and b.dtype == np.uint16 for b in blocks)
+        rows = [tuple(r) for b in blocks for r in b.tolist()]
+        assert rows == read_split(shards, split) and len(rows) == man["splits"][split]["samples"]
+        single = [tuple(x.tolist()) for (x,) in wds.WebDataset(urls, shardshuffle=False).decode().to_tuple("npy")
+                  .unbatched()]
+        assert single == rows
+        assert sorted(loader(shards, split, shuffle=False, micro_batch=1).__iter__().__next__().tolist()[0]) \
+            == sorted(rows[0])
+
+
+def test_format_2_cuts_the_tar_overhead(corpus, tok_path, tmp_path):
+    """At seq_len 128 one sample per member made shards about 4x their token bytes; blocks make it about 1x."""
+    man = _prepare(corpus, tok_path, tmp_path / "s128", seq_len=128, samples_per_shard=2048, val_fraction=0.0,
+                   max_docs=2500)
+    rec = man["splits"]["train"]["shards"][0]
+    assert rec["samples"] > 2000 and man["samples_per_member"] == 254  # 64 KiB blocks of 129 uint16 tokens
+    token_bytes = rec["samples"] * 129 * 2
+    assert rec["bytes"] / token_bytes < 1.05, (rec["bytes"], token_bytes)  # was 3.97 in format 1
 
 
 def test_pretokenized_parquet_gives_the_same_shards(corpus, tok_path, tmp_path):

@@ -22,6 +22,7 @@ import pytest
 from metalm.data import DataError, ShardLoader, ensure_prepared, load_manifest, prepare
 from metalm.data.errors import UnsafePathError
 from metalm.data.shards import tar_member
+from legacy_shards import to_format_1
 
 def _ensure(cfg, **kw):
     """ensure_prepared on a whole config's sections, as the trainer calls it."""
@@ -34,14 +35,15 @@ SEQ = 32
 
 @pytest.fixture(scope="module")
 def tiny(shared_data, tmp_path_factory) -> Path:
-    """A small real preparation: 60 documents, seq_len 32, 20 samples per shard (a few train shards, one val)."""
+    """A small real preparation: 60 documents, seq_len 32, 20 samples per shard (a few train shards, one val), 4
+    samples per tar member (5 members a shard)."""
     root = tmp_path_factory.mktemp("untrusted")
     src = root / "docs.jsonl"
     with open(shared_data / "corpus" / "wiki-vital-en-fr-es.jsonl", encoding="utf-8") as f:
         src.write_text("".join(islice(f, 60)), encoding="utf-8")
     out = root / "shards"
     prepare(str(src), str(shared_data / "tokenizers" / "olmo-gpt-neox-dolma-v1_5.json"), out, SEQ, val_fraction=0.1,
-            samples_per_shard=20, num_proc=1, seed=0, progress=False)
+            samples_per_shard=20, num_proc=1, seed=0, progress=False, samples_per_member=4)
     return out
 
 
@@ -116,7 +118,10 @@ def test_the_rewritten_shard_is_still_read(copy):
     ("/__meta__.json", "an absolute path"),
 ])
 def test_member_names_leaving_the_shard_are_refused(copy, name, why):
-    old = "__meta__.json" if name.endswith(".json") else "000000.npy"
+    old = "000000.npy"
+    if name.endswith(".json"):  # the metadata member of format 1 shards
+        to_format_1(copy)
+        old = "__meta__.json"
     path = _rename_member(copy, old, name)
     with pytest.raises(DataError) as e:
         _first(_loader(copy))
@@ -138,6 +143,7 @@ def test_member_name_refusal_reaches_the_trainer_through_a_worker(copy):
     (b'{"seq_len": 32, "x": "\xff"}', "member __meta__.json: invalid JSON ("),
 ])
 def test_a_broken_meta_member_is_a_data_error(copy, content, why):
+    to_format_1(copy)  # format 2 shards have no metadata member
     path = _rename_member(copy, "__meta__.json", "__meta__.json", content)
     with pytest.raises(DataError, match=re.escape(f"shard {path}: {why}")):
         _first(_loader(copy))
@@ -282,6 +288,6 @@ def test_member_bytes_are_untouched_by_the_checks(copy):
     """Refusing names must not change what is read: the first batch equals the tar's own first two samples."""
     path = _first_train_shard(copy)
     with tarfile.open(path) as tar:
-        rows = [np.load(io.BytesIO(tar.extractfile(m).read())).tolist() for m in tar.getmembers()
-                if m.name.endswith(".npy")][:2]
+        rows = [row for m in tar.getmembers() if m.name.endswith(".npy")
+                for row in np.load(io.BytesIO(tar.extractfile(m).read())).tolist()][:2]
     assert _first(_loader(copy)) == rows

@@ -5,7 +5,9 @@
   (DeepSpeed alone would run its payload);
 - exported and checkpointed weights are safetensors;
 - W&B and cloud credentials set in the environment of a real run (W&B on, offline) appear in no file under
-  the run directory (W&B's offline files included) and in neither stdout nor stderr.
+  the run directory (W&B's offline files included) and in neither stdout nor stderr; nor, for a run that reads
+  its shards from a bucket and checkpoints to it (a real S3-compatible server on 127.0.0.1) and an evaluator
+  pass over that bucket, in any object of the bucket or any file of the evaluator's results.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from s3server import s3_server  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = ("metalm", "launchers", "kernels", "benchmarks", "scripts")
@@ -188,3 +191,46 @@ def test_credentials_never_reach_logs_configs_or_checkpoints(tmp_path, shards):
     # checkpointed weights are safetensors; the only pickles are the ones read back with weights_only=True
     pickles = {p.suffix for p in files if "checkpoints" in p.parts and p.suffix in (".pt", ".pkl", ".bin")}
     assert pickles <= {".pt"}
+
+
+@pytest.mark.slow
+def test_credentials_never_reach_logs_checkpoints_or_the_bucket(tmp_path, shards, s3_server):  # noqa: F811
+    import fsspec
+
+    bucket = s3_server.bucket()
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.put(str(shards), f"{bucket}/shards", recursive=True)
+    # the S3 keys of this run are the fake secrets themselves: the server accepts any, so they are really used
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="offline", PYTHONUNBUFFERED="1",
+               **SECRETS)
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("WANDB_SILENT", None)
+    local = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launchers" / "pretrain.py"), "--config", str(REPO / "configs" / "cpu-tiny.yaml"),
+           "train.seq_len=64", "model.max_seq_len=64", "model.n_layers=2", "train.micro_batch=4",
+           "train.global_batch=8", "train.max_steps=3", "train.log_every=1", "train.val_every=0",
+           "checkpoint.every=2", "data.prepare_if_missing=false", f"data.shards=s3://{bucket}/shards",
+           f"train.run_dir=s3://{bucket}/run", f"train.local_dir={local}", "logging.wandb=true",
+           "logging.mode=offline", "meta.n_way=4", "meta.k_shot=2", "meta.q_queries=2", "meta.inner_steps=2"]
+    train = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-3000:]
+    results = tmp_path / "eval"
+    evaluate = subprocess.run([sys.executable, str(REPO / "launchers" / "evaluate.py"), "--watch",
+                               f"s3://{bucket}/run", "--once", "--results", str(results), "--no-wandb", "--device",
+                               "cpu", "--config", "eval.metrics=[val_loss]", "eval.val_batches=1",
+                               "eval.batch_size=2", "eval.seq_len=64"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    objects = {p: fs.cat_file(p) for p in fs.find(f"{bucket}/run")}
+    assert any(p.endswith("/COMPLETE") for p in objects) and any(p.endswith("model.safetensors") for p in objects)
+    files = [p for root in (local, results) for p in root.rglob("*") if p.is_file()]
+    assert any("wandb" in p.parts for p in files) and any(p.name.startswith("step_") for p in results.iterdir())
+    leaks = []
+    for name, value in SECRETS.items():
+        needle = value.encode()
+        leaks += [f"{name} in {p}" for p in files if needle in p.read_bytes()]
+        leaks += [f"{name} in s3://{p}" for p, data in objects.items() if needle in data]
+        leaks += [f"{name} in {what}" for what, text in (("trainer stdout", train.stdout), ("trainer stderr",
+                  train.stderr), ("evaluator stdout", evaluate.stdout), ("evaluator stderr", evaluate.stderr))
+                  if value in text]
+    assert not leaks, leaks

@@ -22,11 +22,19 @@ from the batches actually handed out (prefetched batches do not count), is JSON-
 restored from it yields exactly the batches the uninterrupted loader would have. Only the shard under the
 cursor is read again on resume: whole shards before it are skipped without being opened.
 
+Storage. The shards directory is any location of `metalm.storage`: a local directory (read in place), or a URL
+(s3://, gs://, https://, pipe:...). Remote shards are downloaded whole, checked (size, sha256), and parsed in
+memory; each reader downloads the next `read_ahead` shards of its own stream in background threads while it
+reads the current one (the stream's shard order is known in advance, so this changes nothing in what is read,
+nor in the resume state), and with `cache_dir` keeps them on local disk for the next epoch or run. A download
+that fails (a dropped connection, a short or corrupted transfer) is retried `retries` times with exponential
+backoff, then raises DataError naming the shard.
+
 Checks. A shard whose size or sha256 differs from the manifest (truncated, modified), that is not a valid
-tar, whose ``__meta__.json`` disagrees with the manifest (tokenizer hash, seq_len, dtype), or whose sample
-count differs, raises DataError naming the shard. A sample of the wrong length or dtype or with a token id
->= vocab_size raises DataError naming the shard and key, or, with on_bad_sample="skip", is skipped and
-counted (`ShardLoader.skipped`).
+tar, or whose sample count differs, raises DataError naming the shard; so does, in format version 1, a
+``__meta__.json`` that disagrees with the manifest (tokenizer hash, seq_len, dtype). A sample of the wrong
+length or dtype or with a token id >= vocab_size raises DataError naming the shard and sample, or, with
+on_bad_sample="skip", is skipped and counted (`ShardLoader.skipped`).
 """
 from __future__ import annotations
 
@@ -35,8 +43,11 @@ import io
 import logging
 import os
 import tarfile
+import threading
+from collections import deque
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -44,12 +55,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from metalm.config import ON_BAD_SAMPLE
 from metalm.data.errors import DataError, UnsafePathError, parse_json
-from metalm.data.manifest import SPLITS, load_manifest
+from metalm.data.manifest import SPLITS, read_manifest
 from metalm.data.shards import npy_header
+from metalm.fsutil import write_atomic
+from metalm.storage import LocalStore, Store, StorageError, cache_path, describe, open_store, retry
 
 log = logging.getLogger("metalm.data")
 STATE_VERSION = 1
 _SPLIT_CODE = {"train": 0, "val": 1}
+READ_AHEAD = 2  # remote shards a reader downloads ahead of the one it reads
+RETRIES = 4  # attempts after the first for a shard download
+RETRY_BACKOFF_S = 1.0  # first wait before a retry; doubles each time (at most 30 s)
 
 
 class _Plan:
@@ -80,14 +96,15 @@ class _Plan:
 
     def layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard order, start offset of each ordered shard in the virtual sequence) for `epoch`."""
-        if self._layout_cache is None or self._layout_cache[0] != epoch:
+        cache = self._layout_cache  # one read: a reader's prefetch may ask for another epoch's layout meanwhile
+        if cache is None or cache[0] != epoch:
             if self.shuffle:
                 order = np.random.default_rng([self.seed, epoch, _SPLIT_CODE[self.split]]).permutation(len(self.counts))
             else:
                 order = np.arange(len(self.counts))
             starts = np.concatenate([[0], np.cumsum(self.counts[order])[:-1]])
-            self._layout_cache = (epoch, order, starts)
-        return self._layout_cache[1], self._layout_cache[2]
+            cache = self._layout_cache = (epoch, order, starts)
+        return cache[1], cache[2]
 
     def in_shard_order(self, epoch: int, shard: int) -> np.ndarray:
         n = int(self.counts[shard])
@@ -120,21 +137,107 @@ class _Plan:
                 v = end
                 k += 1
 
+    def shard_sequence(self, slot: int, start: int, infinite: bool) -> Iterator[int]:
+        """The shards `stream(slot, start, infinite)` reads, in order, each run of the same shard once: what a
+        reader downloads ahead."""
+        lo, hi = self.slot_range(slot)
+        size = hi - lo
+        if size == 0:
+            return
+        pos, last, quiet = start, None, 0
+        while True:
+            epoch, offset = divmod(pos, size)
+            if not infinite and epoch >= 1:
+                return
+            if quiet > 64:  # a slot inside one shard epoch after epoch (e.g. a single shard): the cache serves it
+                return
+            quiet += 1
+            order, starts = self.layout(epoch)
+            v = lo + offset
+            k = int(np.searchsorted(starts, v, side="right")) - 1
+            while v < hi:
+                shard = int(order[k])
+                end = min(hi, int(starts[k]) + int(self.counts[shard]))
+                if shard != last:
+                    yield shard
+                    last, quiet = shard, 0
+                pos += end - v
+                v = end
+                k += 1
+
 
 class _Shard:
-    __slots__ = ("index", "path", "keys", "data")
+    """A parsed shard: per sample, its raw .npy bytes (format 1), its row (format 2), or why it is unreadable."""
 
-    def __init__(self, index: int, path: Path, keys: list[str], data: list[bytes]):
-        self.index, self.path, self.keys, self.data = index, path, keys, data
+    __slots__ = ("index", "path", "names", "data")
+
+    def __init__(self, index: int, path: str, names: list[str], data: list):
+        self.index, self.path, self.names, self.data = index, path, names, data
+
+
+class _Retry(Exception):
+    """A download that came back incomplete or corrupted: tried again."""
+
+
+class _Prefetcher:
+    """Downloads the shards a reader will read next (`sequence`, in order), `depth` ahead, each in a daemon
+    thread (an abandoned download never holds up the process's exit); `get(index)` hands one over (downloading
+    it now if it was not foreseen)."""
+
+    def __init__(self, fetch: Callable[[int], bytes], sequence: Iterator[int], depth: int):
+        self.fetch, self.sequence, self.depth = fetch, sequence, depth
+        self.pending: deque = deque()  # (shard index, Future)
+        self.exhausted = False
+
+    def _start(self, index: int) -> Future:
+        fut: Future = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(self.fetch(index))
+            except BaseException as e:  # noqa: BLE001 - handed to the reader, which raises it
+                fut.set_exception(e)
+
+        threading.Thread(target=run, name=f"metalm-shard-{index}", daemon=True).start()
+        return fut
+
+    def _fill(self) -> None:
+        while len(self.pending) < self.depth and not self.exhausted:
+            try:
+                index = next(self.sequence)
+            except StopIteration:
+                self.exhausted = True
+                return
+            self.pending.append((index, self._start(index)))
+
+    def get(self, index: int) -> bytes:
+        self._fill()
+        if not any(i == index for i, _ in self.pending):
+            return self.fetch(index)
+        while self.pending[0][0] != index:
+            self.pending.popleft()
+        fut = self.pending.popleft()[1]
+        self._fill()  # the next ones download while the caller reads this one
+        return fut.result()
+
+    def close(self) -> None:
+        self.pending.clear()  # running downloads finish on their own; nothing waits for them
 
 
 class _ShardReader:
-    """Reads and checks shards (one cached), decodes and validates samples."""
+    """Reads (downloads) and checks shards (one cached), decodes and validates samples."""
 
-    def __init__(self, shards_dir: Path, manifest: dict, split: str, *, verify: bool, on_bad_sample: str):
-        self.dir = shards_dir
-        self.real_dir = Path(os.path.realpath(shards_dir))
+    def __init__(self, store: Store, manifest: dict, split: str, *, verify: bool, on_bad_sample: str,
+                 cache_dir: Optional[str] = None, read_ahead: int = READ_AHEAD, retries: int = RETRIES,
+                 backoff: float = RETRY_BACKOFF_S):
+        self.store = store
+        self.local = isinstance(store, LocalStore)
+        if self.local:
+            self.dir = store.root
+            self.real_dir = Path(os.path.realpath(store.root))
         self.manifest = manifest
+        self.version = manifest["version"]
+        self.per_member = manifest.get("samples_per_member", 1)
         self.split = split
         self.records = manifest["splits"][split]["shards"]
         self.verify = verify
@@ -144,13 +247,29 @@ class _ShardReader:
         self.vocab_size = manifest["vocab_size"]
         self.header = npy_header(self.sample_len, manifest["dtype"])
         self.expected_bytes = len(self.header) + self.sample_len * self.dtype.itemsize
+        self.cache_dir = cache_dir or None
+        self.read_ahead, self.retries, self.backoff = read_ahead, retries, backoff
+        self._prefetch: Optional[_Prefetcher] = None
         self._cached: _Shard | None = None
+        self._headers: dict[int, bytes] = {}
 
-    def load(self, index: int) -> _Shard:
-        if self._cached is not None and self._cached.index == index:
-            return self._cached
-        import webdataset as wds
+    # -- where the bytes come from
+    def follow(self, sequence: Iterator[int]) -> None:
+        """The shards this reader will load, in order: remote ones are downloaded `read_ahead` ahead."""
+        self.close()
+        if not self.local and self.read_ahead > 0:
+            self._prefetch = _Prefetcher(self._fetch, sequence, self.read_ahead)
 
+    def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
+
+    def _where(self, index: int) -> str:
+        rel = self.records[index]["path"]
+        return str(self.dir / rel) if self.local else self.store.url(rel)
+
+    def _read_local(self, index: int) -> bytes:
         rec = self.records[index]
         path = self.dir / rec["path"]
         real = self._inside(path)
@@ -158,12 +277,71 @@ class _ShardReader:
             data = real.read_bytes()
         except OSError as e:
             raise DataError(f"shard {path}: cannot read: {e.strerror or e}") from None
+        self._check_bytes(index, data, DataError)
+        return data
+
+    def _check_bytes(self, index: int, data: bytes, error: type) -> None:
+        rec, where = self.records[index], self._where(index)
         if len(data) != rec["bytes"]:
-            raise DataError(f"shard {path}: {len(data)} bytes, the manifest says {rec['bytes']} (truncated or "
-                            f"modified; re-run metalm-prepare)")
+            raise error(f"shard {where}: {len(data)} bytes, the manifest says {rec['bytes']} (truncated or "
+                        f"modified; re-run metalm-prepare)")
         if self.verify and hashlib.sha256(data).hexdigest() != rec["sha256"]:
-            raise DataError(f"shard {path}: sha256 differs from the manifest (corrupted or modified; re-run "
-                            f"metalm-prepare)")
+            raise error(f"shard {where}: sha256 differs from the manifest (corrupted or modified; re-run "
+                        f"metalm-prepare)")
+
+    def _fetch(self, index: int) -> bytes:
+        """A remote shard's bytes, checked: from the cache directory, else downloaded (with retries)."""
+        if self.local:
+            return self._read_local(index)
+        rel, where = self.records[index]["path"], self._where(index)
+        cached = cache_path(self.cache_dir, self.store.location, rel) if self.cache_dir else None
+        if cached is not None and cached.is_file():
+            data = cached.read_bytes()
+            try:
+                self._check_bytes(index, data, _Retry)
+                return data
+            except _Retry as e:
+                log.warning("cached copy %s of %s is unusable (%s); downloading it again", cached, where,
+                            str(e).split(": ", 1)[-1])
+                cached.unlink(missing_ok=True)
+
+        def attempt() -> bytes:
+            data = self.store.read_bytes(rel)
+            self._check_bytes(index, data, _Retry)
+            return data
+
+        def on_retry(n: int, e: BaseException, wait: float) -> None:
+            log.warning("shard %s: download failed (%s); retry %d of %d in %.1f s", where,
+                        str(e).split(": ", 1)[-1] if isinstance(e, _Retry) else describe(e), n, self.retries, wait)
+
+        try:
+            data = retry(attempt, attempts=self.retries + 1, what=where, backoff=self.backoff,
+                         give_up_on=(FileNotFoundError, PermissionError, StorageError), on_retry=on_retry)
+        except FileNotFoundError:
+            raise DataError(f"shard {where}: not found, although the manifest lists it (deleted, or the manifest "
+                            f"belongs to another preparation)") from None
+        except _Retry as e:
+            raise DataError(f"{e} (after {self.retries + 1} downloads)") from None
+        except Exception as e:  # noqa: BLE001 - any client error: the shard and the reason, one line
+            raise DataError(f"shard {where}: download failed after {self.retries + 1} attempts: "
+                            f"{describe(e)}") from None
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(cached, data)
+        return data
+
+    # -- parsing
+    def load(self, index: int) -> _Shard:
+        if self._cached is not None and self._cached.index == index:
+            return self._cached
+        data = self._prefetch.get(index) if self._prefetch is not None else self._fetch(index)
+        self._cached = self._parse(index, data)
+        return self._cached
+
+    def _parse(self, index: int, data: bytes) -> _Shard:
+        import webdataset as wds
+
+        rec, path = self.records[index], self._where(index)
         keys: list[str] = []
         blobs: list[bytes] = []
         meta = None
@@ -171,7 +349,7 @@ class _ShardReader:
             for entry in wds.tariterators.tar_file_iterator(io.BytesIO(data), skip_meta=None):
                 name = entry["fname"]
                 _check_member_name(path, name)
-                if name == "__meta__.json":
+                if name == "__meta__.json" and self.version == 1:
                     meta = parse_json(entry["data"], f"shard {path}: member __meta__.json")
                     if not isinstance(meta, dict):
                         raise DataError(f"shard {path}: member __meta__.json is not a JSON object")
@@ -185,17 +363,55 @@ class _ShardReader:
             raise
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             raise DataError(f"shard {path}: not a valid tar ({type(e).__name__}: {e})") from None
-        if meta is None:
-            raise DataError(f"shard {path}: no __meta__.json (not written by metalm-prepare)")
-        for field in ("tokenizer_hash", "seq_len", "dtype", "vocab_size"):
-            if meta.get(field) != self.manifest[field]:
-                what = "tokenizer hash mismatch" if field == "tokenizer_hash" else f"{field} mismatch"
-                raise DataError(f"shard {path}: {what}: the shard says {str(meta.get(field))[:16]!r}, the manifest "
-                                f"{str(self.manifest[field])[:16]!r} (shards from another preparation?)")
-        if len(keys) != rec["samples"]:
-            raise DataError(f"shard {path}: {len(keys)} samples, the manifest says {rec['samples']}")
-        self._cached = _Shard(index, path, keys, blobs)
-        return self._cached
+        if self.version == 1:
+            if meta is None:
+                raise DataError(f"shard {path}: no __meta__.json (not written by metalm-prepare)")
+            for field in ("tokenizer_hash", "seq_len", "dtype", "vocab_size"):
+                if meta.get(field) != self.manifest[field]:
+                    what = "tokenizer hash mismatch" if field == "tokenizer_hash" else f"{field} mismatch"
+                    raise DataError(f"shard {path}: {what}: the shard says {str(meta.get(field))[:16]!r}, the "
+                                    f"manifest {str(self.manifest[field])[:16]!r} (shards from another preparation?)")
+            names, samples = keys, blobs
+        else:
+            names, samples = self._blocks(path, rec["samples"], keys, blobs)
+        if len(samples) != rec["samples"]:
+            raise DataError(f"shard {path}: {len(samples)} samples, the manifest says {rec['samples']}")
+        return _Shard(index, path, names, samples)
+
+    def _blocks(self, path: str, total: int, keys: list[str], blobs: list[bytes]) -> tuple[list, list]:
+        """Format 2: the rows of each block member (a view each), or, for a block that does not decode as a
+        (rows, sample_len) array of the manifest's dtype, the reason, once per row it should hold."""
+        names: list[str] = []
+        rows: list = []
+        for b, (key, raw) in enumerate(zip(keys, blobs)):
+            expect = max(0, min(self.per_member, total - b * self.per_member))
+            header = self._block_header(expect)
+            block, why = None, None
+            if expect and len(raw) == len(header) + expect * self.sample_len * self.dtype.itemsize \
+                    and raw.startswith(header):
+                block = np.frombuffer(raw, dtype=self.dtype, offset=len(header)).reshape(expect, self.sample_len)
+            else:
+                try:
+                    arr = np.load(io.BytesIO(raw), allow_pickle=False)
+                except Exception as e:  # numpy raises ValueError/EOFError/OSError for malformed .npy bytes
+                    why = f"not a valid .npy array ({type(e).__name__}: {e})"
+                else:
+                    if arr.dtype != self.dtype:
+                        why = f"dtype {arr.dtype}, expected {self.dtype}"
+                    elif arr.ndim != 2 or arr.shape[1] != self.sample_len:
+                        why = f"shape {arr.shape}, expected (rows, {self.sample_len}) = (rows, seq_len + 1)"
+                    else:
+                        block = arr
+            count = len(block) if block is not None else expect
+            for r in range(count):
+                names.append(f"{len(rows)} (member {key}.npy row {r})")
+                rows.append(block[r] if block is not None else f"member {key}.npy: {why}")
+        return names, rows
+
+    def _block_header(self, rows: int) -> bytes:
+        if rows not in self._headers:
+            self._headers[rows] = npy_header(self.sample_len, self.dtype.str, rows=rows) if rows else b""
+        return self._headers[rows]
 
     def _inside(self, path: Path) -> Path:
         """The real path of shard `path`, which must lie inside the (real) shard directory; symlinks inside it are
@@ -210,7 +426,11 @@ class _ShardReader:
     def sample(self, shard: _Shard, r: int) -> np.ndarray | None:
         """The r-th sample of `shard`, validated; None if it is bad and bad samples are skipped."""
         raw = shard.data[r]
-        if len(raw) == self.expected_bytes and raw.startswith(self.header):
+        if isinstance(raw, str):
+            return self._bad(shard, r, raw)
+        if isinstance(raw, np.ndarray):
+            arr = raw
+        elif len(raw) == self.expected_bytes and raw.startswith(self.header):
             arr = np.frombuffer(raw, dtype=self.dtype, offset=len(self.header))
         else:
             try:
@@ -227,7 +447,8 @@ class _ShardReader:
         return arr
 
     def _bad(self, shard: _Shard, r: int, why: str) -> None:
-        msg = f"shard {shard.path} sample {shard.keys[r]!r}: {why}"
+        name = shard.names[r]
+        msg = f"shard {shard.path} sample {name if self.version >= 2 else repr(name)}: {why}"
         if not self.skip_bad:
             raise DataError(msg)
         log.warning("skipping bad sample: %s", msg)
@@ -255,38 +476,43 @@ def _batches(plan: _Plan, reader: _ShardReader, slot: int, start: int, skipped: 
     buf: list[np.ndarray] = []
     pos = start
     reported = skipped
-    for pos, shard_index, r in plan.stream(slot, start, infinite):
-        arr = reader.sample(reader.load(shard_index), r)
-        if arr is None:
-            skipped += 1
-            continue
-        buf.append(arr)
-        if len(buf) == micro_batch:
+    reader.follow(plan.shard_sequence(slot, start, infinite))
+    try:
+        for pos, shard_index, r in plan.stream(slot, start, infinite):
+            arr = reader.sample(reader.load(shard_index), r)
+            if arr is None:
+                skipped += 1
+                continue
+            buf.append(arr)
+            if len(buf) == micro_batch:
+                yield np.stack(buf).astype(np.int64), pos, skipped
+                reported = skipped
+                buf = []
+        if buf:
             yield np.stack(buf).astype(np.int64), pos, skipped
-            reported = skipped
-            buf = []
-    if buf:
-        yield np.stack(buf).astype(np.int64), pos, skipped
-    elif skipped != reported:
-        yield None, pos, skipped
+        elif skipped != reported:
+            yield None, pos, skipped
+    finally:
+        reader.close()
 
 
 class _WorkerStreams(IterableDataset):
     """DataLoader dataset: worker i serves logical worker (i + first) % W from its saved position."""
 
     def __init__(self, loader: "ShardLoader", first: int, positions: list[int], skipped: list[int], infinite: bool):
-        self.args = (loader._manifest_dir, loader.manifest, loader.split, loader.world_size, loader.workers,
+        self.args = (loader.store, loader.manifest, loader.split, loader.world_size, loader.workers,
                      loader.seed, loader.shuffle, loader.verify, loader.on_bad_sample)
+        self.fetch = loader._fetch_settings
         self.rank, self.micro_batch = loader.rank, loader.micro_batch
         self.first, self.positions, self.skipped, self.infinite = first, positions, skipped, infinite
 
     def __iter__(self):
         info = get_worker_info()
         wid = 0 if info is None else info.id
-        shards_dir, manifest, split, world_size, workers, seed, shuffle, verify, on_bad = self.args
+        store, manifest, split, world_size, workers, seed, shuffle, verify, on_bad = self.args
         lw = (wid + self.first) % workers
         plan = _Plan(manifest, split, world_size, workers, seed, shuffle, equal_ranks=not self.infinite)
-        reader = _ShardReader(shards_dir, manifest, split, verify=verify, on_bad_sample=on_bad)
+        reader = _ShardReader(store, manifest, split, verify=verify, on_bad_sample=on_bad, **self.fetch)
         slot = self.rank * workers + lw
         for batch, pos, skipped in _batches(plan, reader, slot, self.positions[lw], self.skipped[lw], self.infinite,
                                             self.micro_batch):
@@ -304,7 +530,9 @@ class ShardLoader:
     def __init__(self, shards_dir: str | Path, *, split: str = "train", seq_len: int, micro_batch: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0, shuffle: bool = True,
                  on_bad_sample: str = "error", verify: bool = True, expected_tokenizer_hash: str | None = None,
-                 pin_memory: bool = False, prefetch_factor: int = 2, mp_context: str | None = None):
+                 pin_memory: bool = False, prefetch_factor: int = 2, mp_context: str | None = None,
+                 cache_dir: str | None = None, read_ahead: int = READ_AHEAD, retries: int = RETRIES,
+                 retry_backoff_s: float = RETRY_BACKOFF_S):
         if split not in SPLITS:
             raise DataError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
         if not 0 <= rank < world_size:
@@ -315,8 +543,18 @@ class ShardLoader:
             raise DataError(f"num_workers={num_workers}: expected >= 0")
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise DataError(f"on_bad_sample={on_bad_sample!r}: expected {' or '.join(ON_BAD_SAMPLE)}")
-        self._manifest_dir = Path(shards_dir)
-        self.manifest = load_manifest(self._manifest_dir, expected_tokenizer_hash=expected_tokenizer_hash)
+        if read_ahead < 0 or retries < 0:
+            raise DataError(f"read_ahead={read_ahead}, retries={retries}: expected integers >= 0")
+        try:
+            self.store = open_store(shards_dir)
+        except OSError as e:
+            raise DataError(describe(e)) from None
+        self._manifest_dir = self.store.root if isinstance(self.store, LocalStore) else self.store.location
+        self.manifest, self._tokenizer_bytes = read_manifest(self.store,
+                                                             expected_tokenizer_hash=expected_tokenizer_hash)
+        self.cache_dir = str(cache_dir) if cache_dir else None
+        self._fetch_settings = {"cache_dir": self.cache_dir, "read_ahead": int(read_ahead), "retries": int(retries),
+                                "backoff": float(retry_backoff_s)}
         if self.manifest["seq_len"] != seq_len:
             raise DataError(f"{self._manifest_dir}: shards hold seq_len={self.manifest['seq_len']} (+1) samples, "
                             f"the loader was asked for seq_len={seq_len}")
@@ -349,6 +587,19 @@ class ShardLoader:
     # -- properties ---------------------------------------------------------------------------------------
     def _slot(self, worker: int) -> int:
         return self.rank * self.workers + worker
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """A local file holding the shards' tokenizer.json: the file itself for local shards; for remote ones a
+        copy (in cache_dir, else in the temporary directory), named by its sha256."""
+        if isinstance(self.store, LocalStore):
+            return self.store.path(self.manifest["tokenizer_file"])
+        base = Path(self.cache_dir) if self.cache_dir else Path(os.environ.get("TMPDIR", "/tmp")) / f"metalm-{os.getuid()}"
+        path = base / "tokenizers" / f"{self.manifest['tokenizer_hash']}.json"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, self._tokenizer_bytes)
+        return path
 
     @property
     def special_ids(self) -> dict:
@@ -402,8 +653,8 @@ class ShardLoader:
     def _iterate(self, first: int, positions: list[int], skipped: list[int], track: bool) -> Iterator[torch.Tensor]:
         if self.num_workers == 0:
             plan = self.plan
-            reader = _ShardReader(self._manifest_dir, self.manifest, self.split, verify=self.verify,
-                                  on_bad_sample=self.on_bad_sample)
+            reader = _ShardReader(self.store, self.manifest, self.split, verify=self.verify,
+                                  on_bad_sample=self.on_bad_sample, **self._fetch_settings)
             for batch, pos, skip in _batches(plan, reader, self._slot(0), positions[0], skipped[0], self.infinite,
                                              self.micro_batch):
                 self._skipped[0] = skip
@@ -484,8 +735,9 @@ class ShardLoader:
 def build_loader(d, *, split: str, seq_len: int, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1,
                  **overrides: Any) -> ShardLoader:
     """The loader for `split` of ``d.shards`` (``d``: the data config section); `overrides` replace the
-    section's loader settings (num_workers, shuffle, on_bad_sample, verify)."""
+    section's loader settings (num_workers, shuffle, on_bad_sample, verify, cache_dir, read_ahead, retries)."""
     settings = {"num_workers": int(d.num_workers), "shuffle": bool(d.shuffle), "on_bad_sample": str(d.on_bad_sample),
-                "verify": bool(d.verify_shards), **overrides}
+                "verify": bool(d.verify_shards), "cache_dir": str(d.cache_dir) or None,
+                "read_ahead": int(d.read_ahead), "retries": int(d.retries), **overrides}
     return ShardLoader(d.shards, split=split, seq_len=int(seq_len), micro_batch=int(micro_batch), seed=int(seed),
                        rank=rank, world_size=world_size, **settings)

@@ -8,9 +8,18 @@ Layout of a prepared directory::
     train/shard-000000.tar train/shard-000000.json (per-shard record: samples, bytes, sha256, stream cursor)
     val/shard-000000.tar   ...
 
-Each tar holds ``__meta__.json`` (split, shard index, seq_len, dtype, vocab size, tokenizer hash) and then
-one sample per key ``000000``, ``000001``, ...: ``<key>.npy``, a 1-D array of ``seq_len + 1`` token ids
-(uint16 when the vocabulary fits, else int32).
+Format version 2 (written now): each tar holds blocks of samples, one per key ``000000``, ``000001``, ...:
+``<key>.npy``, a 2-D array of ``samples_per_member`` rows (fewer in a shard's last block) of ``seq_len + 1``
+token ids (uint16 when the vocabulary fits, else int32). Nothing else: the per-shard metadata lives in the
+manifest and the ``shard-NNNNNN.json`` records, so a plain WebDataset pipeline reads the shards
+(``WebDataset(url).decode().to_tuple("npy")`` gives the blocks; ``.unbatched()`` after it, single samples), and a
+block of 64 KiB keeps the tar's per-member overhead (a 512-byte header, padding to 512 bytes) near 1%.
+
+Version 1 (read, no longer written): ``__meta__.json`` (split, shard index, seq_len, dtype, vocab size,
+tokenizer hash) first, then one 1-D sample per member, about 4x the token bytes at seq_len 128.
+
+The directory can be any storage location (`metalm.storage`): a local path, or a URL (s3://, gs://, https://,
+pipe:...) from which the manifest and the tokenizer are read the same way.
 """
 from __future__ import annotations
 
@@ -19,11 +28,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+import hashlib
+
 from metalm.data.errors import DataError, UnsafePathError, parse_json
-from metalm.fsutil import file_sha256
+from metalm.storage import LocalStore, Store, describe, open_store
 
 FORMAT = "metalm-shards"
-VERSION = 1
+VERSION = 2  # written by metalm-prepare
+READ_VERSIONS = (1, 2)  # read by the loader
+MEMBER_BYTES = 1 << 16  # version 2: samples per tar member chosen so that a member holds about this many bytes
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 PREPARE_STATE = "prepare.json"
@@ -81,8 +94,14 @@ def validate_manifest(man: Any, where: str) -> dict:
             raise DataError(f"{where}: field {key!r}={man[key]!r} should be {typ.__name__}")
     if man["format"] != FORMAT:
         raise DataError(f"{where}: format {man['format']!r} is not {FORMAT!r}")
-    if man["version"] != VERSION:
-        raise DataError(f"{where}: version {man['version']} is not supported (this metalm reads {VERSION})")
+    if man["version"] not in READ_VERSIONS:
+        raise DataError(f"{where}: version {man['version']} is not supported (this metalm reads versions "
+                        f"{', '.join(map(str, READ_VERSIONS))}; re-run metalm-prepare)")
+    if man["version"] >= 2:
+        spm = man.get("samples_per_member")
+        if not _is_int(spm) or spm <= 0:
+            raise DataError(f"{where}: samples_per_member={spm!r} should be a positive integer (version 2 shards "
+                            f"hold blocks of samples)")
     if man["seq_len"] <= 0 or man["sample_len"] != man["seq_len"] + 1:
         raise DataError(f"{where}: sample_len={man['sample_len']} should be seq_len + 1 = {man['seq_len'] + 1}")
     if man["dtype"] not in DTYPES:
@@ -119,34 +138,62 @@ def validate_manifest(man: Any, where: str) -> dict:
     return man
 
 
-def load_manifest(shards_dir: str | os.PathLike, *, expected_tokenizer_hash: str | None = None,
+def samples_per_member(sample_len: int, dtype: str) -> int:
+    """Version 2: the samples per tar member, so that a member holds about MEMBER_BYTES of tokens."""
+    import numpy as np
+
+    return max(1, MEMBER_BYTES // (sample_len * np.dtype(dtype).itemsize))
+
+
+def load_manifest(shards_dir: str | os.PathLike | Store, *, expected_tokenizer_hash: str | None = None,
                   check_tokenizer_file: bool = True) -> dict:
-    """Read and validate ``<shards_dir>/manifest.json``.
+    """Read and validate ``<shards_dir>/manifest.json`` (a local directory, a URL or a `Store`).
 
     Also checks that the saved tokenizer.json hashes to the manifest's tokenizer_hash, and (when given)
     that this hash is `expected_tokenizer_hash` (e.g. the tokenizer a model was trained with).
     """
-    shards_dir = Path(shards_dir)
-    path = shards_dir / MANIFEST
+    return read_manifest(shards_dir, expected_tokenizer_hash=expected_tokenizer_hash,
+                         check_tokenizer_file=check_tokenizer_file)[0]
+
+
+def read_manifest(shards_dir: str | os.PathLike | Store, *, expected_tokenizer_hash: str | None = None,
+                  check_tokenizer_file: bool = True) -> tuple[dict, bytes | None]:
+    """(the manifest, the tokenizer.json bytes it was checked against, or None without check_tokenizer_file)."""
+    store = shards_dir if isinstance(shards_dir, Store) else _store(shards_dir)
+    path = store.path(MANIFEST) if isinstance(store, LocalStore) else store.url(MANIFEST)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = store.read_bytes(MANIFEST).decode("utf-8")
     except FileNotFoundError:
         raise DataError(f"{path}: no manifest (the directory was never prepared, or preparation did not "
                         f"finish); run metalm-prepare") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise DataError(f"{path}: cannot read: {e}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {describe(e) if store.local is False else e}") from None
     man = parse_json(text, str(path))
     validate_manifest(man, str(path))
+    tok_bytes = None
     if check_tokenizer_file:
-        tok_path = shards_dir / man["tokenizer_file"]
+        tok_path = store.path(man["tokenizer_file"]) if isinstance(store, LocalStore) else \
+            store.url(man["tokenizer_file"])
         try:
-            actual = file_sha256(tok_path)
+            tok_bytes = store.read_bytes(man["tokenizer_file"])
         except OSError as e:
-            raise DataError(f"{tok_path}: the tokenizer saved with the shards cannot be read: {e}") from None
+            why = e if store.local else describe(e)
+            raise DataError(f"{tok_path}: the tokenizer saved with the shards cannot be read: {why}") from None
+        actual = hashlib.sha256(tok_bytes).hexdigest()
         if actual != man["tokenizer_hash"]:
             raise DataError(f"{tok_path}: tokenizer hash mismatch: the file hashes to {actual[:16]}..., the "
                             f"manifest says {man['tokenizer_hash'][:16]}...")
     if expected_tokenizer_hash is not None and expected_tokenizer_hash != man["tokenizer_hash"]:
         raise DataError(f"{path}: tokenizer hash mismatch: shards were made with {man['tokenizer_hash'][:16]}..., "
                         f"expected {expected_tokenizer_hash[:16]}... (a different tokenizer or added tokens)")
-    return man
+    return man, tok_bytes
+
+
+def _store(location: str | os.PathLike) -> Store:
+    """open_store, with its errors (a missing package, a bad URL) as DataError naming the location."""
+    try:
+        return open_store(location)
+    except OSError as e:
+        raise DataError(describe(e)) from None

@@ -1,22 +1,23 @@
 """Packing token streams into fixed-length samples and writing them as WebDataset shards.
 
-A shard is a plain tar: ``__meta__.json``, then one ``NNNNNN.npy`` member per ``seq_len + 1`` sample, written
-to a temporary name and renamed; its record ``shard-NNNNNN.json`` (samples, bytes, sha256, stream cursors) follows,
-so a shard without a record, or whose bytes differ from it, is not finished and is rewritten.
+A shard (format version 2) is a plain tar of ``NNNNNN.npy`` members, each a block of ``samples_per_member``
+samples of ``seq_len + 1`` tokens (a 2-D array; the last block of a shard may be shorter), written atomically
+through the storage layer (a temporary name and a rename locally; one complete object in a bucket). Its record
+``shard-NNNNNN.json`` (samples, bytes, sha256, stream cursors) follows, so a shard without a record, or whose
+bytes differ from it, is not finished and is rewritten.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import itertools
+import json
 import tarfile
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 
-from metalm.fsutil import file_sha256, write_atomic, write_json_atomic
+from metalm.storage import Store
 
 
 class Packer:
@@ -59,12 +60,14 @@ class Packer:
         return out
 
 
-def npy_header(sample_len: int, dtype: str) -> bytes:
-    """The .npy header of a 1-D array of `sample_len` `dtype` values (identical for every sample)."""
+def npy_header(sample_len: int, dtype: str, rows: int | None = None) -> bytes:
+    """The .npy header of a 1-D array of `sample_len` `dtype` values (identical for every sample), or with
+    `rows`, of a (rows, sample_len) block."""
+    shape = (sample_len,) if rows is None else (rows, sample_len)
     buf = io.BytesIO()
-    np.save(buf, np.zeros(sample_len, dtype=dtype), allow_pickle=False)
+    np.save(buf, np.zeros(shape, dtype=dtype), allow_pickle=False)
     data = buf.getvalue()
-    return data[: len(data) - sample_len * np.dtype(dtype).itemsize]
+    return data[: len(data) - int(np.prod(shape)) * np.dtype(dtype).itemsize]
 
 
 def tar_member(out: list, name: str, data: bytes) -> None:
@@ -78,32 +81,30 @@ def tar_member(out: list, name: str, data: bytes) -> None:
     out.append(b"\0" * (-len(data) % tarfile.BLOCKSIZE))
 
 
-def write_shard(path: Path, samples: list[np.ndarray], meta: dict) -> tuple[int, str]:
-    """Write a shard tar (``__meta__.json`` then ``NNNNNN.npy`` samples) atomically; return (bytes, sha256).
+def shard_bytes(samples: list[np.ndarray], sample_len: int, dtype: str, per_member: int) -> bytes:
+    """The tar of `samples` in blocks of `per_member` (format version 2).
 
     The layout is WebDataset's (members grouped by key, ``<key>.<ext>``), a plain USTAR archive: headers
     come from `tarfile.TarInfo` and are laid out here directly (tarfile's writer costs ~0.2 ms per member;
     webdataset's TarWriter would also import torch into the tokenizer processes).
     """
-    header = npy_header(meta["sample_len"], meta["dtype"])
     parts: list = []
-    tar_member(parts, "__meta__.json", json.dumps(meta, sort_keys=True).encode())
-    for i, sample in enumerate(samples):
-        tar_member(parts, f"{i:06d}.npy", header + sample.tobytes())
+    for key, lo in enumerate(range(0, len(samples), per_member)):
+        block = np.stack(samples[lo:lo + per_member]).astype(dtype, copy=False)
+        tar_member(parts, f"{key:06d}.npy", npy_header(sample_len, dtype, rows=len(block)) + block.tobytes())
     size = sum(len(x) for x in parts) + 2 * tarfile.BLOCKSIZE  # end of archive: two zero blocks
     parts.append(b"\0" * (2 * tarfile.BLOCKSIZE + (-size % tarfile.RECORDSIZE)))  # padded like tarfile does
-    data = b"".join(parts)
-    write_atomic(path, data)
-    return len(data), hashlib.sha256(data).hexdigest()
+    return b"".join(parts)
 
 
 class SplitWriter:
-    def __init__(self, out_dir: Path, split: str, sample_len: int, samples_per_shard: int, meta: dict,
-                 finished: list[dict]):
-        self.dir = out_dir / split
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, store: Store, split: str, sample_len: int, samples_per_shard: int, meta: dict,
+                 finished: list[dict], samples_per_member: int):
+        self.store = store
+        store.makedirs(split)
         self.split = split
         self.samples_per_shard = samples_per_shard
+        self.samples_per_member = samples_per_member
         self.meta = dict(meta, split=split)
         self.shards = list(finished)
         self.reused = len(finished)
@@ -134,25 +135,29 @@ class SplitWriter:
         index = len(self.shards)
         name = f"shard-{index:06d}.tar"
         n = len(self.pending)
-        nbytes, sha = write_shard(self.dir / name, self.pending, dict(self.meta, shard=index, samples=n))
+        data = shard_bytes(self.pending, self.packer.sample_len, self.meta["dtype"], self.samples_per_member)
+        self.store.write_bytes(f"{self.split}/{name}", data)
         record = {"path": f"{self.split}/{name}", "samples": n, "tokens": n * self.packer.sample_len,
-                  "bytes": nbytes, "sha256": sha, "start": self.pending_start, "end": self.packer.cursor()}
-        write_json_atomic(self.dir / f"shard-{index:06d}.json", record)
+                  "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "start": self.pending_start,
+                  "end": self.packer.cursor()}
+        self.store.write_bytes(f"{self.split}/shard-{index:06d}.json",
+                               (json.dumps(record, indent=1) + "\n").encode())
         self.shards.append(record)
         self.pending = []
         self.pending_start = None
 
 
-def finished_shards(split_dir: Path) -> list[dict]:
-    """The longest prefix of shards whose record exists and whose tar matches it (size and sha256)."""
+def finished_shards(store: Store, split: str) -> list[dict]:
+    """The longest prefix of shards whose record exists and whose tar matches it: size and sha256 in a local
+    directory; size in a bucket (each object there appeared complete, and its record was written after it)."""
     out: list[dict] = []
     for index in itertools.count():
-        rec_path = split_dir / f"shard-{index:06d}.json"
-        tar_path = split_dir / f"shard-{index:06d}.tar"
+        rec_rel, tar_rel = f"{split}/shard-{index:06d}.json", f"{split}/shard-{index:06d}.tar"
         try:
-            rec = json.loads(rec_path.read_text())
-            ok = (tar_path.stat().st_size == rec["bytes"] and file_sha256(tar_path) == rec["sha256"]
-                  and rec["path"] == f"{split_dir.name}/{tar_path.name}")
+            rec = json.loads(store.read_bytes(rec_rel))
+            ok = store.size(tar_rel) == rec["bytes"] and rec["path"] == tar_rel
+            if ok and store.local:
+                ok = hashlib.sha256(store.read_bytes(tar_rel)).hexdigest() == rec["sha256"]
         except (OSError, ValueError, KeyError, TypeError):
             ok = False
         if not ok:
@@ -161,17 +166,15 @@ def finished_shards(split_dir: Path) -> list[dict]:
     return out
 
 
-def remove_stale(split_dir: Path, keep: int) -> None:
-    if not split_dir.is_dir():
-        return
-    for p in split_dir.iterdir():
-        name = p.name
+def remove_stale(store: Store, split: str, keep: int) -> None:
+    """Remove temporary files and the shards (and records) from index `keep` on: what an interrupted run left."""
+    for name in store.list(split):
         if name.startswith(".shard-") and ".tmp" in name:
-            p.unlink()
+            store.remove(f"{split}/{name}")
         elif name.startswith("shard-") and name.endswith((".tar", ".json")):
             try:
                 index = int(name[6:12])
             except ValueError:
                 continue
             if index >= keep:
-                p.unlink()
+                store.remove(f"{split}/{name}")

@@ -10,6 +10,10 @@ A source spec is one of
   ``wiki-vital-en-fr-es.jsonl``).
 * a file, a directory or a glob (``**`` allowed). Files are read in sorted path order; a directory means
   every supported file below it, unless it is a dataset saved by Hugging Face ``datasets``.
+* the same as a URL (`metalm.storage`): ``s3://bucket/docs/*.jsonl.gz``, ``gs://bucket/corpus/``,
+  ``hf://datasets/ORG/NAME/data/*.parquet`` (Hugging Face hub datasets, through huggingface_hub), or
+  ``https://host/file.jsonl`` (one file: HTTP cannot list or glob). Remote files are streamed, never
+  written to a local directory named after the URL.
 
 File formats, by name:
 
@@ -40,6 +44,7 @@ from typing import Iterator, Union
 
 from metalm.config import TEXT_SPLITS
 from metalm.data.errors import DataError, parse_json
+from metalm.storage import describe, filesystem, is_pipe, is_url
 
 Document = Union[str, list]  # text, or token ids for pretokenized sources
 
@@ -49,6 +54,71 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TEXT_SUFFIXES = (".txt", ".md")
 PARQUET_SUFFIXES = (".parquet",)
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+
+
+class RemotePath:
+    """A file or folder behind an fsspec URL, with the few `Path` methods the readers below use (name, /,
+    is_file, is_dir, stat, read_text, read_bytes, open, rglob); str() is its URL."""
+
+    def __init__(self, fs, path: str):
+        self.fs, self.path = fs, path.rstrip("/")
+        self.name = self.path.rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return self.fs.unstrip_protocol(self.path)
+
+    def __repr__(self) -> str:
+        return f"RemotePath({str(self)!r})"
+
+    def __lt__(self, other: "RemotePath") -> bool:
+        return self.path < other.path
+
+    def __truediv__(self, rel: str) -> "RemotePath":
+        return RemotePath(self.fs, f"{self.path}/{rel}")
+
+    def is_file(self) -> bool:
+        return bool(self.fs.isfile(self.path))
+
+    def is_dir(self) -> bool:
+        return bool(self.fs.isdir(self.path))
+
+    def stat(self):
+        class _Stat:
+            st_size = int(self.fs.size(self.path))
+        return _Stat()
+
+    def read_bytes(self) -> bytes:
+        return self.fs.cat_file(self.path)
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def open(self, mode: str = "rb"):
+        return self.fs.open(self.path, mode)
+
+    def rglob(self, pattern: str) -> list["RemotePath"]:
+        suffix = pattern.lstrip("*")
+        return [RemotePath(self.fs, p) for p in sorted(self.fs.find(self.path)) if p.endswith(suffix)]
+
+
+def _as_path(path) -> Path | RemotePath:
+    """A local Path, or a RemotePath for a URL (given as a string or already one)."""
+    if isinstance(path, RemotePath):
+        return path
+    if is_url(str(path)):
+        fs, inner = _remote_fs(str(path))
+        return RemotePath(fs, inner)
+    return Path(path)
+
+
+def _remote_fs(url: str):
+    if is_pipe(url):
+        raise DataError(f"source {url!r}: pipe: serves shards to the loader, not documents to metalm-prepare; "
+                        f"give a path or a URL (s3://, gs://, https://, hf://)")
+    try:
+        return filesystem(url)
+    except OSError as e:
+        raise DataError(f"source {url!r}: {describe(e)}") from None
 
 
 def _base_suffix(path: Path) -> str:
@@ -105,8 +175,42 @@ def _parse_builtin(source: str) -> list[str] | None:
     return langs
 
 
+def _resolve_remote(source: str) -> list[RemotePath]:
+    fs, inner = _remote_fs(source)
+    web = source.split("://", 1)[0].lower() in ("http", "https")
+    try:
+        if any(ch in inner for ch in "*?[") and not web:
+            matches = [RemotePath(fs, p) for p in sorted(fs.glob(inner))]
+            files = [p for p in matches if (_kind(p) and p.is_file()) or (p.is_dir() and _is_hf_dataset_dir(p))]
+            if not files:
+                raise DataError(f"source {source!r}: the glob matches no supported file "
+                                f"(jsonl/json/ndjson[.gz], txt/md[.gz], parquet, or a saved HF dataset)")
+            return files
+        path = RemotePath(fs, inner)
+        if not web and path.is_dir():
+            if _is_hf_dataset_dir(path):
+                return [path]
+            files = [RemotePath(fs, p) for p in sorted(fs.find(inner)) if _kind(RemotePath(fs, p))]
+            if not files:
+                raise DataError(f"source {source!r}: the directory holds no supported file")
+            return files
+        if path.is_file():
+            if _kind(path) is None:
+                raise DataError(f"source {source!r}: unsupported file type (expected jsonl/json/ndjson[.gz], "
+                                f"txt/md[.gz] or parquet)")
+            return [path]
+    except DataError:
+        raise
+    except OSError as e:
+        raise DataError(f"source {source!r}: cannot list it: {describe(e)}") from None
+    raise DataError(f"source {source!r}: no such file or directory" + (" (an http(s):// source names one file: "
+                    "HTTP cannot list or glob)" if web else ""))
+
+
 def resolve_files(source: str) -> list[Path]:
     """The files (or HF dataset folders) a path/glob source spec names, sorted; DataError if none."""
+    if is_url(source):
+        return _resolve_remote(source)  # type: ignore[return-value]
     if any(ch in source for ch in "*?["):
         matches = sorted(Path(p) for p in _glob.glob(os.path.expanduser(source), recursive=True))
         files = [p for p in matches if (p.is_file() and _kind(p)) or (p.is_dir() and _is_hf_dataset_dir(p))]
@@ -170,18 +274,20 @@ def iter_documents(source: str, *, text_field: str = "text", text_split: str = "
             yield from iter_parquet(path, text_field=text_field)
 
 
-def _open_binary(path: Path):
+def _open_binary(path: Path | RemotePath):
     try:
-        if path.name.lower().endswith(".gz"):
-            return gzip.open(path, "rb")
-        return open(path, "rb")
+        gz = path.name.lower().endswith(".gz")
+        if isinstance(path, RemotePath):  # streamed through fsspec (block-wise reads)
+            f = path.open("rb")
+            return gzip.GzipFile(fileobj=f, mode="rb") if gz else f
+        return gzip.open(path, "rb") if gz else open(path, "rb")
     except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise DataError(f"{path}: cannot read: {e.strerror or describe(e)}") from None
 
 
 def iter_jsonl(path: str | os.PathLike, *, text_field: str = "text") -> Iterator[str]:
     """Documents of a JSON-lines file (optionally gzip): the string under `text_field` of each object."""
-    path = Path(path)
+    path = _as_path(path)
     lineno = 0
     with _open_binary(path) as f:
         try:
@@ -209,7 +315,7 @@ def iter_jsonl(path: str | os.PathLike, *, text_field: str = "text") -> Iterator
 
 def iter_text(path: str | os.PathLike, *, text_split: str = "file") -> Iterator[str]:
     """Documents of a plain-text file: the whole file, or blank-line separated blocks."""
-    path = Path(path)
+    path = _as_path(path)
     with _open_binary(path) as f:
         try:
             data = f.read()
@@ -285,9 +391,9 @@ def iter_parquet(path: str | os.PathLike, *, text_field: str = "text", batch_row
     """Documents of a parquet file: a text column, or token lists from an integer-list column."""
     import pyarrow.parquet as pq
 
-    path = Path(path)
+    path = _as_path(path)
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path.open("rb") if isinstance(path, RemotePath) else path)
     except OSError as e:
         raise DataError(f"{path}: cannot read as parquet: {e}") from None
     except Exception as e:  # pyarrow raises ArrowInvalid (a ValueError) for non-parquet bytes
@@ -306,7 +412,7 @@ def _arrow_batches(path: Path):
     import pyarrow as pa
 
     try:
-        source = pa.memory_map(str(path), "r")
+        source = pa.BufferReader(path.read_bytes()) if isinstance(path, RemotePath) else pa.memory_map(str(path), "r")
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e}") from None
     try:
@@ -323,7 +429,7 @@ def _arrow_batches(path: Path):
 
 def iter_hf_dataset(path: str | os.PathLike, *, text_field: str = "text") -> Iterator[Document]:
     """Documents of a `datasets` folder saved with save_to_disk, read through pyarrow."""
-    path = Path(path)
+    path = _as_path(path)
     if (path / "dataset_dict.json").is_file():
         try:
             splits = json.loads((path / "dataset_dict.json").read_text())["splits"]

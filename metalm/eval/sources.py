@@ -2,16 +2,23 @@
 
 A source lists the complete checkpoints under its root (those with a COMPLETE marker) and snapshots the files
 an evaluation reads into a local directory (hard links for local checkpoints, downloads for URLs), so that a
-checkpoint pruned by the trainer mid-evaluation is still evaluated from its snapshot.
+checkpoint pruned by the trainer mid-evaluation is still evaluated from its snapshot. The snapshot includes the
+marker, so the evaluation verifies the very files it reads against the sizes and sha256s recorded at save time.
+
+A file missing from a snapshot means one of two things. The checkpoint is gone (pruned: the trainer renames a
+checkpoint out of the way before deleting it): `Vanished`, and it is skipped. Or the directory and its marker
+are still there, and still so `recheck_s` seconds later: the checkpoint is broken (a file deleted or never
+written), a `CheckpointError` naming it and the file, which the watcher records once.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from metalm.checkpoint import MARKER, STEP_RE
+from metalm.checkpoint import MARKER, STEP_RE, CheckpointError
 
 REQUIRED_FILES = (MARKER, "trainer_state.json", "config.yaml", "model.safetensors")
 OPTIONAL_FILES = ("tokenizer.json",)
@@ -20,6 +27,13 @@ OPTIONAL_FILES = ("tokenizer.json",)
 class Vanished(RuntimeError):
     """The checkpoint disappeared (e.g. pruned by keep_last_k) before it could be snapshotted."""
 
+
+RECHECK_S = 1.0  # how long a checkpoint missing a file must stay so (its marker still there) to count as broken
+
+
+def _broken(where: str, name: str) -> CheckpointError:
+    return CheckpointError(f"{where} is not a usable checkpoint: {name} is missing, although its {MARKER} "
+                           f"marker is there (deleted after the save, or never written)")
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,11 @@ class LocalSource:
 
     def __init__(self, root: str):
         self.given = Path(root[len("file://"):] if root.startswith("file://") else root)
+        self.recheck_s = RECHECK_S
+
+    def exists(self) -> bool:
+        """The directory given exists (the run, or its checkpoints/ directory)."""
+        return self.given.is_dir()
 
     @property
     def root(self) -> Path:
@@ -58,8 +77,9 @@ class LocalSource:
         return sorted((p.name, str(p)) for p in root.iterdir() if STEP_RE.match(p.name) and p.is_dir())
 
     def complete(self, location: str) -> bool:
-        p = Path(location)
-        return (p / MARKER).is_file() and (p / "trainer_state.json").is_file()
+        """The save finished: the COMPLETE marker (written last) is there. Whether the files it records are
+        too is the snapshot's and the evaluation's question."""
+        return (Path(location) / MARKER).is_file()
 
     def snapshot(self, ref: Ref, dest: Path) -> None:
         src = Path(ref.location)
@@ -78,18 +98,33 @@ class LocalSource:
             except FileNotFoundError:
                 if name in OPTIONAL_FILES and (src / MARKER).is_file():
                     continue
+                if self._stays_missing(src, name):
+                    raise _broken(str(src), name) from None
                 raise Vanished(f"{src} disappeared while being snapshotted ({name} missing)") from None
+
+    def _stays_missing(self, src: Path, name: str) -> bool:
+        """`name` is missing while the checkpoint and its marker are still there, and still so after recheck_s
+        (a prune renames the directory away first, so it is not one in progress)."""
+        for wait in (0.0, self.recheck_s):
+            time.sleep(wait)
+            if not (src / MARKER).is_file() or (src / name).exists():
+                return False
+        return True
 
 
 class FsspecSource:
     """Any fsspec URL (s3://, gs://, memory://, ...); complete checkpoints are downloaded before reading."""
 
     def __init__(self, url: str):
-        import fsspec
+        from metalm.storage import filesystem
 
-        self.fs, path = fsspec.core.url_to_fs(url)
+        self.fs, path = filesystem(url)  # StorageError naming a missing package; listings are never cached
         self.given = path.rstrip("/")
         self.url = url
+        self.recheck_s = RECHECK_S
+
+    def exists(self) -> bool:
+        return bool(self.fs.isdir(self.given))
 
     @property
     def path(self) -> str:
@@ -113,7 +148,7 @@ class FsspecSource:
         return sorted(out)
 
     def complete(self, location: str) -> bool:
-        return self.fs.exists(f"{location}/{MARKER}") and self.fs.exists(f"{location}/trainer_state.json")
+        return self.fs.exists(f"{location}/{MARKER}")
 
     def snapshot(self, ref: Ref, dest: Path) -> None:
         if not self.complete(ref.location):
@@ -126,7 +161,17 @@ class FsspecSource:
             except FileNotFoundError:
                 if name in OPTIONAL_FILES and self.fs.exists(f"{ref.location}/{MARKER}"):
                     continue
+                if self._stays_missing(ref.location, name):
+                    raise _broken(ref.location, name) from None
                 raise Vanished(f"{ref.location} disappeared while being downloaded ({name} missing)") from None
+
+    def _stays_missing(self, location: str, name: str) -> bool:
+        for wait in (0.0, self.recheck_s):
+            time.sleep(wait)
+            self.fs.invalidate_cache(location)
+            if not self.fs.exists(f"{location}/{MARKER}") or self.fs.exists(f"{location}/{name}"):
+                return False
+        return True
 
 
 def make_source(root: str):
