@@ -157,9 +157,11 @@ def _package_file(package: str, rel: str) -> Path | None:
 # program as written in a command line -> the source file whose argparse defines its flags;
 # "launcher" programs take their own flags only up to the script they start.
 PROGRAMS = {
-    "launchers/pretrain.py": (REPO / "launchers" / "pretrain.py", False),
+    "launchers/pretrain.py": (REPO / "metalm" / "cli" / "train.py", False),  # a thin wrapper around it
+    "metalm-train": (REPO / "metalm" / "cli" / "train.py", False),
     "launchers/evaluate.py": (REPO / "metalm" / "eval" / "watcher.py", False),
-    "launchers/dist_env.py": (REPO / "launchers" / "dist_env.py", False),
+    "metalm-evaluate": (REPO / "metalm" / "eval" / "watcher.py", False),
+    "launchers/dist_env.py": (REPO / "metalm" / "dist_env.py", False),  # a thin wrapper around it
     "scripts/gen_config_docs.py": (REPO / "scripts" / "gen_config_docs.py", False),
     "metalm-prepare": (REPO / "metalm" / "data" / "prepare.py", False),
     "metalm-export": (REPO / "metalm" / "export" / "hf.py", False),

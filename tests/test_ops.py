@@ -20,12 +20,13 @@ import pytest
 from procs import no_launcher_env
 
 REPO = Path(__file__).resolve().parents[1]
-DIST_ENV = REPO / "launchers" / "dist_env.py"
+DIST_ENV = REPO / "launchers" / "dist_env.py"  # the shell scripts' entry point
+DIST_ENV_MODULE = REPO / "metalm" / "dist_env.py"  # the logic (standard library only, loadable by path)
 
 
 
 def _load_dist_env():
-    spec = importlib.util.spec_from_file_location("metalm_dist_env", DIST_ENV)
+    spec = importlib.util.spec_from_file_location("metalm_dist_env", DIST_ENV_MODULE)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -258,7 +259,7 @@ def test_torchrun_two_processes_derive_and_all_reduce(tmp_path):
     port = _free_port_in_slurm_range()
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(DIST_ENV),
+                           "--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(DIST_ENV_MODULE),
                            str(tmp_path)], env=_gloo_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     recs = _check_group(tmp_path, 2)
@@ -279,7 +280,7 @@ def test_simulated_slurm_tasks_form_a_real_group(tmp_path):
         env = _gloo_env(SLURM_JOB_ID=job_id, SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1",
                         SLURM_NTASKS="2", SLURM_TASKS_PER_NODE="2", SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
                         SLURM_NODEID="0")
-        procs.append(subprocess.Popen([sys.executable, str(script), str(DIST_ENV), str(tmp_path)], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(script), str(DIST_ENV_MODULE), str(tmp_path)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for p in procs:
         _, err = p.communicate(timeout=60)

@@ -309,6 +309,7 @@ def finetune(backbone: nn.Module, encode_word: WordEncoder, train: Sequence[Sent
     best_f1, best_state, bad_epochs = -1.0, None, 0
     step, window = 0, []
     for epoch in range(1, cfg.epochs + 1):
+        epoch_first_step, epoch_first_log = step, len(res.loss_values)
         if head_only:
             model.head.train()
         else:
@@ -342,8 +343,12 @@ def finetune(backbone: nn.Module, encode_word: WordEncoder, train: Sequence[Sent
         res.epochs_run = epoch
         if progress:
             dev_txt = f", dev F1 {res.dev_f1[-1]:.3f}" if res.dev_f1 else ""
-            last = res.loss_values[-1] if res.loss_values else float("nan")
-            progress(f"ner epoch {epoch}/{cfg.epochs}: loss {last:.4f}{dev_txt}")
+            if len(res.loss_values) > epoch_first_log:  # the last loss logged in this epoch
+                loss_txt = f"loss {res.loss_values[-1]:.4f}"
+            else:  # fewer steps so far than eval.ner.log_every: no value to show (never a stale one or a nan)
+                loss_txt = (f"{step - epoch_first_step} steps, no loss logged in this epoch "
+                            f"(eval.ner.log_every={cfg.log_every})")
+            progress(f"ner epoch {epoch}/{cfg.epochs}: {loss_txt}{dev_txt}")
         if cfg.early_stopping and dev_ex is not None and bad_epochs >= cfg.patience:
             break
     if window:  # an early stop can leave a partial logging window

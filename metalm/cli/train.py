@@ -1,0 +1,205 @@
+"""The pretraining entry point: `metalm-train`, and `launchers/pretrain.py` (a thin wrapper around this module).
+
+    deepspeed launchers/pretrain.py --config configs/570m.yaml [key=value ...]     # GPUs, one or many nodes
+    torchrun --nproc_per_node=2 launchers/pretrain.py --config configs/cpu-tiny.yaml
+    metalm-train --config configs/cpu-tiny.yaml train.max_steps=50                  # one process
+    metalm-train --config configs/570m.yaml --print-config --world-size 8           # what a run would use
+    metalm-train --config configs/570m.yaml --dry-run                               # + model, memory, data
+
+Without --config the built-in defaults of configs/cpu-tiny.yaml are used (in a source checkout). Re-running
+the same command resumes from the run directory's latest complete checkpoint.
+
+Console output: an upstream deprecation warning that DeepSpeed's communication layer triggers on every
+collective (torch's `all_gather_into_tensor` / `reduce_scatter_tensor`) is filtered by its message, and W&B's
+own console lines are off (WANDB_SILENT=true) unless you set WANDB_SILENT yourself.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO / "configs" / "cpu-tiny.yaml"
+
+# Upstream warnings, filtered by message: torch 2.13 deprecates the collectives DeepSpeed 0.19's comm layer
+# (deepspeed/comm/torch.py) calls on every ZeRO step; nothing a metalm user can act on.
+UPSTREAM_WARNINGS = (
+    r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+    r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
+)
+
+
+def quiet_upstream() -> None:
+    """Install the warning filters (before DeepSpeed is imported) and keep W&B's console output to its
+    warnings and errors unless the user set WANDB_SILENT."""
+    for message in UPSTREAM_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="metalm pretraining (AR + FOMAML meta steps) on DeepSpeed",
+        epilog="Overrides are key=value pairs, e.g. train.max_steps=100 meta.enabled=false. Every key with its "
+               "type, default and meaning: docs/configuration.md (generated from metalm/config.py).")
+    p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(REPO)} "
+                   f"of a source checkout)")
+    show = p.add_mutually_exclusive_group()
+    show.add_argument("--print-config", action="store_true",
+                      help="print the resolved config, the world geometry (world size, micro batch, accumulation, "
+                           "global batch) and the DeepSpeed JSON, then exit without starting anything")
+    show.add_argument("--dry-run", action="store_true",
+                      help="--print-config, and build the model (on the meta device: no memory), count its "
+                           "parameters, estimate a step's memory and read the data manifest; no training")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --print-config / --dry-run: the number of processes to derive the geometry for "
+                        "(default: WORLD_SIZE from the launcher, else 1)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p.parse_args(argv)
+
+
+def _stop_with_launcher() -> None:
+    """Under torchrun: SIGTERM this rank when torchrun dies.
+
+    torchrun starts every rank in a session of its own, so when torchrun itself is killed (kill -9, the OOM
+    killer) the ranks are not: they would train on as orphans, and a restarted job would write the same run
+    directory beside them. With the parent-death signal they stop as for any SIGTERM: checkpoint at the next
+    step boundary, exit. (Only under torchrun: the signal follows the *thread* that started the process, and
+    other launchers keep their ranks in their own process group.)
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # torchrun died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _NoDistEnv(ValueError):
+    pass
+
+
+def _derive_world(env: dict) -> dict:
+    """The launcher's or Slurm's RANK/WORLD_SIZE/... (a no-op outside both)."""
+    from metalm import dist_env
+
+    try:
+        return dist_env.derive(env)
+    except dist_env.DistEnvError as e:
+        raise _NoDistEnv(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_upstream()
+    _stop_with_launcher()
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from metalm.config import ConfigError, load_config
+
+    preview = args.print_config or args.dry_run
+    try:
+        if args.world_size is not None and not preview:
+            raise ConfigError("--world-size only previews a geometry (with --print-config or --dry-run); a run takes "
+                              "its world size from the launcher (torchrun --nproc_per_node, deepspeed --num_gpus)")
+        if args.world_size is not None and args.world_size < 1:
+            raise ConfigError(f"--world-size {args.world_size}: expected a positive number of processes")
+        config = args.config
+        if config is None:
+            if not DEFAULT_CONFIG.is_file():
+                raise ConfigError(f"no --config given, and the default {DEFAULT_CONFIG} is not there (an installed "
+                                  f"metalm-train has no configs/ folder); pass --config FILE")
+            config = str(DEFAULT_CONFIG)
+        os.environ.update(_derive_world(dict(os.environ)))  # under srun: RANK/WORLD_SIZE/... from SLURM_*
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        cfg = load_config(config, args.overrides, world_size=world)
+    except (ConfigError, _NoDistEnv) as e:
+        print(f"metalm: configuration error: {e}", file=sys.stderr)
+        return 2
+    if preview:
+        if int(os.environ.get("RANK", "0")) == 0:  # under a launcher: rank 0 reports
+            from metalm.cli.preview import dry_run, print_config
+
+            source = f"{config}" + (f" + {' '.join(args.overrides)}" if args.overrides else "")
+            origin = ("--world-size" if args.world_size is not None else "WORLD_SIZE from the launcher"
+                      if "WORLD_SIZE" in os.environ else "not under a launcher; --world-size N previews N processes")
+            print_config(cfg, world, source, origin)
+            if args.dry_run:
+                dry_run(cfg, world)
+        return 0
+    return _train(cfg)
+
+
+def _train(cfg) -> int:
+    from metalm.checkpoint import CheckpointError
+    from metalm.config import ConfigError
+    from metalm.data.errors import DataError
+    from metalm.train.engine import DeviceError, init_distributed
+    from metalm.train.errors import TrainingError
+    from metalm.train.loop import Trainer
+
+    try:
+        dist = init_distributed(cfg.train)
+    except DeviceError as e:
+        print(f"metalm: error: {e}", file=sys.stderr)
+        return 2
+    _log_warnings(dist.rank)
+    try:
+        return Trainer(cfg, dist).run()
+    except (DataError, CheckpointError, ConfigError, TrainingError) as e:
+        sys.stderr.write(f"metalm: error (rank {dist.rank}): {e}\n")  # one write: ranks' lines stay whole
+        sys.stderr.flush()
+        return 1
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear the process group down here rather than in the interpreter's exit-time destructors."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def _log_warnings(rank: int) -> None:
+    """metalm's warnings (an ignored incomplete checkpoint, a skipped episode, ...) as one stderr line each."""
+    logger = logging.getLogger("metalm")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"metalm: %(levelname)s (rank {rank}): %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+
+
+def exit_now(status: int) -> None:
+    """Leave without running C++ static destructors. At the exit of CPU runs one of torch/gloo/DeepSpeed's
+    threads is sometimes still joinable, and the process dies with SIGABRT ("terminate called without an
+    active exception") after a run that finished and checkpointed fine, so the launcher reports a failure
+    (about 1 run in 10 with 2 CPU processes, before these changes too). Everything of ours is written and
+    closed by now."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def console_main() -> None:
+    """The `metalm-train` console script."""
+    exit_now(main())
+
+
+if __name__ == "__main__":
+    console_main()
