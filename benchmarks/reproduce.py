@@ -1,16 +1,21 @@
 """Vanilla vs hybrid (AR + FOMAML) pretraining: the paper's headline comparison, made fair.
 
     python benchmarks/reproduce.py                                   # cpu-tiny, seeds 0,1,2, 300 steps
+    python benchmarks/reproduce.py --variants vanilla,paper-code,shipped --nproc 2
     python benchmarks/reproduce.py --config configs/11m.yaml --nproc 8 --steps 6000 --seeds 0   # on GPUs
 
-For every seed, both variants train with the same config, seed and data order (a meta micro-batch
-consumes the same stream batch an AR one would); only `meta.enabled` differs. They are compared on
+Variants: `vanilla` (meta.enabled=false), `paper-code` (the paper code's meta step: its sampler and per-micro-
+batch branch draw, the readout at the mask, raw features, a persistent head, inner lr 0.01, no head dropout),
+`shipped` (the config's own meta settings, i.e. the shipped defaults) and `replace` / `add` (the shipped
+settings with meta.objective forced). For every seed, all variants train with the same config, seed and data
+order (a meta micro-batch consumes the same stream batch an AR one would); only the meta settings differ. They are compared on
 held-out AR validation loss (never a blended train loss) at equal optimizer steps, equal data tokens and
 equal model FLOPs (the meta step's support forward, query forward/backward and the head's inner loop
 included): "hybrid reaches vanilla's final validation loss N x sooner" (N < 1: later; "not reached").
 Checkpoints are then evaluated (effective rank, attention entropy; NER F1 head-only and full on the
 final checkpoints when --ner-train/--ner-test are given). Re-running skips finished runs and
-evaluations. Writes RESULTS/results.json, RESULTS/*.png and RESULTS/results.md.
+evaluations. Writes RESULTS/results.json, RESULTS/*.png and RESULTS/results.md, RESULTS being --out (default
+runs/reproduce/results; `--out docs/results` replaces the committed results).
 """
 from __future__ import annotations
 
@@ -24,7 +29,17 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-VARIANTS = ("vanilla", "hybrid")
+VARIANTS = {
+    "vanilla": ["meta.enabled=false"],
+    "paper-code": ["meta.sampler=reference", "meta.branch=per_microbatch", "meta.readout=mask",
+                   "meta.feature_norm=none", "meta.head_init=persistent", "meta.inner_lr=0.01",
+                   "meta.objective=replace", "meta.classes=any", "meta.feature_grad_clip=0", "meta.head.dropout=0.0"],
+    "shipped": [],
+    "replace": ["meta.objective=replace"],
+    "add": ["meta.objective=add"],
+}
+COLORS = {"vanilla": "tab:blue", "paper-code": "tab:orange", "shipped": "tab:green", "replace": "tab:red",
+          "add": "tab:purple"}
 
 
 def run_dir(args, variant: str, seed: int) -> Path:
@@ -39,7 +54,7 @@ def train(args, variant: str, seed: int) -> Path:
     if latest is not None and read_state(latest).step >= args.steps:
         print(f"[{variant} seed {seed}] already trained: {latest}", flush=True)
         return rd
-    overrides = [f"train.seed={seed}", f"meta.enabled={'true' if variant == 'hybrid' else 'false'}",
+    overrides = [f"train.seed={seed}", *VARIANTS[variant],
                  f"meta.hybrid_ratio={args.ratio}", f"train.run_dir={rd}", f"train.max_steps={args.steps}",
                  f"train.val_every={args.val_every}", f"train.val_batches={args.val_batches}",
                  f"checkpoint.every={max(1, args.steps // args.checkpoints)}", "checkpoint.keep_last_k=1000",
@@ -92,6 +107,8 @@ def first_reach(curve: list[dict], axis: str, target: float) -> Optional[float]:
 
 
 def compare(van: list[dict], hyb: list[dict]) -> dict:
+    """A hybrid variant's validation curve against vanilla's: final losses, how much sooner (in steps, data
+    tokens and FLOPs) it reaches vanilla's final loss, and its loss gap at equal steps."""
     target = van[-1]["val_loss"]
     out = {"vanilla_final_val": target, "hybrid_final_val": hyb[-1]["val_loss"]}
     for axis in ("step", "tokens", "flops"):
@@ -128,7 +145,7 @@ def plot(results: dict, runs: dict, out: Path) -> list[str]:
     plt = pyplot()
     files = []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    colors = {"vanilla": "tab:blue", "hybrid": "tab:orange"}
+    colors = COLORS
     for (variant, seed), rd in runs.items():
         curve = val_curve(rd)
         for ax, axis in zip(axes, ("step", "tokens", "flops")):
@@ -139,7 +156,7 @@ def plot(results: dict, runs: dict, out: Path) -> list[str]:
         ax.set_ylabel("validation loss (AR, held out)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("vanilla vs hybrid pretraining: held-out validation loss")
+    fig.suptitle("vanilla vs hybrid variants: held-out validation loss")
     save_figure(fig, out / "val_loss.png", dpi=120)
     files.append("val_loss.png")
 
@@ -171,16 +188,17 @@ def fmt(v, spec=".3f") -> str:
 def write_markdown(args, results: dict, files: list[str], out: Path) -> None:
     lines = [f"# Vanilla vs hybrid pretraining: `{shown(args.config)}`, {args.steps} steps, seeds {args.seeds}", "",
              f"Command: `python benchmarks/reproduce.py {' '.join(shown(a) for a in sys.argv[1:])}`", "",
-             "| seed | vanilla final val loss | hybrid final val loss | hybrid reaches vanilla's final loss: x sooner "
-             "(steps / tokens / FLOPs) | NER F1 head vanilla / hybrid | NER F1 full vanilla / hybrid |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| seed | variant | vanilla final val loss | variant final val loss | reaches vanilla's final loss: "
+             "x sooner (steps / tokens / FLOPs) | NER F1 head vanilla / variant | NER F1 full vanilla / variant |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for seed, r in results["per_seed"].items():
-        c = r["compare"]
-        nv, nh = r["ner"].get("vanilla", {}), r["ner"].get("hybrid", {})
-        lines.append(f"| {seed} | {c['vanilla_final_val']:.4f} | {c['hybrid_final_val']:.4f} | "
-                     f"{fmt(c['speedup_step'], '.2f')} / {fmt(c['speedup_tokens'], '.2f')} / "
-                     f"{fmt(c['speedup_flops'], '.2f')} | {fmt(nv.get('head'))} / {fmt(nh.get('head'))} | "
-                     f"{fmt(nv.get('full'))} / {fmt(nh.get('full'))} |")
+        nv = r["ner"].get("vanilla", {})
+        for variant, c in r["compare"].items():
+            nh = r["ner"].get(variant, {})
+            lines.append(f"| {seed} | {variant} | {c['vanilla_final_val']:.4f} | {c['hybrid_final_val']:.4f} | "
+                         f"{fmt(c['speedup_step'], '.2f')} / {fmt(c['speedup_tokens'], '.2f')} / "
+                         f"{fmt(c['speedup_flops'], '.2f')} | {fmt(nv.get('head'))} / {fmt(nh.get('head'))} | "
+                         f"{fmt(nv.get('full'))} / {fmt(nh.get('full'))} |")
     lines += ["", *[f"![{f}]({f})" for f in files], ""]
     (out / "results.md").write_text("\n".join(lines))
 
@@ -199,6 +217,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs" / "cpu-tiny.yaml"))
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--variants", default="vanilla,shipped", help=f"comma list of {', '.join(VARIANTS)} (vanilla "
+                   "is always run: the others are compared with it)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--ratio", type=float, default=0.5, help="meta.hybrid_ratio of the hybrid runs")
     p.add_argument("--val-every", type=int, default=25)
@@ -206,7 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoints", type=int, default=4, help="checkpoints per run (rank/entropy curve points)")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--runs", default=str(REPO / "runs" / "reproduce"))
-    p.add_argument("--out", default=str(REPO / "docs" / "results"))
+    p.add_argument("--out", default=None, help="where results.json, results.md and the plots go (default: "
+                   "RUNS/results, beside the runs); --out docs/results replaces the committed results")
     p.add_argument("--ner-train", default=None)
     p.add_argument("--ner-test", default=None)
     p.add_argument("--ner-epochs", type=int, default=10)
@@ -220,30 +241,35 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.ner_lr = {"head": args.ner_lr_head, "full": args.ner_lr_full}
     seeds = [int(s) for s in args.seeds.split(",")]
-    out = Path(args.out)
+    variants = ["vanilla", *[v for v in args.variants.split(",") if v != "vanilla"]]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
+    out = Path(args.out) if args.out else Path(args.runs) / "results"
     out.mkdir(parents=True, exist_ok=True)
     runs = {}
     for seed in seeds:
-        for variant in VARIANTS:
+        for variant in variants:
             runs[(variant, seed)] = train(args, variant, seed)
             if not args.skip_eval:
                 evaluate(args, runs[(variant, seed)])
-    results = {"config": shown(args.config), "steps": args.steps, "ratio": args.ratio, "per_seed": {}}
+    results = {"config": shown(args.config), "steps": args.steps, "ratio": args.ratio, "per_seed": {},
+               "variants": {v: VARIANTS[v] for v in variants}}
     for seed in seeds:
-        van, hyb = val_curve(runs[("vanilla", seed)]), val_curve(runs[("hybrid", seed)])
+        curves = {v: val_curve(runs[(v, seed)]) for v in variants}
         results["per_seed"][seed] = {
-            "compare": compare(van, hyb),
-            "ner": {v: ner_scores(runs[(v, seed)]) for v in VARIANTS},
-            "curves": {"vanilla": van, "hybrid": hyb},
+            "compare": {v: compare(curves["vanilla"], curves[v]) for v in variants if v != "vanilla"},
+            "ner": {v: ner_scores(runs[(v, seed)]) for v in variants},
+            "curves": curves,
         }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     files = plot(results, runs, out)
     write_markdown(args, results, files, out)
     for seed, r in results["per_seed"].items():
-        c = r["compare"]
-        print(f"seed {seed}: vanilla {c['vanilla_final_val']:.4f} hybrid {c['hybrid_final_val']:.4f} "
-              f"speed-up steps {fmt(c['speedup_step'], '.2f')} tokens {fmt(c['speedup_tokens'], '.2f')} "
-              f"flops {fmt(c['speedup_flops'], '.2f')}")
+        for variant, c in r["compare"].items():
+            print(f"seed {seed} {variant}: vanilla {c['vanilla_final_val']:.4f} {variant} "
+                  f"{c['hybrid_final_val']:.4f} speed-up steps {fmt(c['speedup_step'], '.2f')} tokens {fmt(c['speedup_tokens'], '.2f')} "
+                  f"flops {fmt(c['speedup_flops'], '.2f')}")
     print(f"wrote {out / 'results.md'}")
     return 0
 

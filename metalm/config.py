@@ -49,8 +49,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = "data/wiki-vital/shards"  # directory holding manifest.json and shard-*.tar
-    source: str = "builtin"  # what `prepare_if_missing` tokenizes: builtin | a path/glob (jsonl, txt, parquet, HF dir)
+    shards: str = "data/wiki-vital/shards"  # directory or URL (s3://, gs://, https://, pipe:...) holding manifest.json
+    source: str = "builtin"  # what `prepare_if_missing` tokenizes: builtin | a path/glob or URL (jsonl, txt, parquet, HF dir)
     text_field: str = "text"
     tokenizer: str = "builtin:olmo"  # tokenizers JSON, HF folder, hub name, or builtin:olmo
     prepare_if_missing: bool = True
@@ -62,6 +62,9 @@ class DataConfig:
     text_split: str = "file"  # plain-text sources: file (one document per file) | blank_line (blank-line separated)
     prepare_num_proc: int = 0  # tokenizer processes for prepare_if_missing (0: one per available core)
     verify_shards: bool = True  # check each shard's sha256 against the manifest when the loader reads it
+    cache_dir: str = ""  # shards read from a URL: keep them in this local directory too ("" = in memory only)
+    read_ahead: int = 2  # shards from a URL each loader worker downloads ahead of the one it reads (0: on demand)
+    retries: int = 4  # a failed shard download is retried this many times (backoff 1 s, 2 s, ...), then a DataError
 
 
 @dataclass
@@ -71,14 +74,16 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     warmup_steps: int = 2500
-    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio for cosine / linear
+    schedule: str = "cosine"  # after warm-up: cosine | linear | constant | wsd (warmup, stable, linear decay)
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio for cosine / linear / wsd
+    decay_fraction: float = 0.1  # wsd: fraction of the post-warm-up steps spent in the final linear decay
     grad_clip: float = 1.0  # 0 disables
 
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/cpu-tiny"
+    run_dir: str = "runs/cpu-tiny"  # local directory, or a URL: then checkpoints go to RUN_URL/checkpoints
+    local_dir: str = ""  # with a URL train.run_dir: the run's local directory ("" = runs/<last part of the URL>)
     seed: int = 0
     max_steps: int = 1000
     stop_at: int = 0  # >0: checkpoint and exit after this step (schedule still follows max_steps)
@@ -118,11 +123,21 @@ class MetaConfig:
     k_shot: int = 4
     q_queries: int = 4  # query occurrences per class (smlmt; the reference sampler takes one per sequence)
     inner_steps: int = 10
-    inner_lr: float = 0.01
-    head_init: str = "persistent"  # persistent | zero | prototype
+    inner_lr: float = 0.5  # the paper: 0.01 (on raw, collapsed features); 0.5 suits standardised ones
+    head_init: str = "zero"  # zero (output rows start at zero each episode) | persistent (paper) | prototype
     second_order: bool = False
     min_token_freq: int = 2  # eligible classes occur at least this often in the batch
     max_token_freq: int = 0  # 0: no upper bound
+    classes: str = "any"  # any (every token type) | word_start (tokens that begin a word)
+    readout: str = "prev"  # where the head reads: prev (the state before the mask) | after (readout_offset tokens
+    # after it) | mask (the paper: the masked position, which a causal decoder cannot tell apart)
+    readout_offset: int = 4  # readout=after: tokens between the mask and the state read (the right context seen)
+    window: int = 32  # readout=after/prev: each occurrence gets its own window of this many tokens, one mask each
+    feature_norm: str = "standardize"  # head inputs: standardize (support mean/std) | center | layernorm | none (paper)
+    feature_grad_clip: float = 0.1  # > 0: clip the meta loss's gradient on the query features to this norm (0: off)
+    objective: str = "add"  # add (AR loss + loss_weight x meta loss) | replace (paper: a meta step replaces an AR step)
+    loss_weight: float = 1.0  # objective=add: weight of the query loss
+    diag_every: int = 50  # every N optimizer steps: meta vs AR backbone gradient diagnostics (0: never)
     head: MetaHeadConfig = field(default_factory=MetaHeadConfig)
 
 
@@ -136,6 +151,9 @@ class CheckpointConfig:
     checksums: bool = True  # sha256 of every file in the COMPLETE marker (sizes always), verified before resuming
     check_free_space: bool = True  # refuse to start, or skip a save, when the disk cannot hold one more checkpoint
     max_failed_saves: int = 1  # consecutive failed saves tolerated (retried at the next interval); one more stops
+    remote: str = ""  # URL (s3://, gs://, ...) each checkpoint is uploaded to in the background ("" = none)
+    upload_queue: int = 2  # checkpoints waiting for upload at most; a newer one supersedes the oldest waiting
+    upload_retries: int = 4  # a failed upload is retried this many times (backoff 1 s, 2 s, ...), then reported
 
 
 @dataclass
@@ -202,7 +220,7 @@ class Config:
 KERNEL_BACKENDS = ("auto", "triton", "torch")  # model.kernels
 ON_BAD_SAMPLE = ("error", "skip")  # data.on_bad_sample
 TEXT_SPLITS = ("file", "blank_line")  # data.text_split
-LR_SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
+LR_SCHEDULES = ("cosine", "linear", "constant", "wsd")  # optim.schedule
 PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision
 DEVICES = ("auto", "cpu", "cuda")  # train.device
 NONFINITE_POLICIES = ("skip", "stop")  # train.nonfinite_policy
@@ -210,6 +228,10 @@ ZERO_STAGES = (0, 1, 2, 3)  # train.zero_stage
 META_BRANCHES = ("per_step", "per_microbatch")  # meta.branch
 META_SAMPLERS = ("smlmt", "reference")  # meta.sampler
 HEAD_INITS = ("persistent", "zero", "prototype")  # meta.head_init
+META_CLASS_SETS = ("any", "word_start")  # meta.classes
+META_READOUTS = ("mask", "after", "prev")  # meta.readout
+FEATURE_NORMS = ("none", "center", "standardize", "layernorm")  # meta.feature_norm
+META_OBJECTIVES = ("replace", "add")  # meta.objective
 HEAD_WEIGHT_INITS = ("xavier", "normal")  # meta.head.init
 LOGGING_MODES = ("auto", "online", "offline")  # logging.mode
 NER_MODES = ("head", "full")  # eval.ner.mode
@@ -228,6 +250,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "meta.branch": META_BRANCHES,
     "meta.sampler": META_SAMPLERS,
     "meta.head_init": HEAD_INITS,
+    "meta.classes": META_CLASS_SETS,
+    "meta.readout": META_READOUTS,
+    "meta.feature_norm": FEATURE_NORMS,
+    "meta.objective": META_OBJECTIVES,
     "meta.head.init": HEAD_WEIGHT_INITS,
     "logging.mode": LOGGING_MODES,
     "eval.ner.mode": NER_MODES,
@@ -494,6 +520,35 @@ def _check_seed(key: str, value: int) -> None:
         _bad(key, value, "expected an integer in 0..2**63-1")
 
 
+def _is_url(location: str) -> bool:
+    from metalm.storage import is_url
+
+    return is_url(location)
+
+
+def _check_location(key: str, location: str, writable: bool = False) -> None:
+    """A location key: no inline credentials, not read-only where it is written (metalm.storage). Whether the
+    scheme's package is installed is checked where the location is used (the evaluator reads configs of runs
+    made elsewhere)."""
+    from metalm.storage import StorageError, check_location
+
+    try:
+        check_location(location, key, writable=writable)
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
+
+
+def run_locations(cfg: Config) -> tuple[Path, Optional[str]]:
+    """(the run's local directory, the URL its checkpoints are uploaded to or None). A URL train.run_dir keeps
+    the run locally in train.local_dir (default runs/<the URL's last part>) and uploads to RUN_URL/checkpoints;
+    otherwise train.run_dir is the local directory and checkpoint.remote (if set) the upload URL."""
+    t, c = cfg.train, cfg.checkpoint
+    if _is_url(t.run_dir):
+        name = t.run_dir.rstrip("/").rsplit("/", 1)[-1] or "run"
+        return Path(t.local_dir or os.path.join("runs", name)), t.run_dir.rstrip("/") + "/checkpoints"
+    return Path(t.run_dir), (c.remote.rstrip("/") or None)
+
+
 def _validate_model(m: ModelConfig) -> None:
     _check_choices("model", m)
     _check_positive_ints("model", m, ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
@@ -516,6 +571,14 @@ def _validate_data(d: DataConfig) -> None:
         _bad("data.num_workers", d.num_workers, "expected >= 0 (0: load in the training process)")
     if d.prepare_num_proc < 0:
         _bad("data.prepare_num_proc", d.prepare_num_proc, "expected >= 0 (0: one per available core)")
+    if d.read_ahead < 0:
+        _bad("data.read_ahead", d.read_ahead, "expected >= 0 shards (0: download each shard when it is needed)")
+    if d.retries < 0:
+        _bad("data.retries", d.retries, "expected >= 0 (0: a failed download is an error at once)")
+    _check_location("data.shards", d.shards)
+    _check_location("data.source", d.source)
+    if d.cache_dir and _is_url(d.cache_dir):
+        _bad("data.cache_dir", d.cache_dir, "expected a local directory (it caches what is read from a URL)")
 
 
 def _validate_optim(o: OptimConfig) -> None:
@@ -529,6 +592,8 @@ def _validate_optim(o: OptimConfig) -> None:
         _bad("optim.warmup_steps", o.warmup_steps, "expected >= 0")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         _bad("optim.min_lr_ratio", o.min_lr_ratio, "expected a ratio in [0, 1]")
+    if not 0.0 <= o.decay_fraction <= 1.0:
+        _bad("optim.decay_fraction", o.decay_fraction, "expected a fraction in [0, 1] of the steps after warm-up")
     if o.grad_clip < 0:
         _bad("optim.grad_clip", o.grad_clip, "expected >= 0 (0 disables clipping)")
 
@@ -537,6 +602,9 @@ def _validate_train(t: TrainConfig) -> None:
     _check_choices("train", t)
     if not t.run_dir.strip():
         _bad("train.run_dir", t.run_dir, "expected a directory path or URL")
+    _check_location("train.run_dir", t.run_dir, writable=True)
+    if t.local_dir and _is_url(t.local_dir):
+        _bad("train.local_dir", t.local_dir, "expected a local directory (the run's staging directory)")
     _check_seed("train.seed", t.seed)
     _check_positive_ints("train", t, ("max_steps",))
     if t.stop_at < 0:
@@ -567,6 +635,21 @@ def _validate_meta(me: MetaConfig) -> None:
         _bad("meta.min_token_freq", me.min_token_freq, "expected >= 1")
     if me.max_token_freq and me.max_token_freq < me.min_token_freq:
         _bad("meta.max_token_freq", me.max_token_freq, f"must be 0 or >= meta.min_token_freq={me.min_token_freq}")
+    if me.readout_offset < 1:
+        _bad("meta.readout_offset", me.readout_offset, "expected >= 1 token after the mask")
+    if me.window < 2:
+        _bad("meta.window", me.window, "expected >= 2 tokens")
+    if me.readout == "after" and me.window <= me.readout_offset:
+        _bad("meta.window", me.window, f"must exceed meta.readout_offset={me.readout_offset} (the window holds the "
+                                        f"mask and the tokens after it)")
+    if me.feature_grad_clip < 0:
+        _bad("meta.feature_grad_clip", me.feature_grad_clip, "expected >= 0 (0: no clipping)")
+    _check_positive("meta.loss_weight", me.loss_weight)
+    if me.diag_every < 0:
+        _bad("meta.diag_every", me.diag_every, "expected >= 0 (0: no gradient diagnostics)")
+    if me.sampler == "reference" and (me.readout != "mask" or me.classes != "any"):
+        _bad("meta.sampler", me.sampler, "the paper code's construction reads at the mask position over any token: "
+                                         "use meta.readout=mask and meta.classes=any with it, or meta.sampler=smlmt")
 
 
 def _validate_meta_head(h: MetaHeadConfig) -> None:
@@ -583,6 +666,11 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
         _bad("checkpoint.keep_last_k", c.keep_last_k, "expected >= 1")
     if c.max_failed_saves < 0:
         _bad("checkpoint.max_failed_saves", c.max_failed_saves, "expected >= 0 (0: stop at the first failed save)")
+    if c.remote:
+        _check_location("checkpoint.remote", c.remote, writable=True)
+    _check_positive_ints("checkpoint", c, ("upload_queue",))
+    if c.upload_retries < 0:
+        _bad("checkpoint.upload_retries", c.upload_retries, "expected >= 0 (0: a failed upload is reported at once)")
 
 
 def _validate_logging(lg: LoggingConfig) -> None:
@@ -623,8 +711,15 @@ SECTION_CHECKS: dict[str, Callable[[Any], None]] = {
 
 def _validate_across(cfg: Config, world_size: int | None) -> None:
     m, t = cfg.model, cfg.train
+    if _is_url(t.run_dir) and cfg.checkpoint.remote:
+        _bad("checkpoint.remote", cfg.checkpoint.remote, f"train.run_dir={t.run_dir} is a URL already (its "
+                                                         f"checkpoints go to {t.run_dir.rstrip('/')}/checkpoints); set "
+                                                         f"one of the two")
     if t.seq_len <= 0 or t.seq_len > m.max_seq_len:
         _bad("train.seq_len", t.seq_len, f"expected 1..model.max_seq_len={m.max_seq_len}")
+    me = cfg.meta
+    if me.enabled and me.readout != "mask" and me.window > t.seq_len:
+        _bad("meta.window", me.window, f"must be at most train.seq_len={t.seq_len}")
     if world_size is not None:
         accum = grad_accum(cfg, world_size)
         if t.micro_batch * accum * world_size != t.global_batch:

@@ -198,7 +198,7 @@ def test_stats_detached_and_sensible():
     ep = episode("smlmt", seed=7)
     loss, stats = meta_loss_with_stats(backbone.hidden_states, head, ep, inner_steps=100, inner_lr=0.3)
     assert set(stats) == {"support_acc_before", "support_acc_after", "query_acc", "query_loss",
-                          "inner_grad_norm", "n_support", "n_query"}
+                          "inner_grad_norm", "support_cos", "support_cos_raw", "n_support", "n_query"}
     for v in stats.values():
         assert v.dim() == 0 and not v.requires_grad
     assert int(stats["n_support"]) == ep.support_labels.numel() == 8

@@ -50,8 +50,7 @@ def test_two_process_hybrid_resume_is_bit_identical(tmp_path, shards, zero):
     a, b = losses(full), losses(split)
     assert [r[0] for r in a] == list(range(1, 13))
     assert a == b  # exact equality: AR losses, meta losses and query accuracies after the resume
-    kinds = {(r[1] is not None, r[2] is not None) for r in a}
-    assert (True, False) in kinds and (False, True) in kinds, "the schedule should mix AR and meta steps"
+    assert any(r[2] is not None for r in a) and any(r[2] is None for r in a), "the schedule should mix meta steps in"
 
 
 @pytest.mark.slow
@@ -61,7 +60,7 @@ def test_deepspeed_launcher_end_to_end(tmp_path, shards):
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank",
            "--master_port", str(free_port()), str(LAUNCHER), *COMMON, f"data.shards={shards}",
            f"train.run_dir={run_dir}", "checkpoint.every=5", "checkpoint.keep_last_k=2", "logging.progress=true",
-           "train.val_every=6", "train.val_batches=2"]
+           "train.val_every=6", "train.val_batches=2", "meta.classes=word_start"]
     out = subprocess.run(cmd, cwd=REPO, env=cpu_run_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "step 12/12" in out.stdout and "tok/s" in out.stdout and "eta" in out.stdout

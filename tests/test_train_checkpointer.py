@@ -80,8 +80,9 @@ def test_a_save_writes_every_part_records_it_and_prunes(tmp_path):
     latest = ckpt.find_latest(root, verify=True)
     assert latest.name == "step_00000006"
     marker = json.loads((latest / ckpt.MARKER).read_text())["files"]
-    assert sorted(marker) == ["config.yaml", "ds/model_states.pt", "model.safetensors", "rank_00000.pt",
+    assert sorted(marker) == ["config.yaml", "ds/model_states.pt", "latest", "model.safetensors", "rank_00000.pt",
                               "tokenizer.json", "trainer_state.json"]
+    assert (latest / "latest").read_text() == "ds\n"  # DeepSpeed's pointer to its tag, for its zero_to_fp32.py
     assert ckpt.read_state(latest) == state(6)
     assert ckpt.load_rank_state(latest, 0)["data"] == {"position": loader.position}
 

@@ -8,7 +8,7 @@ which lets the inner loop adapt copies of the weights without touching the modul
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,8 @@ from metalm.config import HEAD_WEIGHT_INITS
 
 
 def build_head(meta_cfg, d_model: int, vocab_size: int) -> nn.Sequential:
-    """``Linear(d, h), ReLU, Dropout, ..., Linear(h, vocab_size)`` with ``meta_cfg.head.layers`` Linear layers.
+    """``Linear(d, h), ReLU, Dropout, ..., Linear(h, vocab_size)`` with ``meta_cfg.head.layers`` Linear layers,
+    preceded by a learnable ``LayerNorm(d)`` of the head's inputs when ``meta_cfg.feature_norm == "layernorm"``.
 
     init ``xavier``: Xavier-uniform weights; ``normal``: N(0, 1/fan_in) weights (LeCun); biases zero in both.
     """
@@ -28,7 +29,7 @@ def build_head(meta_cfg, d_model: int, vocab_size: int) -> nn.Sequential:
     if hc.init not in HEAD_WEIGHT_INITS:
         raise ValueError(f"meta.head.init={hc.init!r}: expected {' or '.join(HEAD_WEIGHT_INITS)}")
     widths = [d_model] + [hc.hidden] * (hc.layers - 1) + [vocab_size]
-    modules: list[nn.Module] = []
+    modules: list[nn.Module] = [nn.LayerNorm(d_model)] if meta_cfg.feature_norm == "layernorm" else []
     for i in range(hc.layers):
         lin = nn.Linear(widths[i], widths[i + 1])
         if hc.init == "xavier":
@@ -42,9 +43,11 @@ def build_head(meta_cfg, d_model: int, vocab_size: int) -> nn.Sequential:
     return nn.Sequential(*modules)
 
 
-def head_spec(head: nn.Sequential) -> tuple[list[nn.Linear], float]:
-    """The head's Linear layers and its dropout probability; checks the `build_head` layout."""
+def head_spec(head: nn.Sequential) -> tuple[list[nn.Linear], float, Optional[nn.LayerNorm]]:
+    """The head's Linear layers, its dropout probability and its input LayerNorm (or None); checks the
+    `build_head` layout."""
     mods = list(head)
+    norm = mods.pop(0) if mods and isinstance(mods[0], nn.LayerNorm) else None
     linears = mods[0::3]
     ok = len(mods) % 3 == 1 and all(isinstance(m, nn.Linear) and m.bias is not None for m in linears)
     ok = ok and all(isinstance(m, nn.ReLU) for m in mods[1::3]) and all(isinstance(m, nn.Dropout) for m in mods[2::3])
@@ -58,7 +61,7 @@ def head_spec(head: nn.Sequential) -> tuple[list[nn.Linear], float]:
                 "register them with deepspeed.zero.register_external_parameter on the module whose forward "
                 "calls meta_loss"
             )
-    return linears, (ps.pop() if ps else 0.0)
+    return linears, (ps.pop() if ps else 0.0), norm
 
 
 def mlp_forward(params: Sequence[torch.Tensor], x: torch.Tensor, dropout: float, training: bool) -> torch.Tensor:

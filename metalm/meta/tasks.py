@@ -11,6 +11,15 @@ Two samplers, both pure functions of (input_ids, arguments, generator):
 Sampling is data-dependent (counts, nonzero, unique), so it runs wherever ``generator`` lives (normally the
 CPU, on a (B, T) batch of ints: cheap) and the episode is moved to ``input_ids.device`` at the end. Position 0
 is never chosen: a causal decoder sees no context there, only the mask token.
+
+Where the head reads (``readout``, smlmt only). ``mask`` (the paper): the state at the masked position, in two
+masked copies of the batch (all support masks in one, all query masks in the other). A causal decoder sees only
+the left context there, so the head's inputs are mostly the mask embedding. ``after``: the state
+``readout_offset`` tokens after the mask, which has seen the right context too (a decoder's analogue of an
+encoder reading the whole sentence); ``prev``: the unmasked state just before the mask (next-token prediction
+of the class token). Both give every occurrence its own window of ``window`` tokens of its row holding one mask,
+so no readout ever sees another occurrence's mask. ``support_index``/``query_index`` always point at the
+readout positions.
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from metalm.config import META_READOUTS as READOUTS
 from metalm.config import META_SAMPLERS as SAMPLERS
 
 
@@ -65,14 +75,17 @@ class Episode:
 
 def sample_episode(input_ids: torch.Tensor, *, n_way: int, k_shot: int, q_queries: int, mask_id: int,
                    sampler: str, generator: torch.Generator, min_freq: int = 1, max_freq: int = 0,
-                   exclude_ids: Sequence[int] = (), vocab_size: int | None = None) -> Episode:
+                   exclude_ids: Sequence[int] = (), vocab_size: int | None = None,
+                   allowed: Optional[torch.Tensor] = None, readout: str = "mask", readout_offset: int = 4,
+                   window: int = 32) -> Episode:
     """Build one episode from ``input_ids`` (B, T) with the named sampler; see the module docstring.
 
     ``smlmt``: ``min_freq``/``max_freq`` (0 = unbounded) bound a token type's count over the whole batch;
-    ``exclude_ids`` (and ``mask_id`` itself) are never classes. Raises `EpisodeError` when fewer than
-    ``n_way`` token types are eligible. ``reference``: ``q_queries``, the frequency band and ``exclude_ids``
-    are ignored, as in the paper's code; ``vocab_size`` (default: max id in the batch + 1) bounds the random
-    padding ids.
+    ``exclude_ids`` (and ``mask_id`` itself) are never classes; ``allowed`` (a bool tensor over token ids, e.g.
+    the word-start tokens) restricts the classes further; ``readout``/``readout_offset``/``window`` lay the
+    episode out (module docstring). Raises `EpisodeError` when fewer than ``n_way`` token types are eligible.
+    ``reference``: ``q_queries``, the frequency band and ``exclude_ids`` are ignored, as in the paper's code;
+    ``vocab_size`` (default: max id in the batch + 1) bounds the random padding ids.
     """
     if input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError(f"input_ids: expected a (B, T) int64 tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
@@ -81,7 +94,16 @@ def sample_episode(input_ids: torch.Tensor, *, n_way: int, k_shot: int, q_querie
     work = generator.device
     ids = input_ids.to(work)
     if sampler == "smlmt":
-        ep = _sample_smlmt(ids, n_way, k_shot, q_queries, mask_id, generator, min_freq, max_freq, exclude_ids)
+        B, T = ids.shape
+        if readout not in READOUTS:
+            raise ValueError(f"readout={readout!r}: expected one of {', '.join(READOUTS)}")
+        if readout != "mask" and not 2 <= window <= T:
+            raise ValueError(f"window={window}: expected 2..{T} (the batch's sequence length)")
+        last = T - 1 - (readout_offset if readout == "after" else 0)  # the readout stays inside the row
+        occ = _sample_smlmt(ids, n_way, k_shot, q_queries, mask_id, generator, min_freq, max_freq, exclude_ids,
+                            allowed, last)
+        ep = _masked_copies(ids, occ, mask_id) if readout == "mask" else \
+            _windows(ids, occ, mask_id, readout, readout_offset, window)
     elif sampler == "reference":
         ep = _sample_reference(ids, n_way, k_shot, mask_id, generator, vocab_size)
     else:
@@ -101,16 +123,28 @@ def _sort_by(order: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return order[torch.sort(key[order], stable=True).indices]
 
 
+@dataclass
+class _Occurrences:
+    """The chosen occurrences of an smlmt episode: (row, position, way) of each support and query one."""
+
+    classes: torch.Tensor
+    support: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    query: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 def _sample_smlmt(ids: torch.Tensor, n_way: int, k_shot: int, q_queries: int, mask_id: int,
-                  gen: torch.Generator, min_freq: int, max_freq: int, exclude_ids: Sequence[int]) -> Episode:
+                  gen: torch.Generator, min_freq: int, max_freq: int, exclude_ids: Sequence[int],
+                  allowed: Optional[torch.Tensor], last: int) -> _Occurrences:
     B, T = ids.shape
     dev = ids.device
     need = k_shot + q_queries
     size = max(int(ids.max()) + 1, mask_id + 1)
-    # Candidate occurrences: every (row, position) but position 0.
-    tok = ids[:, 1:].reshape(-1)
-    row = torch.arange(B, device=dev).repeat_interleave(T - 1)
-    pos = torch.arange(1, T, device=dev).repeat(B)
+    if last < 1:
+        raise EpisodeError(f"smlmt: sequences of {T} tokens leave no position for a mask with its readout")
+    # Candidate occurrences: every (row, position) in 1..last.
+    tok = ids[:, 1:last + 1].reshape(-1)
+    row = torch.arange(B, device=dev).repeat_interleave(last)
+    pos = torch.arange(1, last + 1, device=dev).repeat(B)
 
     freq = torch.bincount(ids.reshape(-1), minlength=size)  # the band is counted over the whole batch
     avail = torch.bincount(tok, minlength=size)
@@ -119,13 +153,19 @@ def _sample_smlmt(ids: torch.Tensor, n_way: int, k_shot: int, q_queries: int, ma
         eligible &= freq <= max_freq
     banned = torch.tensor([i for i in (*exclude_ids, mask_id) if 0 <= i < size], dtype=torch.long, device=dev)
     eligible[banned] = False
+    if allowed is not None:
+        ok = torch.zeros(size, dtype=torch.bool, device=dev)
+        n = min(size, allowed.numel())
+        ok[:n] = allowed[:n].to(dev)
+        eligible &= ok
     candidates = eligible.nonzero().squeeze(1)
     if candidates.numel() < n_way:
         band = f"[{min_freq}, {max_freq if max_freq > 0 else 'inf'}]"
         raise EpisodeError(
             f"smlmt: found {candidates.numel()} eligible token types, need n_way={n_way} (each with batch "
-            f"frequency in {band} and >= k_shot+q_queries={need} occurrences at positions 1..{T - 1}, excluding "
-            f"{len(banned)} special ids) in a batch of {B}x{T}; use larger batches or fewer ways/shots"
+            f"frequency in {band} and >= k_shot+q_queries={need} occurrences at positions 1..{last}, excluding "
+            f"{len(banned)} special ids{' and the tokens meta.classes leaves out' if allowed is not None else ''}) "
+            f"in a batch of {B}x{T}; use larger batches or fewer ways/shots"
         )
     # A random subset in random order: way i <-> classes[i], so labels are permuted every episode.
     classes = candidates[torch.randperm(candidates.numel(), generator=gen, device=dev)[:n_way]]
@@ -148,21 +188,47 @@ def _sample_smlmt(ids: torch.Tensor, n_way: int, k_shot: int, q_queries: int, ma
     rank = _group_rank(w[order])
     support = order[rank < k_shot]
     query = order[(rank >= k_shot) & (rank < need)]
+    return _Occurrences(classes, (row[support], pos[support], w[support]), (row[query], pos[query], w[query]))
 
+
+def _masked_copies(ids: torch.Tensor, occ: _Occurrences, mask_id: int) -> Episode:
+    """readout=mask: all support masks in one copy of the batch, all query masks in another (the paper's layout)."""
+    (rs, ps, ys), (rq, pq, yq) = occ.support, occ.query
     support_ids, query_ids = ids.clone(), ids.clone()
-    support_ids[row[support], pos[support]] = mask_id
-    query_ids[row[query], pos[query]] = mask_id
-    return Episode(
-        support_ids=support_ids,
-        support_index=torch.stack([row[support], pos[support]], 1),
-        support_labels=w[support],
-        query_ids=query_ids,
-        query_index=torch.stack([row[query], pos[query]], 1),
-        query_labels=w[query],
-        classes=classes,
-        rows=classes.clone(),
-        way_row=torch.arange(n_way, device=dev),
-    )
+    support_ids[rs, ps] = mask_id
+    query_ids[rq, pq] = mask_id
+    n_way = occ.classes.numel()
+    return Episode(support_ids=support_ids, support_index=torch.stack([rs, ps], 1), support_labels=ys,
+                   query_ids=query_ids, query_index=torch.stack([rq, pq], 1), query_labels=yq,
+                   classes=occ.classes, rows=occ.classes.clone(), way_row=torch.arange(n_way, device=ids.device))
+
+
+def _window_rows(ids: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, mask_id: int, readout: str, offset: int,
+                 window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (window,)-token slice of its row per occurrence, ending at the readout position where the row allows,
+    with the occurrence's own position masked; returns the slices and the readout index in each."""
+    T = ids.shape[1]
+    read = pos + offset if readout == "after" else pos - 1
+    start = (read - window + 1).clamp(0, T - window)
+    cols = start[:, None] + torch.arange(window, device=ids.device)[None, :]
+    rows = ids[row[:, None], cols].clone()
+    at = pos - start
+    inside = at < window  # readout=prev: the mask falls outside a window that ends before it
+    rows[torch.arange(row.numel(), device=ids.device)[inside], at[inside]] = mask_id
+    return rows, read - start
+
+
+def _windows(ids: torch.Tensor, occ: _Occurrences, mask_id: int, readout: str, offset: int, window: int) -> Episode:
+    (rs, ps, ys), (rq, pq, yq) = occ.support, occ.query
+    support_ids, s_read = _window_rows(ids, rs, ps, mask_id, readout, offset, window)
+    query_ids, q_read = _window_rows(ids, rq, pq, mask_id, readout, offset, window)
+    dev = ids.device
+    n_way = occ.classes.numel()
+    return Episode(support_ids=support_ids,
+                   support_index=torch.stack([torch.arange(rs.numel(), device=dev), s_read], 1), support_labels=ys,
+                   query_ids=query_ids, query_index=torch.stack([torch.arange(rq.numel(), device=dev), q_read], 1),
+                   query_labels=yq, classes=occ.classes, rows=occ.classes.clone(),
+                   way_row=torch.arange(n_way, device=dev))
 
 
 def _last_match(values: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,11 @@ Every rank writes its part into `.tmp-step_N/`; the files are fsynced and record
 COMPLETE marker; rank 0 renames the directory into place and moves `latest`. A write that fails on any rank
 is discarded on every rank (`latest` keeps naming the previous complete checkpoint) and retried at the next
 interval, up to checkpoint.max_failed_saves consecutive failures, after which the run stops (TrainingError).
+
+With a remote (checkpoint.remote, or a URL train.run_dir), rank 0 hands each saved checkpoint to an `Uploader`
+(metalm.train.uploader), which uploads it in the background; the last save of the run waits for the uploads and
+stops the run with an error when one failed for good. Resuming takes the newer of the local and the remote
+latest complete checkpoint, downloading the remote one first (a fresh machine resumes from the bucket).
 """
 from __future__ import annotations
 
@@ -22,10 +27,12 @@ from metalm import checkpoint as ckpt
 from metalm.checkpoint import CheckpointError, TrainerState
 from metalm.config import CheckpointConfig
 from metalm.fsutil import write_atomic
+from metalm.storage import describe, is_url
 from metalm.train.dist import Collectives
 from metalm.train.engine import Engine
 from metalm.train.errors import TrainingError, describe_error
 from metalm.train.preflight import check_free_space, free_bytes
+from metalm.train.uploader import RemoteCheckpoints, Uploader
 
 
 class SaveFailed(Exception):
@@ -39,8 +46,12 @@ def _warn(text: str) -> None:
 class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, root: Path, comm: Collectives, engine: Engine, *, dataloader,
                  config_yaml: str, tokenizer_json: Optional[Path], estimate_bytes: int,
-                 log: Callable[[dict], None]):
+                 log: Callable[[dict], None], remote: Optional[str] = None, last_step: Optional[int] = None):
         self.cfg, self.root, self.comm, self.engine = cfg, Path(root), comm, engine
+        self.remote_url = remote or None
+        self.last_step = last_step  # the save at this step is the run's last: it waits for the uploads
+        self.remote: Optional[RemoteCheckpoints] = None
+        self.uploader: Optional[Uploader] = None
         self.loader, self.config_yaml, self.tokenizer_json = dataloader, config_yaml, tokenizer_json
         self.estimate_bytes = estimate_bytes  # one checkpoint's size, until the first save measures it
         self.last_bytes: Optional[int] = None
@@ -62,7 +73,26 @@ class Checkpointer:
                         _warn(warning)
                 except TrainingError as e:
                     err = str(e)
+            if err is None and self.remote_url:
+                err = self._open_remote()
         self.comm.raise_agreed(err, TrainingError)
+
+    def _open_remote(self) -> Optional[str]:
+        """Rank 0: the remote is reachable and writable (a probe object), and uploads a killed run left staged
+        are queued again. The error message, or None."""
+        try:
+            self.remote = RemoteCheckpoints(self.remote_url, retries=self.cfg.upload_retries)
+            self.remote.probe("trainer")
+        except Exception as e:  # noqa: BLE001 - any client error (credentials, network, package): one line
+            return (f"checkpoint.remote={self.remote_url}: cannot write there ({describe(e)}); check the URL and "
+                    f"the credentials in the environment, or unset checkpoint.remote")
+        self.uploader = Uploader(self.remote, self.root.parent / ".uploads", self.cfg.keep_last_k,
+                                 self.cfg.upload_queue)
+        print(f"metalm: checkpoints are saved in {self.root} and uploaded to {self.remote_url}", flush=True)
+        left = self.uploader.recover()
+        if left:
+            print(f"metalm: uploading {', '.join(left)} to {self.remote_url} (left staged by the last run)", flush=True)
+        return None
 
     def latest(self) -> Optional[Path]:
         return ckpt.find_latest(self.root)
@@ -97,14 +127,32 @@ class Checkpointer:
         ckpt.set_rng_state(rank_state["rng"])
         if self.rank == 0:
             print(f"metalm: resumed from {path} at step {state.step}", flush=True)
+            if self.last_step is not None and state.step >= self.last_step:
+                self._finish_uploads()  # nothing left to train: this run's only work is what the last one left
         return state
 
     def _pick(self, now: dict) -> Optional[str]:
         mode = self.cfg.resume
         if mode == "auto":
             path = ckpt.find_latest(self.root, verify=self.cfg.checksums)
+            remote = self._remote_latest()
+            if remote is not None and (path is None or remote > path.name):
+                path = self._download(remote)
             if path is None:
                 return None
+        elif is_url(mode):
+            url = mode.rstrip("/")
+            base, _, name = url.rpartition("/")
+            if not ckpt.STEP_RE.match(name):
+                raise CheckpointError(f"checkpoint.resume={mode}: expected the URL of a checkpoint directory "
+                                      f"(.../step_XXXXXXXX)")
+            try:
+                remote = RemoteCheckpoints(base, retries=self.cfg.upload_retries)
+            except OSError as e:
+                raise CheckpointError(f"checkpoint.resume={mode}: {describe(e)}") from None
+            if not remote.complete(name):
+                raise CheckpointError(f"checkpoint.resume={mode}: no complete checkpoint there (no {ckpt.MARKER})")
+            path = self._download(name, remote)
         else:
             path = Path(mode)
             problem = ckpt.checkpoint_problem(path, checksums=self.cfg.checksums) if path.is_dir() \
@@ -116,6 +164,42 @@ class Checkpointer:
             raise CheckpointError(f"cannot resume from {path}: {mismatch}")
         return str(path)
 
+    def _remote_latest(self) -> Optional[str]:
+        if self.remote is None:
+            return None
+        try:
+            return self.remote.latest()
+        except Exception as e:  # noqa: BLE001 - the bucket answered the probe: report and refuse, do not guess
+            raise CheckpointError(f"checkpoint.remote={self.remote_url}: cannot list its checkpoints: "
+                                  f"{describe(e)}") from None
+
+    def _download(self, name: str, remote: Optional[RemoteCheckpoints] = None) -> Path:
+        remote = remote or self.remote
+        print(f"metalm: downloading checkpoint {name} from {remote.url} (newer than any local one)", flush=True)
+        try:
+            return remote.download(name, self.root, checksums=self.cfg.checksums)
+        except OSError as e:
+            raise CheckpointError(f"{remote.url}/{name}: download failed: {describe(e)}") from None
+
+    def _finish_uploads(self) -> None:
+        """Rank 0, at the end of the run: wait for the uploads; one that failed for good stops the run."""
+        if self.uploader is None:
+            return
+        if self.uploader.busy():
+            print(f"metalm: waiting for the checkpoint uploads to {self.remote_url}", flush=True)
+        failed = self.uploader.drain()
+        self._log_upload_events()
+        if failed:
+            detail = "; ".join(f"{name}: {why}" for name, why in sorted(failed.items()))
+            raise TrainingError(f"checkpoint upload to {self.remote_url} failed ({detail}); the checkpoints are "
+                                f"complete in {self.root} and staged in {self.uploader.staging}: rerun the same "
+                                f"command to upload them")
+
+    def _log_upload_events(self) -> None:
+        if self.uploader is not None:
+            for event in self.uploader.take_events():
+                self.log(event)
+
     # ------------------------------------------------------------------------------------------ save
 
     def save(self, state: TrainerState, final: bool) -> bool:
@@ -123,7 +207,7 @@ class Checkpointer:
         logged and training goes on (retried at the next interval); more than checkpoint.max_failed_saves
         failures in a row, or a failed final save, stop the run (TrainingError on every rank)."""
         try:
-            self._write(state)
+            written = self._write(state)
         except SaveFailed as e:
             self.failed_saves += 1
             limit = self.cfg.max_failed_saves
@@ -139,6 +223,11 @@ class Checkpointer:
                       f"tolerated failure(s)); the last complete checkpoint is {latest}")
             return False
         self.failed_saves = 0
+        if self.uploader is not None:  # rank 0
+            self._log_upload_events()
+            self.uploader.submit(written)
+            if final or (self.last_step is not None and state.step >= self.last_step):
+                self._finish_uploads()
         return True
 
     def _write(self, state: TrainerState) -> Path:
@@ -194,6 +283,9 @@ class Checkpointer:
 
     def _write_run_files(self, tmp: Path, state: TrainerState) -> None:
         write_atomic(tmp / "config.yaml", self.config_yaml.encode())
+        # DeepSpeed's own pointer to its tag, where its zero_to_fp32.py looks (written here, not by DeepSpeed's
+        # save_latest, whose bare open() on rank 0 is outside the collective I/O-error handling)
+        write_atomic(tmp / "latest", f"{Engine.TAG}\n".encode())
         ckpt.write_state(tmp, state)
         if self.tokenizer_json is not None and self.tokenizer_json.is_file():
             shutil.copyfile(self.tokenizer_json, tmp / "tokenizer.json")

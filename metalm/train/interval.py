@@ -23,9 +23,15 @@ class StepTotals:
         self.ar_n = self.meta_n = self.fallback = 0
 
     def add(self, loss: torch.Tensor, stats: dict, meta: bool) -> None:
+        """One micro-batch's loss; a meta micro-batch of meta.objective=add counts as AR (its "ar_loss") and
+        meta (its query loss) at once."""
         value = loss.detach().float()
         self.nonfinite += (~torch.isfinite(value)).float()
         if meta:
+            if "ar_loss" in stats:
+                self.sums["ar_loss"] += stats["ar_loss"]
+                self.ar_n += 1
+                value = stats["query_loss"]
             self.sums["meta_loss"] += value
             self.meta_n += 1
             for k in STAT_KEYS:

@@ -17,9 +17,10 @@ from typing import Optional
 import torch
 
 from metalm.checkpoint import TrainerState
-from metalm.config import Config, deepspeed_config, grad_accum, to_dict, to_yaml
-from metalm.meta.step import MetaStep, head_flops
+from metalm.config import Config, deepspeed_config, grad_accum, run_locations, to_dict, to_yaml
+from metalm.meta.step import MetaStep, backbone_tokens, gradient_diagnostics, head_flops, inert_warnings, word_start_ids
 from metalm.model import flops_per_token, num_params
+from metalm.storage import absolute
 from metalm.train.checkpointer import Checkpointer
 from metalm.train.dist import Collectives, Dist
 from metalm.train.engine import Engine
@@ -51,7 +52,7 @@ class Trainer:
 
         t, d = cfg.train, dist
         self.cfg, self.dist, self.comm = cfg, dist, Collectives(dist)
-        self.run_dir = Path(t.run_dir)
+        self.run_dir, self.remote = run_locations(cfg)  # a URL run_dir: a local directory + uploads to the URL
         self.accum = grad_accum(cfg, dist.world_size)
         self.step, self.tokens, self.flops = 0, 0, 0.0
         self.lock = RunLock(self.run_dir)
@@ -73,14 +74,16 @@ class Trainer:
         torch.manual_seed(t.seed + 1000 + d.rank)  # dropout differs per rank, reproducibly
         self.loader = build_loader(cfg.data, split="train", seq_len=t.seq_len, micro_batch=t.micro_batch,
                                    seed=t.seed, rank=d.rank, world_size=d.world_size)
-        self.meta = MetaStep(cfg.meta, t.seed, self.special, self.loader.vocab_size) if cfg.meta.enabled else None
+        self.meta = self._meta_step() if cfg.meta.enabled else None
+        self.warned_at: dict[str, int] = {}  # inert-meta warning -> step it was last printed
         self.guards = StepGuards(t, d.world_size)
         self.stop = StopRequest()
         self.stop_agreed = False  # the all-reduced stop flag: identical on every rank
         self.metrics = MetricsLogger(cfg.logging, self.run_dir, d.rank, to_dict(cfg))
         self.checkpointer = Checkpointer(
             cfg.checkpoint, self.run_dir / "checkpoints", self.comm, self.engine, dataloader=self.loader,
-            config_yaml=to_yaml(cfg), tokenizer_json=Path(cfg.data.shards) / "tokenizer.json",
+            config_yaml=to_yaml(cfg), tokenizer_json=self.loader.tokenizer_path, remote=self.remote,
+            last_step=min(t.max_steps, t.stop_at) if t.stop_at else t.max_steps,
             estimate_bytes=checkpoint_bytes(sum(p.numel() for p in self.module.parameters()), t.precision,
                                             t.zero_stage),
             log=self.metrics.log)
@@ -90,10 +93,7 @@ class Trainer:
         self.peak = peak_flops(d.device)
         self.tok_per_micro = t.micro_batch * t.seq_len * d.world_size
         self.ar_flops = flops_per_token(cfg.model, t.seq_len) * self.tok_per_micro
-        body = flops_per_token(cfg.model, t.seq_len, lm_head=False, backward=False) \
-            + flops_per_token(cfg.model, t.seq_len, lm_head=False)
-        self.meta_flops = body * self.tok_per_micro \
-            + head_flops(cfg.meta, cfg.model.d_model, t.micro_batch) * d.world_size
+        self.meta_flops = self._meta_flops()
         self._announce()
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -112,8 +112,11 @@ class Trainer:
     def _prepared_data(self, ensure_prepared) -> dict:
         """The shards' manifest; rank 0 prepares them first when allowed, the others wait for it."""
         t = self.cfg.train
-        prepare = lambda: ensure_prepared(self.cfg.data, seq_len=t.seq_len, vocab_size=self.cfg.model.vocab_size,  # noqa: E731
-                                          seed=t.seed, progress=self.cfg.logging.progress)
+
+        def prepare() -> dict:
+            return ensure_prepared(self.cfg.data, seq_len=t.seq_len, vocab_size=self.cfg.model.vocab_size,
+                                   seed=t.seed, progress=self.cfg.logging.progress)
+
         manifest = prepare() if self.dist.rank == 0 else None
         self.comm.barrier()
         return manifest if manifest is not None else prepare()
@@ -146,12 +149,35 @@ class Trainer:
             self.step, self.tokens, self.flops = state.step, state.tokens, state.flops
             self.guards.load_state_dict(state.guards)
 
+    def _meta_step(self) -> MetaStep:
+        """The meta step, with the word-start classes of the shards' tokenizer for meta.classes=word_start."""
+        allowed = None
+        if self.cfg.meta.classes == "word_start":
+            from metalm.data import load_tokenizer
+
+            tok = load_tokenizer(str(self.loader.tokenizer_path))
+            allowed = word_start_ids(tok, self.loader.vocab_size)
+        return MetaStep(self.cfg.meta, self.cfg.train.seed, self.special, self.loader.vocab_size, allowed)
+
+    def _meta_flops(self) -> float:
+        """FLOPs of one meta micro-batch over all ranks: the backbone's support forward (no backward) and query
+        forward + backward on the episode's tokens, the head's inner and outer loop, and with meta.objective=add
+        the AR step as well."""
+        cfg, t, world = self.cfg, self.cfg.train, self.dist.world_size
+        seq = t.seq_len if cfg.meta.readout == "mask" else cfg.meta.window
+        s_tok, q_tok = backbone_tokens(cfg.meta, t.micro_batch, t.seq_len)
+        body = flops_per_token(cfg.model, seq, lm_head=False, backward=False) * s_tok \
+            + flops_per_token(cfg.model, seq, lm_head=False) * q_tok
+        total = (body + head_flops(cfg.meta, cfg.model.d_model, t.micro_batch)) * world
+        return total + (self.ar_flops if cfg.meta.objective == "add" else 0.0)
+
     def _announce(self) -> None:
         cfg, d = self.cfg, self.dist
         if d.rank != 0:
             return
         head = self.module.head
-        extra = sum(p.numel() for p in head.parameters()) if head is not None else 0
+        # ZeRO-3 leaves partitions in the module: ds_numel is a parameter's full size
+        extra = sum(getattr(p, "ds_numel", p.numel()) for p in head.parameters()) if head is not None else 0
         meta = f"on (ratio {cfg.meta.hybrid_ratio:.2f}, {cfg.meta.sampler})" if cfg.meta.enabled else "off"
         print(f"metalm: model {num_params(cfg.model) / 1e6:.2f}M parameters (+{extra / 1e6:.2f}M meta head), "
               f"{d.world_size} process(es) on {d.device.type}, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, "
@@ -163,7 +189,7 @@ class Trainer:
         return TrainerState(step=self.step, tokens=self.tokens, flops=self.flops, world_size=self.dist.world_size,
                             global_batch=t.global_batch, micro_batch=t.micro_batch, seq_len=t.seq_len,
                             grad_accum=self.accum, tokenizer_hash=self.manifest.get("tokenizer_hash"),
-                            special_ids=dict(self.special), data_shards=str(Path(self.cfg.data.shards).resolve()),
+                            special_ids=dict(self.special), data_shards=absolute(self.cfg.data.shards),
                             guards=self.guards.state_dict())
 
     # ---------------------------------------------------------------------------------------- one step
@@ -184,7 +210,10 @@ class Trainer:
             meta = self.meta is not None and self.meta.is_meta(self.step, micro)
             episode = self._episode(batch, micro) if meta else None
             totals.fallback += int(meta and episode is None)
-            loss, stats = self.engine(batch.to(self.dist.device, non_blocking=True), episode=episode)
+            batch = batch.to(self.dist.device, non_blocking=True)
+            if episode is not None and micro == 0 and self.meta.diagnose(self.step + 1):
+                self._diagnose(batch, episode)
+            loss, stats = self.engine(batch, episode=episode)
             self.engine.backward(loss)
             totals.add(loss, stats, meta=episode is not None)
             self.tokens += self.tok_per_micro  # tokens drawn from the data stream, whichever branch
@@ -194,6 +223,17 @@ class Trainer:
         self.step += 1
         self.interval.add(totals, skipped=skip, applied=applied)
         return totals
+
+    def _diagnose(self, batch: torch.Tensor, episode) -> None:
+        """Rank 0: the meta vs AR gradient diagnostics on this micro-batch, logged with the step. The RNG state
+        is restored afterwards, so the diagnostics change nothing in training. (Not under ZeRO-3, whose
+        parameters are partitions.)"""
+        if self.dist.rank != 0 or self.cfg.train.zero_stage == 3:
+            return
+        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            diag = gradient_diagnostics(self.engine.module, batch, episode, self.meta.mask_id)
+        self.metrics.log({"step": self.step + 1, **diag})
 
     def _before_update(self, totals: StepTotals) -> bool:
         """Collective, once per optimizer step: True when its update is to be skipped. One all-reduce carries how
@@ -222,6 +262,11 @@ class Trainer:
         self.metrics.log(rec)
         self.metrics.progress(self.step, self.cfg.train.max_steps, rec)
         self._new_interval()
+        if self.meta is not None and self.dist.rank == 0:
+            for kind, w in inert_warnings(rec, self.cfg.meta.n_way):
+                if self.step - self.warned_at.get(kind, -10**9) >= 100:  # at most once per 100 steps each
+                    self.warned_at[kind] = self.step
+                    _warn(w)
 
     def validate(self) -> float:
         """Collective: the mean AR loss over train.val_batches batches of the validation split."""

@@ -107,7 +107,8 @@ class MetricsLogger:
                                     tags=list(lg.tags), config=config, dir=str(self.run_dir), mode=self.wandb_mode(),
                                     resume="allow", id=self._run_id(self.run_dir))
         except Exception as e:  # noqa: BLE001 - wandb raises CommError, UsageError, timeouts, ...
-            self._wandb_failed(f"W&B could not start ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            self._wandb_failed(f"W&B could not start ({type(e).__name__}: {first})")
 
     def _wandb_failed(self, why: str) -> None:
         self.wandb = None

@@ -43,9 +43,16 @@ class PretrainModule(nn.Module):
         return kernels.masked_cross_entropy(logits, targets, backend=backend)
 
     def forward(self, batch: torch.Tensor, episode=None):
-        """AR step: returns (loss, {}). Meta step (episode given): returns (query loss, stats)."""
+        """AR step: returns (loss, {}). Meta step (episode given): returns (query loss, stats); with
+        meta.objective=add, (AR loss + meta.loss_weight x query loss, stats + {"ar_loss"})."""
         if episode is None:
             return self.ar_loss(batch), {}
         from metalm.meta.step import meta_step_loss
 
-        return meta_step_loss(self.cfg.meta, self.lm.hidden_states, self.head, episode)
+        m = self.cfg.meta
+        loss, stats = meta_step_loss(m, self.lm.hidden_states, self.head, episode)
+        if m.objective == "add":
+            ar = self.ar_loss(batch)
+            stats = {**stats, "ar_loss": ar.detach().float()}
+            loss = ar + m.loss_weight * loss
+        return loss, stats
