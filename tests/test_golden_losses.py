@@ -55,8 +55,8 @@ def test_hybrid_run_logs_the_golden_losses(tmp_path, shards, name):
     want = json.loads(golden.read_text())
     assert want["overrides"] == overrides, "the golden file was recorded with other settings: record it anew"
     assert [r["step"] for r in got] == [r["step"] for r in want["records"]] == list(range(1, 13))
-    kinds = {(r["ar_loss"] is not None, r["meta_loss"] is not None) for r in got}
-    assert kinds == {(True, False), (False, True)}, "the golden run must contain both AR and meta steps"
+    assert any(r["meta_loss"] is None for r in got) and any(r["meta_loss"] is not None for r in got), \
+        "the golden run must contain both AR and meta steps"
     for g, w in zip(got, want["records"]):
         for k in KEYS:
             if w[k] is None:
