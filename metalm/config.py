@@ -717,9 +717,6 @@ def _validate_across(cfg: Config, world_size: int | None) -> None:
                                                          f"one of the two")
     if t.seq_len <= 0 or t.seq_len > m.max_seq_len:
         _bad("train.seq_len", t.seq_len, f"expected 1..model.max_seq_len={m.max_seq_len}")
-    me = cfg.meta
-    if me.enabled and me.readout != "mask" and me.window > t.seq_len:
-        _bad("meta.window", me.window, f"must be at most train.seq_len={t.seq_len}")
     if world_size is not None:
         accum = grad_accum(cfg, world_size)
         if t.micro_batch * accum * world_size != t.global_batch:

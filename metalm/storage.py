@@ -171,12 +171,12 @@ def filesystem(location: str):
     except ValueError:
         raise StorageError(f"{location}: unknown URL scheme {s}:// (no fsspec implementation); expected a local "
                            f"path, file://, s3://, gs://, https://, hf:// or pipe:") from None
-    try:
-        fs, path = fsspec.core.url_to_fs(location, use_listings_cache=False)
+    try:  # a fresh instance: fsspec's instance cache would keep one made under another environment's endpoint
+        fs, path = fsspec.core.url_to_fs(location, use_listings_cache=False, skip_instance_cache=True)
     except ImportError as e:
         raise _missing_package(location, s, e) from None
     except TypeError:  # an implementation without listing-cache options
-        fs, path = fsspec.core.url_to_fs(location)
+        fs, path = fsspec.core.url_to_fs(location, skip_instance_cache=True)
     del cls
     return fs, path
 

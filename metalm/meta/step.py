@@ -51,7 +51,8 @@ def backbone_tokens(meta: MetaConfig, micro_batch: int, seq_len: int) -> tuple[i
     readout=mask, one window per occurrence otherwise."""
     if meta.readout == "mask" or meta.sampler != "smlmt":
         return micro_batch * seq_len, micro_batch * seq_len
-    return meta.n_way * meta.k_shot * meta.window, meta.n_way * meta.q_queries * meta.window
+    window = min(meta.window, seq_len)
+    return meta.n_way * meta.k_shot * window, meta.n_way * meta.q_queries * window
 
 
 def word_start_ids(tokenizer, vocab_size: int) -> torch.Tensor:

@@ -97,8 +97,12 @@ def sample_episode(input_ids: torch.Tensor, *, n_way: int, k_shot: int, q_querie
         B, T = ids.shape
         if readout not in READOUTS:
             raise ValueError(f"readout={readout!r}: expected one of {', '.join(READOUTS)}")
-        if readout != "mask" and not 2 <= window <= T:
-            raise ValueError(f"window={window}: expected 2..{T} (the batch's sequence length)")
+        window = min(window, T)  # a window never exceeds the sequences it is cut from
+        if readout != "mask" and window < 2:
+            raise ValueError(f"window={window}: expected >= 2")
+        if readout == "after" and window <= readout_offset:
+            raise EpisodeError(f"smlmt: a {window}-token window cannot hold a mask and the {readout_offset} "
+                               f"tokens after it (meta.readout_offset) in sequences of {T}")
         last = T - 1 - (readout_offset if readout == "after" else 0)  # the readout stays inside the row
         occ = _sample_smlmt(ids, n_way, k_shot, q_queries, mask_id, generator, min_freq, max_freq, exclude_ids,
                             allowed, last)

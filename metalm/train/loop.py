@@ -164,7 +164,7 @@ class Trainer:
         forward + backward on the episode's tokens, the head's inner and outer loop, and with meta.objective=add
         the AR step as well."""
         cfg, t, world = self.cfg, self.cfg.train, self.dist.world_size
-        seq = t.seq_len if cfg.meta.readout == "mask" else cfg.meta.window
+        seq = t.seq_len if cfg.meta.readout == "mask" else min(cfg.meta.window, t.seq_len)
         s_tok, q_tok = backbone_tokens(cfg.meta, t.micro_batch, t.seq_len)
         body = flops_per_token(cfg.model, seq, lm_head=False, backward=False) * s_tok \
             + flops_per_token(cfg.model, seq, lm_head=False) * q_tok
