@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from metalm.clock import hms
 from metalm.data.errors import DataError, UnsafePathError
 from metalm.data.manifest import (FORMAT, MANIFEST, PREPARE_STATE, SPLITS, TOKENIZER_FILE, VERSION, load_manifest,
                                   samples_per_member as default_samples_per_member,
@@ -263,13 +264,6 @@ def _hf_dataset_rows(path: Path) -> int:
     return rows
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
 class Progress:
     """Documents read from the source (of `total`, when known), tokens, rate and ETA, labelled `label`.
 
@@ -311,11 +305,11 @@ class Progress:
         if self.total:
             done += f"/{self.total:,} docs ({min(100.0, 100.0 * self.docs / self.total):.0f}%)"
             if eta and rate > 0:
-                left = f", eta {_clock(max(0, self.total - self.docs) / rate)}"
+                left = f", eta {hms(max(0, self.total - self.docs) / rate)}"
         else:
             done += " docs"
         return (f"{done}, {self.tokens:,} tokens, {rate:,.0f} docs/s, {self.tokens / elapsed:,.0f} tok/s, "
-                f"elapsed {_clock(elapsed)}{left}")
+                f"elapsed {hms(elapsed)}{left}")
 
     def update(self, docs: int, tokens: int) -> None:
         """The counts so far (documents read from the source, tokens written)."""

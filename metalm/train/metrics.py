@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from metalm.clock import hms
 from metalm.config import LoggingConfig
 
 
@@ -35,13 +36,6 @@ def hardware_summary() -> dict:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()
     return info
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class MetricsLogger:
@@ -163,7 +157,7 @@ class MetricsLogger:
         parts.append(f"tok/s {record.get('tokens_per_s', 0):,.0f}")
         if record.get("mfu") is not None:
             parts.append(f"mfu {100 * record['mfu']:.1f}%")
-        parts.append(f"elapsed {_fmt_time(elapsed)} eta {_fmt_time(eta)}")
+        parts.append(f"elapsed {hms(elapsed)} eta {hms(eta)}")
         print(" | ".join(parts), flush=True)
 
     def close(self) -> None:
