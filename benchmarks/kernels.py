@@ -6,8 +6,9 @@ torch.compile of the references, and Liger-Kernel where it is importable.
 
 On CUDA, times are the median of CUDA-event-timed repetitions after warm-up, and peak memory is the
 allocator's peak during one forward+backward minus what was allocated before it (inputs included in the
-baseline, so it is the extra memory the op needs). Without CUDA only the references run (the Triton
-interpreter's timings say nothing about GPU speed), peak memory is not measured, and the output says
+baseline, so it is the extra memory the op needs). Without CUDA only the references and kernels.cpu (the
+CPU production path of the cross-entropies; "cpu" rows) run (the Triton interpreter's timings say nothing
+about GPU speed; the full-size CPU comparison is benchmarks/peer.py), peak memory is not measured, and the output says
 that GPU numbers are pending. Results go to benchmarks/results/kernels-<device>.json.
 """
 from __future__ import annotations
@@ -75,6 +76,8 @@ def ce_impls(backends):
         impls["compile"] = lambda z, t: compiled(z, t)
     if "triton" in backends:
         impls["triton"] = lambda z, t: kernels.masked_cross_entropy(z, t, backend="triton")
+    if "cpu" in backends:
+        impls["cpu"] = lambda z, t: kernels.cpu.masked_cross_entropy(z, t)
     lf = _liger() if "liger" in backends else None
     if lf is not None:  # note: Liger writes the gradient into the logits buffer in place
         impls["liger"] = lambda z, t: lf.liger_cross_entropy(z, t, ignore_index=-100, reduction="mean")
@@ -99,6 +102,8 @@ def lce_impls(backends):
         impls["compile"] = lambda h, w, t: compiled(h, w, t)
     if "triton" in backends:
         impls["triton"] = lambda h, w, t: kernels.linear_cross_entropy(h, w, t, backend="triton")
+    if "cpu" in backends:
+        impls["cpu"] = lambda h, w, t: kernels.cpu.linear_cross_entropy(h, w, t)
     lf = _liger() if "liger" in backends else None
     if lf is not None:
         impls["liger"] = lambda h, w, t: lf.liger_fused_linear_cross_entropy(h, w, t, ignore_index=-100)
@@ -235,8 +240,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small shapes (implied without CUDA)")
     p.add_argument("--ops", default="rmsnorm,masked_ce,linear_ce", help="comma-separated subset")
     p.add_argument("--impls", default=None,
-                   help="comma-separated subset of torch,compile,triton,liger (default: all on CUDA, torch "
-                        "only without CUDA; e.g. TRITON_INTERPRET=1 --impls torch,triton smoke-tests the "
+                   help="comma-separated subset of torch,cpu,compile,triton,liger (default: all but cpu on "
+                        "CUDA, torch,cpu without CUDA; e.g. TRITON_INTERPRET=1 --impls torch,triton smoke-tests the "
                         "harness on CPU)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10 CUDA, 3 CPU)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
@@ -245,9 +250,9 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     quick = args.quick or not cuda
-    # Off-GPU only the references are meaningful: the Triton interpreter and CPU inductor are not what
-    # we are choosing between.
-    default_impls = "torch,compile,triton,liger" if cuda else "torch"
+    # Off-GPU the references and the CPU production path (kernels.cpu) are what we choose between; the
+    # Triton interpreter and CPU inductor are not.
+    default_impls = "torch,compile,triton,liger" if cuda else "torch,cpu"
     backends = set((args.impls or default_impls).split(","))
     dtype = torch.bfloat16 if cuda else torch.float32
     reps = args.reps or (10 if cuda else 3)
@@ -286,8 +291,8 @@ def main(argv=None):
     if not cuda:
         result["note"] = ("GPU numbers pending: no CUDA device; small CPU shapes, timings say nothing about "
                           "GPU speed (Triton would run under its interpreter)")
-        print("\nGPU numbers pending: no CUDA device here; small CPU shapes (the PyTorch references unless "
-              "--impls says otherwise), which say nothing about GPU speed.")
+        print("\nGPU numbers pending: no CUDA device here; small CPU shapes (the PyTorch references and "
+              "kernels.cpu unless --impls says otherwise), which say nothing about GPU speed.")
     out = args.out or _HERE / "results" / f"kernels-{device_name(cuda)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

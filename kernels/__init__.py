@@ -1,8 +1,10 @@
 """metalm's Triton kernels, each beside a plain-PyTorch reference with the same signature.
 
-`backend="auto"` runs the Triton kernel on CUDA tensors and the reference elsewhere; "triton" forces the
-kernel (on CPU only under TRITON_INTERPRET=1, which must be set before this package's Triton modules
-are imported); "torch" forces the reference. Triton modules are imported lazily, on first use.
+`backend="auto"` runs the Triton kernel on CUDA tensors, and on CPU tensors the cross-entropies of
+`kernels.cpu` (plain PyTorch too, same semantics, built for speed: no full-size logits copies, the gradient
+formed in the forward, a chunked fused LM head) and the rmsnorm reference; "triton" forces the kernel (on
+CPU only under TRITON_INTERPRET=1, which must be set before this package's Triton modules are imported);
+"torch" forces the reference. Triton modules are imported lazily, on first use.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import types
 
 import torch
 
-from kernels import reference
+from kernels import cpu, reference
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -38,6 +40,10 @@ def _use_triton(backend: str, t: torch.Tensor) -> bool:
     return t.is_cuda and triton_available()
 
 
+def _use_cpu(backend: str, t: torch.Tensor) -> bool:
+    return backend == "auto" and t.device.type == "cpu"
+
+
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
     if _use_triton(backend, x):
         return importlib.import_module("kernels.rmsnorm").rmsnorm(x, weight, eps)
@@ -50,6 +56,8 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     if _use_triton(backend, logits):
         mod = importlib.import_module("kernels.masked_ce")
         return mod.masked_cross_entropy(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
+    if _use_cpu(backend, logits):
+        return cpu.masked_cross_entropy(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
     return reference.masked_cross_entropy(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
 
 
@@ -59,10 +67,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if _use_triton(backend, hidden):
         mod = importlib.import_module("kernels.linear_ce")
         return mod.linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss)
+    if _use_cpu(backend, hidden):
+        return cpu.linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss)
     return reference.linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss)
 
 
-__all__ = ["rmsnorm", "masked_cross_entropy", "linear_cross_entropy", "reference", "triton_available", "BACKENDS"]
+__all__ = ["rmsnorm", "masked_cross_entropy", "linear_cross_entropy", "cpu", "reference", "triton_available",
+           "BACKENDS"]
 
 _DISPATCHERS = ("rmsnorm", "masked_cross_entropy", "linear_cross_entropy")
 

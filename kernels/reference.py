@@ -1,7 +1,9 @@
 """Plain-PyTorch references for every kernel, with the kernels' signatures.
 
-They define the semantics the Triton kernels must reproduce (values and gradients), and they are what
-runs off-GPU. Statistics are taken in fp32 whatever the input dtype, as the kernels do.
+They define the semantics the Triton kernels and kernels.cpu must reproduce (values and gradients), and
+they are what runs with backend="torch"; off-GPU, backend="auto" runs rmsnorm from here and the
+cross-entropies from kernels.cpu (same semantics, fast). Statistics are taken in fp32 whatever the input
+dtype, as the kernels do.
 """
 from __future__ import annotations
 
