@@ -345,30 +345,73 @@ if {keep}:
 from metalm.config import load_config
 from metalm.train.module import PretrainModule
 torch.set_num_threads(1)
-cfg = load_config({config!r}, ["meta.enabled=false", "model.n_layers=1", "train.device=cpu"])
+cfg = load_config({config!r}, ["meta.enabled=false", "train.device=cpu"])
 assert cfg.model.fused_linear_ce and cfg.model.vocab_size == 50304
 torch.manual_seed(0)
 module = PretrainModule(cfg)
 opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
-batch = torch.randint(0, 50304, (4, 129))
+batch = torch.randint(0, 50304, (8, 129))
 def step():
     module.ar_loss(batch).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 for _ in range(3):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[2])  # the median step: a rare spike (the kernel reclaiming cold pages) is not ours
 """
+
+
+def _launcher():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "launchers"))  # the launcher imports dist_env from its own folder
+    try:
+        path = repo / "launchers" / "pretrain.py"
+        spec = importlib.util.spec_from_file_location("metalm_pretrain_launcher_cpu", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(repo / "launchers"))
+    return module
+
+
+def test_keep_freed_memory_sets_glibc_thresholds_unless_the_user_did(monkeypatch):
+    import ctypes
+    import sys
+
+    launcher = _launcher()
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(sys, "platform", "linux")
+    for k in [k for k in __import__("os").environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(k)
+    launcher.keep_freed_memory()
+    assert calls == [(-3, 32 << 20), (-1, 1 << 30)]  # M_MMAP_THRESHOLD 32 MB, M_TRIM_THRESHOLD 1 GB
+    calls.clear()
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    launcher.keep_freed_memory()
+    assert calls == []
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's allocator")
 def test_cpu_tiny_ar_step_page_faults_nothing_under_the_launcher_allocator_setting():
     """The shipped cpu-tiny AR step (fused CPU linear CE) with launchers/pretrain.py's keep_freed_memory():
-    after warm-up a step faults in (almost) no new pages. Without the setting glibc hands gradient- and
-    optimizer-sized blocks back to the kernel and faults them in again: thousands of pages per step."""
+    after warm-up the median step faults in no new pages. (Without the setting it depends on the heap's
+    layout: in some processes glibc trims and re-faults thousands of pages every step, in others not.)"""
     import os
     import subprocess
     import sys
@@ -377,14 +420,10 @@ def test_cpu_tiny_ar_step_page_faults_nothing_under_the_launcher_allocator_setti
     repo = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     env["OMP_NUM_THREADS"] = "1"
-    faults = {}
-    for keep in (True, False):
-        code = _FAULTS_PER_STEP.format(launchers=str(repo / "launchers"), keep=keep,
-                                       launcher=str(repo / "launchers" / "pretrain.py"),
-                                       config=str(repo / "configs" / "cpu-tiny.yaml"))
-        out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
-                             timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        faults[keep] = float(out.stdout.strip().splitlines()[-1])
-    assert faults[True] < 100, faults  # 4 KB pages: < 0.4 MB a step
-    assert faults[True] < faults[False], faults
+    code = _FAULTS_PER_STEP.format(launchers=str(repo / "launchers"), keep=True,
+                                   launcher=str(repo / "launchers" / "pretrain.py"),
+                                   config=str(repo / "configs" / "cpu-tiny.yaml"))
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 50  # 4 KB pages: 0.2 MB in the median step
