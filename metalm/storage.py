@@ -28,6 +28,7 @@ No torch import: the data-preparation processes use this module too.
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 import re
@@ -214,7 +215,7 @@ def describe(e: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------- stores
 
 
-class Store:
+class Store(abc.ABC):
     """A directory-like location: files addressed by '/'-separated paths relative to it.
 
     read_bytes / exists / size / list / write_bytes (atomic) / put_file (atomic) / get_file (atomic, local
@@ -235,31 +236,36 @@ class Store:
             raise StorageError(f"{self.location}: {scheme(self.location)} locations are read-only")
 
     # reading
+    @abc.abstractmethod
     def read_bytes(self, rel: str) -> bytes:
-        raise NotImplementedError
+        """The file's bytes; FileNotFoundError when it is missing."""
 
+    @abc.abstractmethod
     def exists(self, rel: str = "") -> bool:
-        raise NotImplementedError
+        """Whether `rel` (a file or a directory; the store itself for "") exists."""
 
+    @abc.abstractmethod
     def size(self, rel: str) -> int:
-        raise NotImplementedError
+        """The file's size in bytes."""
 
+    @abc.abstractmethod
     def list(self, rel: str = "") -> list[str]:
         """Names directly below `rel` (files and directories), sorted; [] when it does not exist."""
-        raise NotImplementedError
 
     def get_file(self, rel: str, dest: Path) -> None:
         write_atomic(dest, self.read_bytes(rel))
 
     # writing
+    @abc.abstractmethod
     def write_bytes(self, rel: str, data: bytes) -> None:
-        raise NotImplementedError
+        """Write the file so that it appears complete or not at all."""
 
     def put_file(self, rel: str, src: Path) -> None:
         self.write_bytes(rel, Path(src).read_bytes())
 
+    @abc.abstractmethod
     def remove(self, rel: str, recursive: bool = False) -> None:
-        raise NotImplementedError
+        """Delete the file, or the directory and everything below it with recursive=True."""
 
     def makedirs(self, rel: str = "") -> None:
         """Create the directory (local); object stores have no directories: nothing to do."""
