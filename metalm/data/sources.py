@@ -40,7 +40,7 @@ import re
 import zlib
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Optional, Union
 
 from metalm.config import TEXT_SPLITS
 from metalm.data.errors import DataError, parse_json
@@ -175,54 +175,21 @@ def _parse_builtin(source: str) -> list[str] | None:
     return langs
 
 
-def _resolve_remote(source: str) -> list[RemotePath]:
-    fs, inner = _remote_fs(source)
-    web = source.split("://", 1)[0].lower() in ("http", "https")
-    try:
-        if any(ch in inner for ch in "*?[") and not web:
-            matches = [RemotePath(fs, p) for p in sorted(fs.glob(inner))]
-            files = [p for p in matches if (_kind(p) and p.is_file()) or (p.is_dir() and _is_hf_dataset_dir(p))]
-            if not files:
-                raise DataError(f"source {source!r}: the glob matches no supported file "
-                                f"(jsonl/json/ndjson[.gz], txt/md[.gz], parquet, or a saved HF dataset)")
-            return files
-        path = RemotePath(fs, inner)
-        if not web and path.is_dir():
-            if _is_hf_dataset_dir(path):
-                return [path]
-            files = [RemotePath(fs, p) for p in sorted(fs.find(inner)) if _kind(RemotePath(fs, p))]
-            if not files:
-                raise DataError(f"source {source!r}: the directory holds no supported file")
-            return files
-        if path.is_file():
-            if _kind(path) is None:
-                raise DataError(f"source {source!r}: unsupported file type (expected jsonl/json/ndjson[.gz], "
-                                f"txt/md[.gz] or parquet)")
-            return [path]
-    except DataError:
-        raise
-    except OSError as e:
-        raise DataError(f"source {source!r}: cannot list it: {describe(e)}") from None
-    raise DataError(f"source {source!r}: no such file or directory" + (" (an http(s):// source names one file: "
-                    "HTTP cannot list or glob)" if web else ""))
-
-
-def resolve_files(source: str) -> list[Path]:
-    """The files (or HF dataset folders) a path/glob source spec names, sorted; DataError if none."""
-    if is_url(source):
-        return _resolve_remote(source)  # type: ignore[return-value]
-    if any(ch in source for ch in "*?["):
-        matches = sorted(Path(p) for p in _glob.glob(os.path.expanduser(source), recursive=True))
-        files = [p for p in matches if (p.is_file() and _kind(p)) or (p.is_dir() and _is_hf_dataset_dir(p))]
+def _select(source: str, path, *, pattern: bool, can_list: bool, glob: Callable[[], list],
+            find: Callable[[], list]) -> Optional[list]:
+    """The supported files a source names, local or remote alike: the glob's matches (`pattern`), a saved HF
+    dataset directory, the files below a directory (`find`: its files, sorted), or one file; None when `path`
+    is neither a file nor a directory. `can_list=False` (HTTP) takes `path` as one file."""
+    if pattern and can_list:
+        files = [p for p in glob() if (_kind(p) and p.is_file()) or (p.is_dir() and _is_hf_dataset_dir(p))]
         if not files:
             raise DataError(f"source {source!r}: the glob matches no supported file "
                             f"(jsonl/json/ndjson[.gz], txt/md[.gz], parquet, or a saved HF dataset)")
         return files
-    path = Path(os.path.expanduser(source))
-    if path.is_dir():
+    if can_list and path.is_dir():
         if _is_hf_dataset_dir(path):
             return [path]
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p))
+        files = [p for p in find() if _kind(p)]
         if not files:
             raise DataError(f"source {source!r}: the directory holds no supported file")
         return files
@@ -231,7 +198,37 @@ def resolve_files(source: str) -> list[Path]:
             raise DataError(f"source {source!r}: unsupported file type (expected jsonl/json/ndjson[.gz], "
                             f"txt/md[.gz] or parquet)")
         return [path]
-    raise DataError(f"source {source!r}: no such file or directory")
+    return None
+
+
+def _resolve_remote(source: str) -> list[RemotePath]:
+    fs, inner = _remote_fs(source)
+    web = source.split("://", 1)[0].lower() in ("http", "https")
+    try:
+        files = _select(source, RemotePath(fs, inner), pattern=any(ch in inner for ch in "*?["), can_list=not web,
+                        glob=lambda: [RemotePath(fs, p) for p in sorted(fs.glob(inner))],
+                        find=lambda: [RemotePath(fs, p) for p in sorted(fs.find(inner))])
+    except DataError:
+        raise
+    except OSError as e:
+        raise DataError(f"source {source!r}: cannot list it: {describe(e)}") from None
+    if files is None:
+        raise DataError(f"source {source!r}: no such file or directory" + (" (an http(s):// source names one "
+                        "file: HTTP cannot list or glob)" if web else ""))
+    return files
+
+
+def resolve_files(source: str) -> list[Path]:
+    """The files (or HF dataset folders) a path/glob source spec names, sorted; DataError if none."""
+    if is_url(source):
+        return _resolve_remote(source)  # type: ignore[return-value]
+    path = Path(os.path.expanduser(source))
+    files = _select(source, path, pattern=any(ch in source for ch in "*?["), can_list=True,
+                    glob=lambda: sorted(Path(p) for p in _glob.glob(os.path.expanduser(source), recursive=True)),
+                    find=lambda: sorted(p for p in path.rglob("*") if p.is_file()))
+    if files is None:
+        raise DataError(f"source {source!r}: no such file or directory")
+    return files
 
 
 def describe_source(source: str, *, text_field: str = "text", text_split: str = "file") -> dict:
