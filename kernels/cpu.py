@@ -39,21 +39,13 @@ import threading
 import torch
 from torch.autograd.function import once_differentiable
 
-REDUCTIONS = ("mean", "sum", "none")
+from kernels.reference import check_args
+
 # Chunk of logits per step: small enough to stay in this CPU's cache between the passes over it, large
 # enough that the matmuls producing and consuming it stay efficient (see benchmarks/peer.py).
 CHUNK_BYTES = 4 << 20
 LINEAR_CHUNK_BYTES = 32 << 20  # ~160 rows at vocab 50,304: flat optimum between 64 and 256 rows on a Zen 4 core
 _WORKSPACE_MAX_BYTES = 64 << 20
-
-
-def check_args(reduction: str, label_smoothing: float, z_loss: float) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r}: expected 'mean', 'sum' or 'none'")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
 
 
 def rows_per_chunk(vocab: int, chunk_bytes: int, n_rows: int) -> int:

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-REDUCTIONS = ("mean", "sum", "none")
+from kernels.reference import check_args
 
 
 @triton.jit
@@ -181,15 +181,6 @@ def ce_backward(logits, targets, lse, scale, grad, ignore_index=-100, label_smoo
         logits, logits.stride(0), targets, lse, grad, grad.stride(0), scale, 1 if scale.numel() > 1 else 0,
         n_cols, ignore_index, float(label_smoothing), float(z_loss),
         HAS_SMOOTHING=label_smoothing > 0, HAS_Z_LOSS=z_loss > 0, BLOCK_V=bv, num_warps=warps)
-
-
-def check_args(reduction: str, label_smoothing: float, z_loss: float) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r}: expected 'mean', 'sum' or 'none'")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
 
 
 def reduce_loss(loss_rows: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> torch.Tensor:

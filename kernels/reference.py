@@ -11,6 +11,19 @@ import torch
 import torch.nn.functional as F
 
 
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_args(reduction: str, label_smoothing: float, z_loss: float) -> None:
+    """The cross-entropy arguments every implementation (reference, CPU, Triton) accepts."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}: expected 'mean', 'sum' or 'none'")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+
+
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """y = x / sqrt(mean(x^2) + eps) * weight, statistics in fp32, result in x's dtype."""
     xf = x.float()
@@ -27,7 +40,7 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     per-row loss (0 on ignored rows) with the leading shape of `logits`. `z_loss` adds
     z_loss * logsumexp^2 per valid row (PaLM's auxiliary loss).
     """
-    if reduction not in ("mean", "sum", "none"):
+    if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: expected 'mean', 'sum' or 'none'")
     lead = logits.shape[:-1]
     z = logits.reshape(-1, logits.shape[-1]).float()
