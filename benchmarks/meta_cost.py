@@ -21,7 +21,6 @@ available, else Zipf-distributed synthetic ids. Results: benchmarks/results/meta
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform

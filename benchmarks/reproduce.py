@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -93,7 +92,7 @@ def val_curve(rd: Path) -> list[dict]:
     return [r for r in read_jsonl(rd / "metrics.jsonl") if r.get("val_loss") is not None]
 
 
-def first_reach(curve: list[dict], axis: str, target: float) -> Optional[float]:
+def first_reach(curve: list[dict], axis: str, target: float) -> float | None:
     """The `axis` value where the validation curve first reaches `target`, linearly interpolated."""
     prev = None
     for r in curve:

@@ -72,8 +72,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return reference.linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss)
 
 
-__all__ = ["rmsnorm", "masked_cross_entropy", "linear_cross_entropy", "cpu", "reference", "triton_available",
-           "BACKENDS"]
+__all__ = [
+    "BACKENDS",
+    "cpu",
+    "linear_cross_entropy",
+    "masked_cross_entropy",
+    "reference",
+    "rmsnorm",
+    "triton_available",
+]
 
 _DISPATCHERS = ("rmsnorm", "masked_cross_entropy", "linear_cross_entropy")
 

@@ -349,4 +349,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                            float(z_loss), chunk_size, torch.is_grad_enabled())
 
 
-__all__ = ["masked_cross_entropy", "linear_cross_entropy", "CHUNK_BYTES", "LINEAR_CHUNK_BYTES"]
+__all__ = ["CHUNK_BYTES", "LINEAR_CHUNK_BYTES", "linear_cross_entropy", "masked_cross_entropy"]

@@ -154,4 +154,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                                    torch.is_grad_enabled())
 
 
-__all__ = ["linear_cross_entropy", "default_chunk_size"]
+__all__ = ["default_chunk_size", "linear_cross_entropy"]

@@ -239,4 +239,4 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
                                    float(z_loss), block_v)
 
 
-__all__ = ["masked_cross_entropy", "ce_forward", "ce_backward", "reduce_loss", "check_args"]
+__all__ = ["ce_backward", "ce_forward", "check_args", "masked_cross_entropy", "reduce_loss"]

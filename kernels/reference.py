@@ -8,7 +8,6 @@ dtype, as the kernels do.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -75,4 +74,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return loss.reshape(targets.shape) if reduction == "none" else loss
 
 
-__all__ = ["rmsnorm", "masked_cross_entropy", "linear_cross_entropy"]
+__all__ = ["linear_cross_entropy", "masked_cross_entropy", "rmsnorm"]

@@ -18,7 +18,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, NoReturn
+from collections.abc import Callable
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -160,8 +161,8 @@ class CheckpointConfig:
 class LoggingConfig:
     wandb: bool = True
     project: str = "metalm"
-    entity: Optional[str] = None
-    run_name: Optional[str] = None
+    entity: str | None = None
+    run_name: str | None = None
     tags: list = field(default_factory=list)
     mode: str = "auto"  # auto (online with an API key, else offline) | online | offline
     progress: bool = True
@@ -169,9 +170,9 @@ class LoggingConfig:
 
 @dataclass
 class NerConfig:
-    train: Optional[str] = None
-    dev: Optional[str] = None
-    test: Optional[str] = None
+    train: str | None = None
+    dev: str | None = None
+    test: str | None = None
     mode: str = "head"  # head | full
     lr: float = 3e-5
     epochs: int = 10
@@ -198,7 +199,7 @@ class EvalConfig:
     seq_len: int = 256
     val_batches: int = 16
     metrics: list = field(default_factory=lambda: ["val_loss", "rank", "entropy"])
-    probe_text: Optional[str] = None  # text/jsonl file for the fixed rank/entropy batch when no val shards
+    probe_text: str | None = None  # text/jsonl file for the fixed rank/entropy batch when no val shards
     ner: NerConfig = field(default_factory=NerConfig)
 
 
@@ -296,7 +297,7 @@ class _ConfigLoader(yaml.SafeLoader):
         self._depth = 0
         self._nodes = 0
 
-    def compose_node(self, parent, index):  # noqa: ANN001 (PyYAML's signature)
+    def compose_node(self, parent, index):
         event = self.peek_event()
         line = event.start_mark.line + 1
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
@@ -314,7 +315,7 @@ class _ConfigLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
-    def construct_bounded_int(self, node):  # noqa: ANN001
+    def construct_bounded_int(self, node):
         try:
             return self.construct_yaml_int(node)
         except ValueError:  # longer than int()'s conversion limit (4300 digits)
@@ -474,7 +475,7 @@ def _too_large_for_float(node: Any, where: str) -> str | None:
 
 def _reason(e: Exception) -> str:
     msg = str(e).split("\n")[0]
-    if "not in struct" in msg or "Key '" in msg and "not" in msg:
+    if "not in struct" in msg or ("Key '" in msg and "not" in msg):
         return f"unknown key ({msg})"
     if isinstance(e, OverflowError):
         return f"number too large for a float ({msg})"
@@ -538,7 +539,7 @@ def _check_location(key: str, location: str, writable: bool = False) -> None:
         raise ConfigError(str(e)) from None
 
 
-def run_locations(cfg: Config) -> tuple[Path, Optional[str]]:
+def run_locations(cfg: Config) -> tuple[Path, str | None]:
     """(the run's local directory, the URL its checkpoints are uploaded to or None). A URL train.run_dir keeps
     the run locally in train.local_dir (default runs/<the URL's last part>) and uploads to RUN_URL/checkpoints;
     otherwise train.run_dir is the local directory and checkpoint.remote (if set) the upload URL."""

@@ -28,7 +28,7 @@ import os
 import re
 import shlex
 import sys
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 LAUNCHER_KEYS = ("RANK", "WORLD_SIZE")
@@ -155,7 +155,7 @@ def _int(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
     return value
 
 
-def _first(env: Mapping[str, str], *names: str) -> Optional[str]:
+def _first(env: Mapping[str, str], *names: str) -> str | None:
     """The first of `names` present (and non-empty) in env."""
     for n in names:
         if env.get(n, "") != "":
@@ -262,7 +262,7 @@ def _from_slurm(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def _slurm_master(env: Mapping[str, str], hosts: Optional[list[str]]) -> tuple[str, str]:
+def _slurm_master(env: Mapping[str, str], hosts: list[str] | None) -> tuple[str, str]:
     if env.get("MASTER_ADDR", "") != "":
         addr = env["MASTER_ADDR"].strip()
     elif hosts:

@@ -37,7 +37,8 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import TypeVar
+from collections.abc import Callable
 
 from metalm.fsutil import fsync_dir, write_atomic
 
@@ -187,7 +188,7 @@ def filesystem(location: str):
 
 def retry(fn: Callable[[], T], *, attempts: int, what: str, backoff: float = 1.0, max_backoff: float = 30.0,
           retry_on: tuple = (Exception,), give_up_on: tuple = (), sleep: Callable[[float], None] = time.sleep,
-          on_retry: Optional[Callable[[int, BaseException, float], None]] = None) -> T:
+          on_retry: Callable[[int, BaseException, float], None] | None = None) -> T:
     """fn(), tried up to `attempts` times with exponential backoff (backoff, 2 x backoff, ..., max_backoff).
     The last failure is raised as is; `give_up_on` exceptions are raised at once (e.g. a missing package)."""
     delay = backoff

@@ -156,7 +156,7 @@ def schema_rows(config_module=None) -> list[dict]:
     """One row per key, depth first in schema order: section rows (kind 'section') and leaf rows (kind 'key')."""
     if config_module is None:
         sys.path.insert(0, str(REPO))
-        import metalm.config as config_module  # noqa: PLC0415
+        import metalm.config as config_module
     source = Path(config_module.__file__).read_text()
     comments = _field_comments(source)
     choices = getattr(config_module, "CHOICES", {})

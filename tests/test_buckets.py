@@ -20,14 +20,12 @@ from functools import partial
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import pytest
 from procs import cpu_run_env, free_port
 from s3server import s3_server  # noqa: F401 - the fixture
 
 from metalm import checkpoint as ckpt
 from metalm.data import DataError, ShardLoader, load_manifest
-from metalm.data.prepare import main as prepare_main
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launchers" / "pretrain.py"

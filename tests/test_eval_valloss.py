@@ -45,7 +45,7 @@ def test_as_tokens_shapes():
 def test_probe_batch_from_text(tmp_path):
     p = tmp_path / "probe.txt"
     p.write_text("ab\n\ncde\n\nfgh ij\n")
-    enc = lambda s: [ord(c) for c in s]  # noqa: E731
+    enc = lambda s: [ord(c) for c in s]
     b = probe_batch_from_text(str(p), enc, batch_size=2, seq_len=3)
     assert b.tolist() == [[ord(c) for c in "abcd"], [ord(c) for c in "efgh"]]
     with pytest.raises(ValueError, match="only 12 tokens, need 16"):  # "ab" + "cde" + "fgh ij\n"

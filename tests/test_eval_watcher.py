@@ -190,7 +190,7 @@ def test_single_checkpoint_cli_with_ner(tmp_path, assets, caplog):
     """--checkpoint PATH with --config overrides: NER on toy IOB2 files through the real tokenizer path."""
     run = tmp_path / "run"
     ck = make_ckpt(run, 10, assets)
-    sents = [("Ann met Bob".split(), ["B-PER", "O", "B-PER"]), ("Paris is in France".split(), ["B-LOC", "O", "O", "B-LOC"])]
+    sents = [(["Ann", "met", "Bob"], ["B-PER", "O", "B-PER"]), (["Paris", "is", "in", "France"], ["B-LOC", "O", "O", "B-LOC"])]
     text = "".join("".join(f"{i + 1}\t{w}\t{t}\n" for i, (w, t) in enumerate(zip(ws, ts))) + "\n" for ws, ts in sents * 4)
     (tmp_path / "toy.iob2").write_text(text)
     args = ["--checkpoint", str(ck), "--no-wandb",

@@ -8,19 +8,19 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import functools  # noqa: E402
-import importlib  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-from pathlib import Path  # noqa: E402
+import functools
+import importlib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import given, settings, strategies as st  # noqa: E402
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
 
-import kernels  # noqa: E402
-from kernels import reference as ref  # noqa: E402
+import kernels
+from kernels import reference as ref
 
 pytest.importorskip("triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

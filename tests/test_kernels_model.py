@@ -4,11 +4,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from metalm.config import load_config  # noqa: E402
-from metalm.train.module import PretrainModule  # noqa: E402
+from metalm.config import load_config
+from metalm.train.module import PretrainModule
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=64",
         "model.vocab_size=123", "model.max_seq_len=16", "train.seq_len=16", "meta.enabled=false"]

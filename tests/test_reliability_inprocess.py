@@ -88,7 +88,7 @@ def _step(trainer, poison=(), scale: float = 1.0) -> float:
     """One optimizer step; returns its summed (AR + meta) loss as the loop accumulated it (0 when skipped)."""
     POISON["reset"]()
     POISON["micro"], SCALE["factor"] = set(poison), scale
-    sums = lambda: float(trainer.interval.sums["ar_loss"] + trainer.interval.sums["meta_loss"])  # noqa: E731
+    sums = lambda: float(trainer.interval.sums["ar_loss"] + trainer.interval.sums["meta_loss"])
     before = sums()
     try:
         trainer.train_step()

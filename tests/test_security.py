@@ -65,9 +65,7 @@ def unsafe_calls(source: str, name: str = "<string>") -> list[str]:
         where = f"{name}:{node.lineno}: {q}"
         if q in ("torch.load", "torch.serialization.load") and kw(node, "weights_only") is not True:
             bad.append(where + " without weights_only=True")
-        elif q.split(".")[0] in ("pickle", "dill", "cloudpickle", "joblib", "_pickle") and q.endswith(("load", "loads")):
-            bad.append(where)
-        elif q in ("yaml.load", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all"):
+        elif (q.split(".")[0] in ("pickle", "dill", "cloudpickle", "joblib", "_pickle") and q.endswith(("load", "loads"))) or q in ("yaml.load", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all"):
             bad.append(where)
         elif q in ("numpy.load", "np.load") and kw(node, "allow_pickle") not in (None, False):
             bad.append(where + " with allow_pickle")

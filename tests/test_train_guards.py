@@ -65,7 +65,6 @@ def test_step_guards_skip_without_touching_the_spike_windows_and_restore_their_s
 
 
 def test_duplicate_delivery_is_one_request_a_later_signal_exits_at_once(monkeypatch):
-    from metalm.train import guards
 
     clock = {"t": 100.0}
     exits = []

@@ -15,7 +15,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from metalm.fsutil import file_sha256, fsync_dir, write_atomic
 
@@ -50,21 +50,21 @@ class TrainerState:
     step: int
     tokens: int = 0
     flops: float = 0.0
-    world_size: Optional[int] = None
-    global_batch: Optional[int] = None
-    micro_batch: Optional[int] = None
-    seq_len: Optional[int] = None
-    grad_accum: Optional[int] = None
-    tokenizer_hash: Optional[str] = None
+    world_size: int | None = None
+    global_batch: int | None = None
+    micro_batch: int | None = None
+    seq_len: int | None = None
+    grad_accum: int | None = None
+    tokenizer_hash: str | None = None
     special_ids: dict = field(default_factory=dict)  # token ids of bos/eos/pad/mask the run trained with
-    data_shards: Optional[str] = None  # absolute path or URL of the shards the run read
+    data_shards: str | None = None  # absolute path or URL of the shards the run read
     guards: dict = field(default_factory=dict)  # the run-time guards' state (non-finite counts, spike windows)
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), indent=2).encode()
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "TrainerState":
+    def from_json(cls, text: str, where: str) -> TrainerState:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -103,7 +103,7 @@ def read_state(path: Path) -> TrainerState:
     return TrainerState.from_json(text, str(f))
 
 
-def resume_mismatch(state: TrainerState, now: dict) -> Optional[str]:
+def resume_mismatch(state: TrainerState, now: dict) -> str | None:
     """Why a run with `now` (world_size, global_batch, micro_batch, seq_len, tokenizer_hash) cannot resume
     from a checkpoint whose trainer state is `state`; None when it can. A field the checkpoint lacks is not
     compared (checkpoints from before it was recorded)."""
@@ -124,7 +124,7 @@ def resume_mismatch(state: TrainerState, now: dict) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------- the marker
 
 
-def read_marker(path: Path) -> Optional[dict]:
+def read_marker(path: Path) -> dict | None:
     """The marker's file records ({relative path: {"bytes", "sha256"?}}); {} for a legacy marker without
     records; None when there is no marker."""
     try:
@@ -140,7 +140,7 @@ def read_marker(path: Path) -> Optional[dict]:
     return data["files"]
 
 
-def checkpoint_problem(path: Path, checksums: bool = False, only: Optional[tuple[str, ...]] = None) -> Optional[str]:
+def checkpoint_problem(path: Path, checksums: bool = False, only: tuple[str, ...] | None = None) -> str | None:
     """Why `path` is not a usable checkpoint (None when it is): no marker, a file missing or of another size
     than the marker records, or (checksums=True) a sha256 that differs. `only` restricts the file checks to
     the files a reader uses (the evaluator's snapshot carries the weights, not the DeepSpeed state)."""
@@ -192,7 +192,7 @@ def list_checkpoints(root: Path, warn: bool = True) -> list[Path]:
     return found
 
 
-def _pointer_target(root: Path) -> Optional[str]:
+def _pointer_target(root: Path) -> str | None:
     pointer = root / POINTER
     if not pointer.is_file():
         return None
@@ -203,7 +203,7 @@ def _pointer_target(root: Path) -> Optional[str]:
     return None
 
 
-def find_latest(root: Path, verify: bool = False) -> Optional[Path]:
+def find_latest(root: Path, verify: bool = False) -> Path | None:
     """The checkpoint `latest` names if it is complete, else the newest complete one (or None).
 
     verify=True also checks every file's sha256 against the marker; a checkpoint that fails is skipped with
@@ -279,7 +279,7 @@ def _remove(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def prune(root: Path, keep_last_k: int, keep: Optional[Path] = None) -> None:
+def prune(root: Path, keep_last_k: int, keep: Path | None = None) -> None:
     """Delete complete checkpoints beyond the newest `keep_last_k`, never `keep` (the one `latest` names)."""
     ckpts = list_checkpoints(root, warn=False)
     keep = keep if keep is not None else find_latest(root)

@@ -22,8 +22,19 @@ warnings.filterwarnings("ignore", message=r"'metalm\.data\.prepare' found in sys
 
 _LAZY = {"ShardLoader", "build_loader"}
 
-__all__ = ["DataError", "Tokenizer", "load_tokenizer", "train_bpe", "iter_documents", "prepare", "ensure_prepared",
-           "load_manifest", "validate_manifest", "ShardLoader", "build_loader"]
+__all__ = [
+    "DataError",
+    "ShardLoader",
+    "Tokenizer",
+    "build_loader",
+    "ensure_prepared",
+    "iter_documents",
+    "load_manifest",
+    "load_tokenizer",
+    "prepare",
+    "train_bpe",
+    "validate_manifest",
+]
 
 
 def __getattr__(name: str):

@@ -47,7 +47,8 @@ import threading
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -169,7 +170,7 @@ class _Plan:
 class _Shard:
     """A parsed shard: per sample, its raw .npy bytes (format 1), its row (format 2), or why it is unreadable."""
 
-    __slots__ = ("index", "path", "names", "data")
+    __slots__ = ("data", "index", "names", "path")
 
     def __init__(self, index: int, path: str, names: list[str], data: list):
         self.index, self.path, self.names, self.data = index, path, names, data
@@ -228,7 +229,7 @@ class _ShardReader:
     """Reads (downloads) and checks shards (one cached), decodes and validates samples."""
 
     def __init__(self, store: Store, manifest: dict, split: str, *, verify: bool, on_bad_sample: str,
-                 cache_dir: Optional[str] = None, read_ahead: int = READ_AHEAD, retries: int = RETRIES,
+                 cache_dir: str | None = None, read_ahead: int = READ_AHEAD, retries: int = RETRIES,
                  backoff: float = RETRY_BACKOFF_S):
         self.store = store
         self.local = isinstance(store, LocalStore)
@@ -249,7 +250,7 @@ class _ShardReader:
         self.expected_bytes = len(self.header) + self.sample_len * self.dtype.itemsize
         self.cache_dir = cache_dir or None
         self.read_ahead, self.retries, self.backoff = read_ahead, retries, backoff
-        self._prefetch: Optional[_Prefetcher] = None
+        self._prefetch: _Prefetcher | None = None
         self._cached: _Shard | None = None
         self._headers: dict[int, bytes] = {}
 
@@ -499,7 +500,7 @@ def _batches(plan: _Plan, reader: _ShardReader, slot: int, start: int, skipped: 
 class _WorkerStreams(IterableDataset):
     """DataLoader dataset: worker i serves logical worker (i + first) % W from its saved position."""
 
-    def __init__(self, loader: "ShardLoader", first: int, positions: list[int], skipped: list[int], infinite: bool):
+    def __init__(self, loader: ShardLoader, first: int, positions: list[int], skipped: list[int], infinite: bool):
         self.args = (loader.store, loader.manifest, loader.split, loader.world_size, loader.workers,
                      loader.seed, loader.shuffle, loader.verify, loader.on_bad_sample)
         self.fetch = loader._fetch_settings

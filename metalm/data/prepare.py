@@ -29,7 +29,8 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -41,7 +42,7 @@ from metalm.data.manifest import (FORMAT, MANIFEST, PREPARE_STATE, SPLITS, TOKEN
 from metalm.data.sources import describe_source, iter_documents
 from metalm.data.shards import SplitWriter, finished_shards, remove_stale
 from metalm.data.tokenizer import Tokenizer, load_tokenizer
-from metalm.storage import LocalStore, Store, check_location, describe, is_url, open_store
+from metalm.storage import LocalStore, Store, check_location, describe, open_store
 
 log = logging.getLogger("metalm.data.prepare")
 
@@ -480,7 +481,7 @@ def _run(source: str, tok: Tokenizer, out: Store, config: dict, *, num_proc: int
             counts["docs"] += 1
             if counts["docs"] % 4096 == 0:  # also while skipping documents already in finished shards
                 bar.update(counts["docs"], counts["tokens"])
-            if isinstance(doc, str) and not doc.strip() or (not isinstance(doc, str) and len(doc) == 0):
+            if (isinstance(doc, str) and not doc.strip()) or (not isinstance(doc, str) and len(doc) == 0):
                 counts["empty_docs"] += 1
                 continue
             split = "val" if is_val_doc(seed, index, val_fraction) else "train"

@@ -40,7 +40,8 @@ import re
 import zlib
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Union
+from collections.abc import Callable, Iterator
 
 from metalm.config import TEXT_SPLITS
 from metalm.data.errors import DataError, parse_json
@@ -70,10 +71,10 @@ class RemotePath:
     def __repr__(self) -> str:
         return f"RemotePath({str(self)!r})"
 
-    def __lt__(self, other: "RemotePath") -> bool:
+    def __lt__(self, other: RemotePath) -> bool:
         return self.path < other.path
 
-    def __truediv__(self, rel: str) -> "RemotePath":
+    def __truediv__(self, rel: str) -> RemotePath:
         return RemotePath(self.fs, f"{self.path}/{rel}")
 
     def is_file(self) -> bool:
@@ -96,7 +97,7 @@ class RemotePath:
     def open(self, mode: str = "rb"):
         return self.fs.open(self.path, mode)
 
-    def rglob(self, pattern: str) -> list["RemotePath"]:
+    def rglob(self, pattern: str) -> list[RemotePath]:
         suffix = pattern.lstrip("*")
         return [RemotePath(self.fs, p) for p in sorted(self.fs.find(self.path)) if p.endswith(suffix)]
 
@@ -176,7 +177,7 @@ def _parse_builtin(source: str) -> list[str] | None:
 
 
 def _select(source: str, path, *, pattern: bool, can_list: bool, glob: Callable[[], list],
-            find: Callable[[], list]) -> Optional[list]:
+            find: Callable[[], list]) -> list | None:
     """The supported files a source names, local or remote alike: the glob's matches (`pattern`), a saved HF
     dataset directory, the files below a directory (`find`: its files, sorted), or one file; None when `path`
     is neither a file nor a directory. `can_list=False` (HTTP) takes `path` as one file."""

@@ -22,7 +22,7 @@ import hashlib
 import os
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable
+from collections.abc import Iterable
 
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _BackendTokenizer
@@ -112,7 +112,7 @@ class Tokenizer:
         Path(path).write_text(self._json, encoding="utf-8")
 
     @classmethod
-    def from_json(cls, text: str, spec: str = "") -> "Tokenizer":
+    def from_json(cls, text: str, spec: str = "") -> Tokenizer:
         try:
             backend = _BackendTokenizer.from_str(text)
         except Exception as e:  # the Rust side raises a plain Exception for malformed JSON
@@ -224,4 +224,4 @@ def json_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-__all__ = ["Tokenizer", "load_tokenizer", "train_bpe", "builtin_tokenizer_path", "json_hash"]
+__all__ = ["Tokenizer", "builtin_tokenizer_path", "json_hash", "load_tokenizer", "train_bpe"]

@@ -16,7 +16,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from collections.abc import Callable
 
 log = logging.getLogger("metalm.eval.checkpoint_eval")
 
@@ -66,7 +66,7 @@ def pick_device(spec: str) -> str:
     return spec
 
 
-def resolve_shards(cfg, state, shards: Optional[str] = None, from_overrides: bool = False) -> tuple[str, str]:
+def resolve_shards(cfg, state, shards: str | None = None, from_overrides: bool = False) -> tuple[str, str]:
     """(the validation shards to read, where that choice came from: "--shards", "config" or
     "trainer_state.json"). A relative `data.shards` that does not exist from the current directory gives way
     to the absolute path the run recorded (`state.data_shards`) when that exists; one set by an override is
@@ -114,8 +114,8 @@ def _overrides_set(overrides: list[str], key: str) -> bool:
 
 
 def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, device: str = "cpu",
-                        progress: Callable[[str], None] = lambda s: None, *, name: Optional[str] = None,
-                        origin: Optional[str] = None, shards: Optional[str] = None, verify: bool = True) -> dict:
+                        progress: Callable[[str], None] = lambda s: None, *, name: str | None = None,
+                        origin: str | None = None, shards: str | None = None, verify: bool = True) -> dict:
     """Every metric in the checkpoint's `eval.metrics` (after overrides), plus `ner` whenever eval.ner.train and
     eval.ner.test (or eval.ner.langs) are set. A metric that cannot run (no validation shards, no probe batch, no
     NER data) is listed under "skipped" with the reason and the fix, and logged as a WARNING. Returns the result

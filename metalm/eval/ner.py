@@ -28,7 +28,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from metalm.eval.crf import LinearChainCRF
 from metalm.eval.iob2 import Sentence, read_iob2
-from metalm.eval.ner_metrics import initial_slope, loss_auc, span_metrics, t90  # noqa: F401 - part of the API
+from metalm.eval.ner_metrics import initial_slope, loss_auc, span_metrics, t90
 
 log = logging.getLogger("metalm.eval.ner")
 
@@ -74,7 +74,7 @@ def word_encoder(tokenizer, word_sep: str = " ") -> WordEncoder:
     return encode_word
 
 
-def load_tokenizer_for(ckpt_dir: Optional[Path], cfg) -> object:
+def load_tokenizer_for(ckpt_dir: Path | None, cfg) -> object:
     """The tokenizer a run trained with: the checkpoint's tokenizer.json, else the config's `data.tokenizer`."""
     if ckpt_dir is not None and (Path(ckpt_dir) / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
@@ -195,7 +195,7 @@ class FinetuneResult:
     loss_steps: list[int] = field(default_factory=list)
     loss_values: list[float] = field(default_factory=list)
     dev_f1: list[float] = field(default_factory=list)
-    best_epoch: Optional[int] = None  # 1-based; None without dev set
+    best_epoch: int | None = None  # 1-based; None without dev set
     epochs_run: int = 0
     steps: int = 0
     seconds: float = 0.0
@@ -249,7 +249,7 @@ def _emissions(model: TokenClassifier, batch: list[Example], idx: list[int], cac
 
 
 def predict(model: TokenClassifier, examples: list[Example], labels: list[str], device="cpu",
-            batch_size: int = 32, cache: Optional[list[torch.Tensor]] = None) -> list[list[str]]:
+            batch_size: int = 32, cache: list[torch.Tensor] | None = None) -> list[list[str]]:
     """Predicted tag strings per sentence; words cut off by truncation are predicted 'O'."""
     out = [["O"] * e.n_words for e in examples]
     keep = [i for i, e in enumerate(examples) if e.word_pos]  # a sentence can lose every word to truncation
@@ -263,8 +263,8 @@ def predict(model: TokenClassifier, examples: list[Example], labels: list[str], 
 
 
 def finetune(backbone: nn.Module, encode_word: WordEncoder, train: Sequence[Sentence], cfg,
-             dev: Optional[Sequence[Sentence]] = None, device="cpu", labels: Optional[list[str]] = None,
-             progress: Optional[Callable[[str], None]] = None) -> FinetuneResult:
+             dev: Sequence[Sentence] | None = None, device="cpu", labels: list[str] | None = None,
+             progress: Callable[[str], None] | None = None) -> FinetuneResult:
     """Fine-tune a token classifier on `train` per NerConfig `cfg` (see the module docstring)."""
     t0 = time.time()
     labels = labels or build_label_list(train)

@@ -3,7 +3,7 @@ fine-tuning-speed summaries of a logged loss curve (t90, area under the curve, i
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
 def span_metrics(gold: list[list[str]], pred: list[list[str]], per_type: bool = True) -> dict:
@@ -25,7 +25,7 @@ def span_metrics(gold: list[list[str]], pred: list[list[str]], per_type: bool = 
     return out
 
 
-def t90(steps: Sequence[int], losses: Sequence[float], frac: float = 0.9) -> Optional[int]:
+def t90(steps: Sequence[int], losses: Sequence[float], frac: float = 0.9) -> int | None:
     """First logged step whose loss <= L0 - frac (L0 - L_final) (L0, L_final: first and last logged losses)."""
     if not steps:
         return None
@@ -36,7 +36,7 @@ def t90(steps: Sequence[int], losses: Sequence[float], frac: float = 0.9) -> Opt
     return int(steps[-1])  # unreachable: the last point always satisfies v <= target when frac <= 1
 
 
-def loss_auc(steps: Sequence[int], losses: Sequence[float]) -> Optional[float]:
+def loss_auc(steps: Sequence[int], losses: Sequence[float]) -> float | None:
     """Trapezoid area under the logged loss curve divided by its step span (a mean loss over training)."""
     if not steps:
         return None
@@ -46,7 +46,7 @@ def loss_auc(steps: Sequence[int], losses: Sequence[float]) -> Optional[float]:
     return float(area / (steps[-1] - steps[0]))
 
 
-def initial_slope(steps: Sequence[int], losses: Sequence[float], frac: float = 0.1) -> Optional[float]:
+def initial_slope(steps: Sequence[int], losses: Sequence[float], frac: float = 0.1) -> float | None:
     """Least-squares slope of loss vs step over the first `frac` of the step span (at least 2 points)."""
     if len(steps) < 2:
         return None

@@ -15,7 +15,7 @@ An all-zero matrix has no spectrum to normalise; its ER and PER are reported as 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

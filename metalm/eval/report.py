@@ -26,7 +26,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 log = logging.getLogger("metalm.eval.report")
 
@@ -51,7 +51,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _num(v) -> Optional[float]:
+def _num(v) -> float | None:
     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
         return float(v)
     return None
@@ -96,7 +96,7 @@ def smooth(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def first_reach(s: Series, values: Sequence[float], target: float) -> Optional[tuple[int, int]]:
+def first_reach(s: Series, values: Sequence[float], target: float) -> tuple[int, int] | None:
     for st, tok, v in zip(s.steps, s.tokens, values):
         if v <= target:
             return st, tok
@@ -170,7 +170,7 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     return path
 
 
-def plot_losses(runs: Sequence[Run], window: int, out: Path) -> Optional[Path]:
+def plot_losses(runs: Sequence[Run], window: int, out: Path) -> Path | None:
     have = [r for r in runs if any(series(r.metrics, k) for k in LOSS_KEYS)]
     if not have:
         return None
@@ -219,7 +219,7 @@ def _layer_series(evals: Sequence[dict], pattern: str) -> dict[int, Series]:
     return {layer: series(evals, k) for layer, k in sorted(keys.items())}
 
 
-def plot_rank(runs: Sequence[Run], out: Path) -> Optional[Path]:
+def plot_rank(runs: Sequence[Run], out: Path) -> Path | None:
     panels = [("weights: mean ER of q/k/v/o", r"rank/weight/L(\d+)/attn_mean_er"),
               ("activations: ER of the residual stream", r"rank/act/L(\d+)/er")]
     have = [r for r in runs if _layer_series(r.evals, panels[0][1])]
@@ -246,7 +246,7 @@ def plot_rank(runs: Sequence[Run], out: Path) -> Optional[Path]:
     return save_figure(fig, out / "rank.png")
 
 
-def plot_entropy(runs: Sequence[Run], out: Path) -> Optional[Path]:
+def plot_entropy(runs: Sequence[Run], out: Path) -> Path | None:
     have = [(r, _layer_series(r.evals, r"entropy/L(\d+)/norm_mean")) for r in runs]
     have = [(r, ls) for r, ls in have if ls]
     if not have:
@@ -274,7 +274,7 @@ def plot_entropy(runs: Sequence[Run], out: Path) -> Optional[Path]:
     return save_figure(fig, out / "entropy.png")
 
 
-def plot_ner(runs: Sequence[Run], out: Path) -> Optional[Path]:
+def plot_ner(runs: Sequence[Run], out: Path) -> Path | None:
     have = [(r, series(r.evals, "ner/f1"), series(r.evals, "ner/avg_f1")) for r in runs]
     have = [h for h in have if h[1] or h[2]]
     if not have:
@@ -305,7 +305,7 @@ def _fmt(v, nd=4) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
-def markdown(runs: Sequence[Run], window: int, plots: dict[str, Optional[Path]]) -> str:
+def markdown(runs: Sequence[Run], window: int, plots: dict[str, Path | None]) -> str:
     lines = ["# metalm report", "", f"Runs: {', '.join(f'`{r.path}`' for r in runs)}", "",
              "## Runs", "",
              "| run | last step | tokens | ar_loss (smoothed) | val_loss | meta_loss (smoothed) | attn ER | "
@@ -354,7 +354,7 @@ def markdown(runs: Sequence[Run], window: int, plots: dict[str, Optional[Path]])
     return "\n".join(lines) + "\n"
 
 
-def make_report(run_paths: Sequence[str | Path], out: str | Path, window: int = 10) -> dict[str, Optional[Path]]:
+def make_report(run_paths: Sequence[str | Path], out: str | Path, window: int = 10) -> dict[str, Path | None]:
     runs = [load_run(p) for p in run_paths]
     names = [r.name for r in runs]
     for i, r in enumerate(runs):  # same directory names under different parents: disambiguate

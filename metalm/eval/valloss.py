@@ -9,7 +9,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ def as_tokens(item) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(model, batches: Iterable, max_batches: Optional[int] = None, device="cpu") -> dict:
+def validation_loss(model, batches: Iterable, max_batches: int | None = None, device="cpu") -> dict:
     was = model.training
     model.eval()
     total, count, n = 0.0, 0, 0

@@ -49,7 +49,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Optional
 
 from metalm.checkpoint import MARKER, STEP_RE, CheckpointError
 from metalm.config import ConfigError, load_config
@@ -76,7 +75,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def check_shards(shards: Optional[str]) -> Optional[str]:
+def check_shards(shards: str | None) -> str | None:
     """--shards: a URL as given, a local directory (made absolute) only if it holds a manifest.json."""
     if shards is None or "://" in shards:
         return shards
@@ -90,8 +89,8 @@ class Watcher:
     """Evaluates the checkpoints under `source` once each. The constructor checks what does not depend on a
     checkpoint (overrides, device, shards) and raises before anything is created; `run` checks the source."""
 
-    def __init__(self, source: str, results: Optional[str] = None, overrides: list[str] | None = None,
-                 every: float = 300.0, device: str = "auto", wandb: bool = True, shards: Optional[str] = None,
+    def __init__(self, source: str, results: str | None = None, overrides: list[str] | None = None,
+                 every: float = 300.0, device: str = "auto", wandb: bool = True, shards: str | None = None,
                  wait_for_dir: bool = False):
         self.given = source
         self.source = make_source(source)
@@ -108,7 +107,7 @@ class Watcher:
         self.wait_for_dir = wait_for_dir
         self.wandb_enabled = wandb
         self._wandb = None
-        self._lock_fd: Optional[int] = None
+        self._lock_fd: int | None = None
         self._evaluating = False
         self.stop_requested = False
         self._announced: set[str] = set()
@@ -218,7 +217,7 @@ class Watcher:
         return sorted(refs, key=lambda r: r.step)
 
     # -- one checkpoint
-    def process(self, ref: Ref) -> Optional[dict]:
+    def process(self, ref: Ref) -> dict | None:
         """Evaluate `ref` and record it. Returns the record, or None if it vanished or failed."""
         inprog = self.results / f"{ref.name}.inprogress"
         if inprog.is_file():
@@ -387,8 +386,8 @@ class Watcher:
         return 1 if once and self.failed else 0
 
 
-def evaluate_one(path: str, results: Optional[str], overrides: list[str], device: str, wandb: bool,
-                 force: bool = False, shards: Optional[str] = None) -> int:
+def evaluate_one(path: str, results: str | None, overrides: list[str], device: str, wandb: bool,
+                 force: bool = False, shards: str | None = None) -> int:
     """--checkpoint PATH: evaluate a single checkpoint, recorded in the same results layout."""
     src_root, name = path.rstrip("/").rsplit("/", 1) if "/" in path.rstrip("/") else (".", path)
     if not STEP_RE.match(name):

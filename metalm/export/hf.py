@@ -19,7 +19,6 @@ import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -81,7 +80,7 @@ def hf_tokenizer(tokenizer_json: Path, special_ids: dict, model_max_length: int)
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer.from_file(str(tokenizer_json))
-    tokens: dict[str, Optional[str]] = {}
+    tokens: dict[str, str | None] = {}
     for role in ROLES:
         tid = special_ids.get(role)
         if tid is None:

@@ -45,7 +45,7 @@ only (no term through h_s).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -90,7 +90,7 @@ def mean_pairwise_cosine(x: torch.Tensor) -> torch.Tensor:
     return (g.sum() - g.diagonal().sum()) / (n * (n - 1))
 
 
-def _normalizer(feature_norm: str, h_s: torch.Tensor, norm: Optional[nn.LayerNorm], dtype: torch.dtype):
+def _normalizer(feature_norm: str, h_s: torch.Tensor, norm: nn.LayerNorm | None, dtype: torch.dtype):
     """The map applied to support and query features, from the support features' statistics."""
     if feature_norm == "none":
         return lambda h: h

@@ -8,7 +8,7 @@ which lets the inner loop adapt copies of the weights without touching the modul
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -43,7 +43,7 @@ def build_head(meta_cfg, d_model: int, vocab_size: int) -> nn.Sequential:
     return nn.Sequential(*modules)
 
 
-def head_spec(head: nn.Sequential) -> tuple[list[nn.Linear], float, Optional[nn.LayerNorm]]:
+def head_spec(head: nn.Sequential) -> tuple[list[nn.Linear], float, nn.LayerNorm | None]:
     """The head's Linear layers, its dropout probability and its input LayerNorm (or None); checks the
     `build_head` layout."""
     mods = list(head)

@@ -9,7 +9,7 @@ maths lives in fomaml.py, the sampling in tasks.py, the branch schedule in sched
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -71,7 +71,7 @@ class MetaStep:
     token ids) restricts the classes further (meta.classes=word_start)."""
 
     def __init__(self, meta: MetaConfig, seed: int, special_ids: dict, vocab_size: int,
-                 allowed: Optional[torch.Tensor] = None):
+                 allowed: torch.Tensor | None = None):
         self.cfg, self.seed, self.vocab_size, self.allowed = meta, int(seed), vocab_size, allowed
         self.schedule = MetaSchedule(seed, meta.hybrid_ratio, meta.branch)
         self.mask_id = int(special_ids["mask"])
@@ -80,7 +80,7 @@ class MetaStep:
     def is_meta(self, step: int, micro: int) -> bool:
         return self.schedule.is_meta(step, micro)
 
-    def episode(self, batch: torch.Tensor, step: int, micro: int, rank: int) -> Optional[Episode]:
+    def episode(self, batch: torch.Tensor, step: int, micro: int, rank: int) -> Episode | None:
         """The episode of micro-batch `micro` of step `step` on `rank`, sampled on the host from the (B, T+1)
         batch's inputs; None (with a warning) when the batch cannot supply one."""
         m = self.cfg

@@ -24,7 +24,7 @@ readout positions.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -55,8 +55,8 @@ class Episode:
     query_index: torch.Tensor
     query_labels: torch.Tensor
     classes: torch.Tensor
-    rows: Optional[torch.Tensor] = None  # derived from classes when not given
-    way_row: Optional[torch.Tensor] = None
+    rows: torch.Tensor | None = None  # derived from classes when not given
+    way_row: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.rows is None or self.way_row is None:
@@ -69,14 +69,14 @@ class Episode:
     def n_way(self) -> int:
         return int(self.classes.shape[0])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Episode":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Episode:
         return Episode(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
 
 
 def sample_episode(input_ids: torch.Tensor, *, n_way: int, k_shot: int, q_queries: int, mask_id: int,
                    sampler: str, generator: torch.Generator, min_freq: int = 1, max_freq: int = 0,
                    exclude_ids: Sequence[int] = (), vocab_size: int | None = None,
-                   allowed: Optional[torch.Tensor] = None, readout: str = "mask", readout_offset: int = 4,
+                   allowed: torch.Tensor | None = None, readout: str = "mask", readout_offset: int = 4,
                    window: int = 32) -> Episode:
     """Build one episode from ``input_ids`` (B, T) with the named sampler; see the module docstring.
 
@@ -138,7 +138,7 @@ class _Occurrences:
 
 def _sample_smlmt(ids: torch.Tensor, n_way: int, k_shot: int, q_queries: int, mask_id: int,
                   gen: torch.Generator, min_freq: int, max_freq: int, exclude_ids: Sequence[int],
-                  allowed: Optional[torch.Tensor], last: int) -> _Occurrences:
+                  allowed: torch.Tensor | None, last: int) -> _Occurrences:
     B, T = ids.shape
     dev = ids.device
     need = k_shot + q_queries
@@ -266,7 +266,7 @@ def _sample_reference(ids: torch.Tensor, n_way: int, k_shot: int, mask_id: int, 
     """
     B, T = ids.shape
     dev = ids.device
-    if T - 1 < k_shot + 1:
+    if k_shot + 1 > T - 1:
         raise EpisodeError(f"reference: sequence length {T} leaves {T - 1} positions, need k_shot+1={k_shot + 1}")
     vocab = vocab_size if vocab_size is not None else int(ids.max()) + 1
     perm = torch.randperm(T - 1, generator=gen, device=dev) + 1

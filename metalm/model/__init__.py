@@ -31,4 +31,4 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, lm_head: bool = True, backwa
     return 3.0 * forward if backward else forward
 
 
-__all__ = ["Transformer", "build_model", "num_params", "flops_per_token"]
+__all__ = ["Transformer", "build_model", "flops_per_token", "num_params"]

@@ -21,7 +21,7 @@ import errno
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from metalm import checkpoint as ckpt
 from metalm.checkpoint import CheckpointError, TrainerState
@@ -45,16 +45,16 @@ def _warn(text: str) -> None:
 
 class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, root: Path, comm: Collectives, engine: Engine, *, dataloader,
-                 config_yaml: str, tokenizer_json: Optional[Path], estimate_bytes: int,
-                 log: Callable[[dict], None], remote: Optional[str] = None, last_step: Optional[int] = None):
+                 config_yaml: str, tokenizer_json: Path | None, estimate_bytes: int,
+                 log: Callable[[dict], None], remote: str | None = None, last_step: int | None = None):
         self.cfg, self.root, self.comm, self.engine = cfg, Path(root), comm, engine
         self.remote_url = remote or None
         self.last_step = last_step  # the save at this step is the run's last: it waits for the uploads
-        self.remote: Optional[RemoteCheckpoints] = None
-        self.uploader: Optional[Uploader] = None
+        self.remote: RemoteCheckpoints | None = None
+        self.uploader: Uploader | None = None
         self.loader, self.config_yaml, self.tokenizer_json = dataloader, config_yaml, tokenizer_json
         self.estimate_bytes = estimate_bytes  # one checkpoint's size, until the first save measures it
-        self.last_bytes: Optional[int] = None
+        self.last_bytes: int | None = None
         self.failed_saves = 0
         self.log = log
         self.rank = comm.dist.rank
@@ -77,7 +77,7 @@ class Checkpointer:
                 err = self._open_remote()
         self.comm.raise_agreed(err, TrainingError)
 
-    def _open_remote(self) -> Optional[str]:
+    def _open_remote(self) -> str | None:
         """Rank 0: the remote is reachable and writable (a probe object), and uploads a killed run left staged
         are queued again. The error message, or None."""
         try:
@@ -94,10 +94,10 @@ class Checkpointer:
             print(f"metalm: uploading {', '.join(left)} to {self.remote_url} (left staged by the last run)", flush=True)
         return None
 
-    def latest(self) -> Optional[Path]:
+    def latest(self) -> Path | None:
         return ckpt.find_latest(self.root)
 
-    def resume(self, now: dict) -> Optional[TrainerState]:
+    def resume(self, now: dict) -> TrainerState | None:
         """Collective: rank 0 picks (and verifies) the checkpoint that checkpoint.resume names and checks that a
         run with `now` (geometry, tokenizer hash) can continue it; every rank then loads its part. Returns the
         checkpoint's TrainerState (None: start from scratch). Any problem is a CheckpointError on every rank."""
@@ -131,7 +131,7 @@ class Checkpointer:
                 self._finish_uploads()  # nothing left to train: this run's only work is what the last one left
         return state
 
-    def _pick(self, now: dict) -> Optional[str]:
+    def _pick(self, now: dict) -> str | None:
         mode = self.cfg.resume
         if mode == "auto":
             path = ckpt.find_latest(self.root, verify=self.cfg.checksums)
@@ -164,7 +164,7 @@ class Checkpointer:
             raise CheckpointError(f"cannot resume from {path}: {mismatch}")
         return str(path)
 
-    def _remote_latest(self) -> Optional[str]:
+    def _remote_latest(self) -> str | None:
         if self.remote is None:
             return None
         try:
@@ -173,7 +173,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint.remote={self.remote_url}: cannot list its checkpoints: "
                                   f"{describe(e)}") from None
 
-    def _download(self, name: str, remote: Optional[RemoteCheckpoints] = None) -> Path:
+    def _download(self, name: str, remote: RemoteCheckpoints | None = None) -> Path:
         remote = remote or self.remote
         print(f"metalm: downloading checkpoint {name} from {remote.url} (newer than any local one)", flush=True)
         try:

@@ -4,7 +4,8 @@ collective the others never reach."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.distributed as tdist
@@ -51,7 +52,7 @@ class Collectives:
         tdist.all_gather_object(out, obj)
         return out
 
-    def agreed_message(self, msg: Optional[str]) -> Optional[str]:
+    def agreed_message(self, msg: str | None) -> str | None:
         """The first rank's message when any rank has one, else None; identical on every rank."""
         if self.dist.world_size == 1:
             return msg
@@ -59,7 +60,7 @@ class Collectives:
             return None
         return next(m for m in self.gather(msg) if m)
 
-    def raise_agreed(self, msg: Optional[str], error: Callable[[str], Exception]) -> None:
+    def raise_agreed(self, msg: str | None, error: Callable[[str], Exception]) -> None:
         """If any rank has an error message, raise `error` with the first rank's message on every rank."""
         msg = self.agreed_message(msg)
         if msg is not None:

@@ -12,7 +12,8 @@ import os
 import pickle
 import socket
 from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator, Optional
+from typing import Any
+from collections.abc import Iterator
 
 import torch
 
@@ -265,7 +266,7 @@ class Engine:
             raise CheckpointError(f"DeepSpeed could not load {directory}/{self.TAG}")
 
     @contextmanager
-    def gather_for_export(self) -> Iterator[Optional[torch.nn.Module]]:
+    def gather_for_export(self) -> Iterator[torch.nn.Module | None]:
         """Collective: the full (unpartitioned) module on rank 0 for the duration of the block (None on the other
         ranks); under ZeRO-3 the partitions are gathered first."""
         module = self.ds.module

@@ -11,7 +11,6 @@ import os
 import signal
 import time
 from collections import deque
-from typing import Optional
 
 from metalm.config import TrainConfig
 from metalm.train.errors import TrainingError
@@ -69,7 +68,7 @@ class SpikeDetector:
         self.min_history = max(2, min(min_history, window)) if window else 0
         self.history: dict[str, deque] = {}
 
-    def update(self, kind: str, value: float) -> Optional[dict]:
+    def update(self, kind: str, value: float) -> dict | None:
         """Record the step loss `value`; a dict describing the spike when it is one, else None."""
         if not self.window or not math.isfinite(value):
             return None

@@ -3,7 +3,6 @@ metrics record made from an interval with one all-reduce at its end."""
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import torch
 
@@ -17,7 +16,7 @@ class StepTotals:
     """One optimizer step's micro-batches: summed losses and meta stats, counts, and non-finite losses seen."""
 
     def __init__(self, device: torch.device):
-        z = lambda: torch.zeros((), device=device)  # noqa: E731
+        z = lambda: torch.zeros((), device=device)
         self.sums = {k: z() for k in LOSS_KEYS}
         self.nonfinite = z()
         self.ar_n = self.meta_n = self.fallback = 0
@@ -47,7 +46,7 @@ class Interval:
     def __init__(self, device: torch.device, step: int, tokens: int, flops: float):
         self.device = device
         self.t0, self.tokens0, self.flops0 = time.time(), tokens, flops
-        z = lambda: torch.zeros((), device=device)  # noqa: E731
+        z = lambda: torch.zeros((), device=device)
         self.sums = {k: z() for k in LOSS_KEYS}
         self.ar_n = self.meta_n = self.fallback = self.skipped = 0
 
@@ -62,7 +61,7 @@ class Interval:
             self.meta_n += totals.meta_n
 
     def record(self, comm: Collectives, step: int, tokens: int, flops: float, lr: float,
-               peak_flops: Optional[float]) -> dict:
+               peak_flops: float | None) -> dict:
         """Collective: the interval's metrics record, means over all ranks' micro-batches."""
         vals = comm.reduce([*(self.sums[k] for k in LOSS_KEYS), self.ar_n, self.meta_n, self.fallback])
         sums, (ar_n, meta_n, fallback) = dict(zip(LOSS_KEYS, vals[:-3])), vals[-3:]

@@ -10,9 +10,6 @@ anywhere, and the step's mean losses for loss-spike detection. Metrics are reduc
 from __future__ import annotations
 
 import sys
-import time
-from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -35,7 +32,7 @@ from metalm.train.preflight import (RunLock, check_step_memory, checkpoint_bytes
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
-def peak_flops(device: torch.device) -> Optional[float]:
+def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)

@@ -11,7 +11,7 @@ A pure function of the step, so a resumed run continues it exactly.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from metalm.config import OptimConfig
 

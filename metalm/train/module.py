@@ -6,7 +6,6 @@ and clipping apply to AR and meta steps alike.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -26,7 +25,7 @@ class PretrainModule(nn.Module):
             # shapes stay eager, while every block (the bulk of AR and meta FLOPs) runs compiled.
             for block in self.lm.model.layers:
                 block.compile()
-        self.head: Optional[nn.Module] = None
+        self.head: nn.Module | None = None
         if cfg.meta.enabled:
             from metalm.meta.head import build_head
 

@@ -9,7 +9,6 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Optional
 
 from metalm.train.errors import TrainingError, describe_error
 
@@ -89,7 +88,7 @@ def check_free_space(ckpt_root: Path, need_bytes: int, keep_last_k: int) -> list
 # ------------------------------------------------------------------------------------------------ memory
 
 
-def _available_host_bytes() -> Optional[int]:
+def _available_host_bytes() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -166,7 +165,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / self.NAME
-        self.fd: Optional[int] = None
+        self.fd: int | None = None
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

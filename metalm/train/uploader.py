@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from metalm import checkpoint as ckpt
 from metalm.checkpoint import MARKER, STEP_RE, CheckpointError
@@ -74,7 +74,7 @@ class RemoteCheckpoints:
     def completed(self) -> list[str]:
         return [n for n in self.names() if self.complete(n)]
 
-    def latest(self) -> Optional[str]:
+    def latest(self) -> str | None:
         """The checkpoint `latest` names if its marker is there, else the newest one with a marker."""
         try:
             name = self.store.read_bytes(POINTER).decode("utf-8", "replace").strip()
@@ -168,10 +168,10 @@ class Uploader:
         self.say, self.warn = say, warn
         self.cond = threading.Condition()
         self.waiting: list[str] = []  # names, oldest first
-        self.current: Optional[str] = None
+        self.current: str | None = None
         self.failed: dict[str, str] = {}  # name -> why its last attempt failed (still staged)
         self.events: list[dict] = []  # for metrics.jsonl, handed to the trainer's thread by take_events()
-        self.thread: Optional[threading.Thread] = None
+        self.thread: threading.Thread | None = None
 
     # -- the trainer's side
     def submit(self, ckpt_dir: Path) -> None:
@@ -202,7 +202,7 @@ class Uploader:
             self._ensure_thread()
         return found
 
-    def drain(self, timeout: Optional[float] = None) -> dict[str, str]:
+    def drain(self, timeout: float | None = None) -> dict[str, str]:
         """Wait until every staged checkpoint is uploaded or has failed once more; {name: why} of the failed."""
         with self.cond:
             self._requeue_failed()
