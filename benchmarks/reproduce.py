@@ -32,13 +32,26 @@ VARIANTS = {
     "vanilla": ["meta.enabled=false"],
     "paper-code": ["meta.sampler=reference", "meta.branch=per_microbatch", "meta.readout=mask",
                    "meta.feature_norm=none", "meta.head_init=persistent", "meta.inner_lr=0.01",
-                   "meta.objective=replace", "meta.classes=any", "meta.feature_grad_clip=0", "meta.head.dropout=0.0"],
+                   "meta.objective=replace", "meta.classes=any", "meta.feature_grad_clip=0", "meta.head.dropout=0.0",
+                   "meta.grad_ratio=0"],
     "shipped": [],
-    "replace": ["meta.objective=replace"],
+    "replace": ["meta.objective=replace", "meta.grad_ratio=0"],
     "add": ["meta.objective=add"],
+    # the meta-gradient budget and its alternatives (benchmarks/tradeoff.py)
+    "weighted-clip": ["meta.grad_ratio=0", "meta.feature_grad_clip=0.1"],  # the shipped defaults before the budget
+    "budget-0.03": ["meta.grad_ratio=0.03"],
+    "budget-0.1": ["meta.grad_ratio=0.1"],
+    "budget-0.3": ["meta.grad_ratio=0.3"],
+    "budget-1.0": ["meta.grad_ratio=1.0"],
+    "project-0.3": ["meta.grad_ratio=0.3", "meta.project=true"],
+    "schedule-0.3": ["meta.grad_ratio=0.3", "meta.grad_ratio_start=30", "meta.grad_ratio_warmup=60",
+                     "meta.grad_ratio_final=0.0"],
+    "vanilla-lr-half": ["meta.enabled=false", "optim.lr=1.5e-3"],  # the AdamW hypothesis's control
 }
 COLORS = {"vanilla": "tab:blue", "paper-code": "tab:orange", "shipped": "tab:green", "replace": "tab:red",
-          "add": "tab:purple"}
+          "add": "tab:purple", "weighted-clip": "tab:brown", "budget-0.03": "tab:olive", "budget-0.1": "tab:green",
+          "budget-0.3": "tab:cyan", "budget-1.0": "tab:pink", "project-0.3": "tab:gray", "schedule-0.3": "gold",
+          "vanilla-lr-half": "navy"}
 
 
 def run_dir(args, variant: str, seed: int) -> Path:

@@ -135,9 +135,17 @@ class MetaConfig:
     readout_offset: int = 4  # readout=after: tokens between the mask and the state read (the right context seen)
     window: int = 32  # readout=after/prev: each occurrence gets its own window of this many tokens, one mask each
     feature_norm: str = "standardize"  # head inputs: standardize (support mean/std) | center | layernorm | none (paper)
-    feature_grad_clip: float = 0.1  # > 0: clip the meta loss's gradient on the query features to this norm (0: off)
+    feature_grad_clip: float = 0.0  # > 0: clip the meta loss's gradient on the query features to this norm (0: off);
+    # an absolute cap for the weighted path (meta.grad_ratio=0), refused with grad_ratio (whose rescaling undoes it)
     objective: str = "add"  # add (AR loss + loss_weight x meta loss) | replace (paper: a meta step replaces an AR step)
-    loss_weight: float = 1.0  # objective=add: weight of the query loss
+    loss_weight: float = 1.0  # objective=add with grad_ratio=0: weight of the query loss
+    # The meta-gradient budget (objective=add): on each meta micro-batch the meta loss's gradient on the backbone is
+    # rescaled to grad_ratio x the norm of that micro-batch's AR gradient (0: off, the weighted path above).
+    grad_ratio: float = 0.1
+    grad_ratio_start: int = 0  # optimizer steps before the meta gradient reaches the backbone at all
+    grad_ratio_warmup: int = 0  # then a linear ramp from 0 to grad_ratio over this many steps
+    grad_ratio_final: float = 1.0  # then a cosine anneal to this fraction of grad_ratio at train.max_steps (1: none)
+    project: bool = False  # drop the meta gradient's component that opposes the AR gradient (one-sided PCGrad, exact)
     diag_every: int = 50  # every N optimizer steps: meta vs AR backbone gradient diagnostics (0: never)
     head: MetaHeadConfig = field(default_factory=MetaHeadConfig)
 
@@ -646,11 +654,42 @@ def _validate_meta(me: MetaConfig) -> None:
     if me.feature_grad_clip < 0:
         _bad("meta.feature_grad_clip", me.feature_grad_clip, "expected >= 0 (0: no clipping)")
     _check_positive("meta.loss_weight", me.loss_weight)
+    _validate_meta_budget(me)
     if me.diag_every < 0:
         _bad("meta.diag_every", me.diag_every, "expected >= 0 (0: no gradient diagnostics)")
     if me.sampler == "reference" and (me.readout != "mask" or me.classes != "any"):
         _bad("meta.sampler", me.sampler, "the paper code's construction reads at the mask position over any token: "
                                          "use meta.readout=mask and meta.classes=any with it, or meta.sampler=smlmt")
+
+
+def _validate_meta_budget(me: MetaConfig) -> None:
+    """The meta-gradient budget and its schedule: one knob sets the meta strength, so the keys it makes inert are
+    refused rather than ignored."""
+    if me.grad_ratio < 0:
+        _bad("meta.grad_ratio", me.grad_ratio, "expected >= 0 (0: no budget, meta.loss_weight weights the loss)")
+    budget = me.grad_ratio > 0
+    if (budget or me.project) and me.objective != "add":
+        key = "meta.grad_ratio" if budget else "meta.project"
+        _bad(key, me.grad_ratio if budget else me.project,
+             "needs meta.objective=add (the budget and the projection are relative to the meta micro-batch's own AR "
+             "gradient); set meta.grad_ratio=0 and meta.project=false for objective=replace")
+    if budget and me.loss_weight != 1.0:
+        _bad("meta.loss_weight", me.loss_weight, f"is inert with meta.grad_ratio={me.grad_ratio} (the budget sets "
+                                                 f"the meta gradient's norm; Adam ignores the scale of the head's "
+                                                 f"gradient): leave it at 1.0, or set meta.grad_ratio=0 to weight "
+                                                 f"the loss instead")
+    if budget and me.feature_grad_clip > 0:
+        _bad("meta.feature_grad_clip", me.feature_grad_clip, f"is inert with meta.grad_ratio={me.grad_ratio} (the "
+                                                             f"budget rescales the clipped gradient back): set it to "
+                                                             f"0, or meta.grad_ratio=0 for an absolute clip")
+    for key in ("grad_ratio_start", "grad_ratio_warmup"):
+        if getattr(me, key) < 0:
+            _bad(f"meta.{key}", getattr(me, key), "expected >= 0 optimizer steps")
+    if not 0.0 <= me.grad_ratio_final <= 1.0:
+        _bad("meta.grad_ratio_final", me.grad_ratio_final, "expected a fraction of meta.grad_ratio in [0, 1]")
+    scheduled = me.grad_ratio_start or me.grad_ratio_warmup or me.grad_ratio_final != 1.0
+    if scheduled and not budget:
+        _bad("meta.grad_ratio", me.grad_ratio, "must be > 0 for meta.grad_ratio_start/warmup/final to schedule it")
 
 
 def _validate_meta_head(h: MetaHeadConfig) -> None:
@@ -716,6 +755,11 @@ def _validate_across(cfg: Config, world_size: int | None) -> None:
         _bad("checkpoint.remote", cfg.checkpoint.remote, f"train.run_dir={t.run_dir} is a URL already (its "
                                                          f"checkpoints go to {t.run_dir.rstrip('/')}/checkpoints); set "
                                                          f"one of the two")
+    me = cfg.meta
+    if me.enabled and (me.grad_ratio > 0 or me.project) and t.zero_stage == 3:
+        _bad("meta.grad_ratio" if me.grad_ratio > 0 else "meta.project", me.grad_ratio if me.grad_ratio > 0
+             else me.project, "needs full parameters on every rank (ZeRO 0-2); under train.zero_stage=3 set "
+                              "meta.grad_ratio=0, meta.project=false and weight the loss with meta.loss_weight")
     if t.seq_len <= 0 or t.seq_len > m.max_seq_len:
         _bad("train.seq_len", t.seq_len, f"expected 1..model.max_seq_len={m.max_seq_len}")
     if world_size is not None:

@@ -3,7 +3,9 @@
 Deterministic cpu-tiny hybrid runs (one CPU process, fp32, ZeRO-2, gradient accumulation 2, AR and meta steps
 mixed by the seeded schedule) must log exactly the losses stored in tests/golden/: one with the paper's meta step
 pinned (hybrid_cpu_tiny.json: readout at the mask, raw features, persistent head, recorded before the training
-core was recomposed), one with the shipped meta defaults (hybrid_cpu_tiny_defaults.json). Any change to the
+core was recomposed), one with the weighted objective and its absolute feature clip (hybrid_cpu_tiny_clip.json:
+the shipped defaults until the meta-gradient budget; recorded before the hybrid step became one object), and one
+with the shipped meta defaults (hybrid_cpu_tiny_defaults.json: the budget, meta.grad_ratio). Any change to the
 model, the kernels' CPU references, the data order, the episode sampler, the FOMAML step, the optimizer or the
 schedule moves these numbers by far more than the tolerance; a refactoring must not.
 
@@ -25,8 +27,12 @@ from procs import cpu_run_env
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_META = ["meta.readout=mask", "meta.feature_norm=none", "meta.head_init=persistent", "meta.inner_lr=0.01",
-              "meta.objective=replace", "meta.classes=any", "meta.feature_grad_clip=0", "meta.head.dropout=0.1"]
-CASES = {"hybrid_cpu_tiny.json": PAPER_META, "hybrid_cpu_tiny_defaults.json": []}
+              "meta.objective=replace", "meta.classes=any", "meta.feature_grad_clip=0", "meta.head.dropout=0.1",
+              "meta.grad_ratio=0"]
+# the weighted meta objective with an absolute feature clip: the shipped defaults before the meta-gradient budget
+CLIP_META = ["meta.grad_ratio=0", "meta.feature_grad_clip=0.1"]
+CASES = {"hybrid_cpu_tiny.json": PAPER_META, "hybrid_cpu_tiny_clip.json": CLIP_META,
+         "hybrid_cpu_tiny_defaults.json": []}
 KEYS = ("ar_loss", "meta_loss", "meta/query_acc", "meta/support_acc_after", "lr")
 OVERRIDES = [
     "train.seq_len=64", "model.max_seq_len=64", "model.n_layers=2", "train.micro_batch=4", "train.global_batch=8",

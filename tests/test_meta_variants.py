@@ -219,24 +219,41 @@ def test_a_planted_separable_task_is_learned_at_the_default_settings():
 
 
 def test_objective_add_is_the_ar_loss_plus_the_weighted_query_loss(shards):
+    """The module returns both losses of a meta micro-batch by name; the hybrid step back-propagates AR + w x query
+    (meta.grad_ratio=0: the weighted objective)."""
     from metalm.data.loader import build_loader
     from metalm.train.module import PretrainModule
+    from metalm.train.step import HybridStep
 
     cfg = load_config(None, ["model.n_layers=1", "model.d_model=16", "model.n_heads=2", "model.n_kv_heads=1",
                              "model.ffn_hidden=32", "model.max_seq_len=64", "train.seq_len=64", "meta.n_way=4",
                              "meta.k_shot=2", "meta.q_queries=2", "meta.objective=add", "meta.loss_weight=0.3",
-                             "meta.head.dropout=0.0", "train.micro_batch=4", "model.kernels=torch",
-                             f"data.shards={shards}"])
+                             "meta.grad_ratio=0", "meta.head.dropout=0.0", "train.micro_batch=4",
+                             "model.kernels=torch", f"data.shards={shards}"])
     torch.manual_seed(0)
     module = PretrainModule(cfg)
     batch = next(iter(build_loader(cfg.data, split="train", seq_len=64, micro_batch=4, seed=0)))
     ep = sample_episode(batch[:, :-1], n_way=4, k_shot=2, q_queries=2, mask_id=50280, sampler="smlmt",
                         generator=torch.Generator().manual_seed(0))
-    loss, stats = module(batch, episode=ep)
+    losses, _ = module(batch, episode=ep)
     ar = module.ar_loss(batch)
     q, _ = meta_loss_with_stats(module.lm.hidden_states, module.head, ep, inner_steps=cfg.meta.inner_steps,
                                 inner_lr=cfg.meta.inner_lr, head_init=cfg.meta.head_init,
                                 feature_norm=cfg.meta.feature_norm)
+    assert sorted(losses) == ["ar", "meta"]
+    assert float(losses["ar"]) == pytest.approx(float(ar), rel=1e-6)
+    assert float(losses["meta"]) == pytest.approx(float(q), rel=1e-6)
+
+    class Eager:  # the engine's surface, without DeepSpeed
+        def __init__(self, module):
+            self.module = module
+
+        def __call__(self, batch, episode=None):
+            return self.module(batch, episode=episode)
+
+    comm = type("Comm", (), {"dist": type("D", (), {"device": torch.device("cpu"), "world_size": 1, "rank": 0})()})()
+    step = HybridStep(cfg, Eager(module), comm, None, 1)
+    loss, stats = step._loss(batch, ep, 0)
     assert float(loss.detach()) == pytest.approx(float(ar.detach()) + 0.3 * float(q.detach()), rel=1e-6)
     assert float(stats["ar_loss"]) == pytest.approx(float(ar), rel=1e-6)
     assert float(stats["query_loss"]) == pytest.approx(float(q), rel=1e-6)

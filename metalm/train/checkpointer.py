@@ -56,6 +56,7 @@ class Checkpointer:
         self.estimate_bytes = estimate_bytes  # one checkpoint's size, until the first save measures it
         self.last_bytes: int | None = None
         self.failed_saves = 0
+        self.saved_step = 0  # the step of the newest checkpoint this run saved or resumed from
         self.log = log
         self.rank = comm.dist.rank
 
@@ -125,6 +126,7 @@ class Checkpointer:
         self.engine.load(str(path))
         self.loader.load_state_dict(rank_state["data"])
         ckpt.set_rng_state(rank_state["rng"])
+        self.saved_step = state.step
         if self.rank == 0:
             print(f"metalm: resumed from {path} at step {state.step}", flush=True)
             if self.last_step is not None and state.step >= self.last_step:
@@ -201,6 +203,18 @@ class Checkpointer:
                 self.log(event)
 
     # ------------------------------------------------------------------------------------------ save
+
+    def after_step(self, step: int, stopping: bool, state: Callable[[], TrainerState]) -> None:
+        """Collective, after every optimizer step: save every checkpoint.every steps, and when the run stops at a
+        step not saved yet (`stopping`: identical on every rank). `state` builds the TrainerState when needed."""
+        due = step % self.cfg.every == 0 or (stopping and self.saved_step != step)
+        if due and self.save(state(), final=stopping):
+            self.saved_step = step
+
+    def at_end(self, step: int, state: Callable[[], TrainerState]) -> None:
+        """Collective, when training reached its last step: the final save, unless that step is saved already."""
+        if self.saved_step != step:
+            self.save(state(), final=True)
 
     def save(self, state: TrainerState, final: bool) -> bool:
         """Collective: write a checkpoint of `state`, with the failure policy; True when saved. A failed save is

@@ -6,10 +6,12 @@ import time
 
 import torch
 
+from metalm.meta.budget import BUDGET_KEYS
 from metalm.meta.step import STAT_KEYS
 from metalm.train.dist import Collectives
 
-LOSS_KEYS = ("ar_loss", "meta_loss", *STAT_KEYS)
+META_KEYS = (*STAT_KEYS, *BUDGET_KEYS)  # BUDGET_KEYS only from budgeted meta micro-batches (meta.grad_ratio/project)
+LOSS_KEYS = ("ar_loss", "meta_loss", *META_KEYS)
 
 
 class StepTotals:
@@ -33,8 +35,9 @@ class StepTotals:
                 value = stats["query_loss"]
             self.sums["meta_loss"] += value
             self.meta_n += 1
-            for k in STAT_KEYS:
-                self.sums[k] += stats[k].detach().float()
+            for k in META_KEYS:
+                if k in stats:
+                    self.sums[k] += stats[k].detach().float()
         else:
             self.sums["ar_loss"] += value
             self.ar_n += 1
@@ -61,7 +64,7 @@ class Interval:
             self.meta_n += totals.meta_n
 
     def record(self, comm: Collectives, step: int, tokens: int, flops: float, lr: float,
-               peak_flops: float | None) -> dict:
+               peak_flops: float | None, ratio_target: float | None = None) -> dict:
         """Collective: the interval's metrics record, means over all ranks' micro-batches."""
         vals = comm.reduce([*(self.sums[k] for k in LOSS_KEYS), self.ar_n, self.meta_n, self.fallback])
         sums, (ar_n, meta_n, fallback) = dict(zip(LOSS_KEYS, vals[:-3])), vals[-3:]
@@ -78,4 +81,7 @@ class Interval:
         }
         if meta_n:
             rec.update({f"meta/{k}": sums[k] / meta_n for k in STAT_KEYS})
+            if ratio_target is not None:  # the budget: the achieved ratio beside its target
+                rec.update({f"meta/{k}": sums[k] / meta_n for k in BUDGET_KEYS})
+                rec["meta/grad_ratio_target"] = ratio_target
         return rec

@@ -1,22 +1,22 @@
-"""The hybrid AR / meta training loop.
-
-`Trainer(cfg, dist)` builds the run's components from their config sections; `run()` is the loop. Each
-optimizer step runs `grad_accum` micro-batches; the meta step's seeded schedule (identical on every rank)
-decides whether a micro-batch is an AR step or a FOMAML meta step. Losses are summed on the device; once per
-optimizer step, before the update, one small all-reduce tells every rank whether any rank saw a non-finite
-loss (the guards then skip the update or stop the run, on all ranks alike), whether a stop signal arrived
-anywhere, and the step's mean losses for loss-spike detection. Metrics are reduced every `log_every` steps.
+"""The training loop: `Trainer(cfg, dist)` builds the run's components from their config sections; `run()`
+sequences them. Each optimizer step is one call of the hybrid step (metalm.train.step: branch, episode, forward,
+backward, sums, FLOPs, diagnostics, update); the guards decide through its `before_update` hook whether an update
+is skipped or the run stops (one small all-reduce per step carries non-finite counts, the stop flag and the
+step's losses for spike detection); metrics are reduced every `log_every` steps; the checkpointer decides when
+to save.
 """
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
 from metalm.checkpoint import TrainerState
+from metalm.clock import hms
 from metalm.config import Config, deepspeed_config, grad_accum, run_locations, to_dict, to_yaml
-from metalm.meta.step import MetaStep, backbone_tokens, gradient_diagnostics, head_flops, inert_warnings, word_start_ids
-from metalm.model import flops_per_token, num_params
+from metalm.meta.step import MetaStep, inert_warnings, word_start_ids
+from metalm.model import num_params
 from metalm.storage import absolute
 from metalm.train.checkpointer import Checkpointer
 from metalm.train.dist import Collectives, Dist
@@ -24,6 +24,7 @@ from metalm.train.engine import Engine
 from metalm.train.errors import TrainingError
 from metalm.train.guards import StepGuards, StopRequest
 from metalm.train.interval import Interval, StepTotals
+from metalm.train.step import HybridStep
 from metalm.train.metrics import MetricsLogger
 from metalm.train.module import PretrainModule
 from metalm.train.preflight import (RunLock, check_step_memory, checkpoint_bytes, probe_dirs, step_memory_bytes)
@@ -47,7 +48,6 @@ class Trainer:
     def __init__(self, cfg: Config, dist: Dist):
         from metalm.data import build_loader, ensure_prepared
 
-        t, d = cfg.train, dist
         self.cfg, self.dist, self.comm = cfg, dist, Collectives(dist)
         self.run_dir, self.remote = run_locations(cfg)  # a URL run_dir: a local directory + uploads to the URL
         self.accum = grad_accum(cfg, dist.world_size)
@@ -88,9 +88,10 @@ class Trainer:
         self._resume()
         self.metrics.begin(self.step)
         self.peak = peak_flops(d.device)
-        self.tok_per_micro = t.micro_batch * t.seq_len * d.world_size
-        self.ar_flops = flops_per_token(cfg.model, t.seq_len) * self.tok_per_micro
-        self.meta_flops = self._meta_flops()
+        self.hybrid = HybridStep(cfg, self.engine, self.comm, self.meta, self.accum, before_update=self._before_update,
+                                 on_record=self.metrics.log, on_microbatch=self._heartbeat)
+        self.first_step = self.step  # the first step this process runs: its first micro-batch shows the pace
+        self.last_beat = 0.0
         self._announce()
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -156,18 +157,6 @@ class Trainer:
             allowed = word_start_ids(tok, self.loader.vocab_size)
         return MetaStep(self.cfg.meta, self.cfg.train.seed, self.special, self.loader.vocab_size, allowed)
 
-    def _meta_flops(self) -> float:
-        """FLOPs of one meta micro-batch over all ranks: the backbone's support forward (no backward) and query
-        forward + backward on the episode's tokens, the head's inner and outer loop, and with meta.objective=add
-        the AR step as well."""
-        cfg, t, world = self.cfg, self.cfg.train, self.dist.world_size
-        seq = t.seq_len if cfg.meta.readout == "mask" else min(cfg.meta.window, t.seq_len)
-        s_tok, q_tok = backbone_tokens(cfg.meta, t.micro_batch, t.seq_len)
-        body = flops_per_token(cfg.model, seq, lm_head=False, backward=False) * s_tok \
-            + flops_per_token(cfg.model, seq, lm_head=False) * q_tok
-        total = (body + head_flops(cfg.meta, cfg.model.d_model, t.micro_batch)) * world
-        return total + (self.ar_flops if cfg.meta.objective == "add" else 0.0)
-
     def _announce(self) -> None:
         cfg, d = self.cfg, self.dist
         if d.rank != 0:
@@ -191,48 +180,32 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- one step
 
-    def _episode(self, batch: torch.Tensor, micro: int):
-        """This micro-batch's episode, or None when any rank could not build one: every rank must take the same
-        branch (ZeRO reduces gradients in lock-step), so then all fall back to an AR micro-batch."""
-        ep = self.meta.episode(batch, self.step, micro, self.dist.rank)
-        if not self.comm.all_true(ep is not None):
-            return None
-        return ep.to(self.dist.device, non_blocking=True)
-
     def train_step(self) -> StepTotals:
-        """One optimizer step: its micro-batches, the guards' verdict, the update."""
-        totals = StepTotals(self.dist.device)
-        for micro in range(self.accum):
-            batch = next(self.batches)  # on the host: episodes are sampled there, without device syncs
-            meta = self.meta is not None and self.meta.is_meta(self.step, micro)
-            episode = self._episode(batch, micro) if meta else None
-            totals.fallback += int(meta and episode is None)
-            batch = batch.to(self.dist.device, non_blocking=True)
-            if episode is not None and micro == 0 and self.meta.diagnose(self.step + 1):
-                self._diagnose(batch, episode)
-            loss, stats = self.engine(batch, episode=episode)
-            self.engine.backward(loss)
-            totals.add(loss, stats, meta=episode is not None)
-            self.tokens += self.tok_per_micro  # tokens drawn from the data stream, whichever branch
-            self.flops += self.meta_flops if episode is not None else self.ar_flops
-        skip = self._before_update(totals)
-        applied = self.engine.step(skip)
+        """One optimizer step (the hybrid step), counted."""
+        out = self.hybrid(self.batches, self.step)
         self.step += 1
-        self.interval.add(totals, skipped=skip, applied=applied)
-        return totals
+        self.tokens += out.tokens
+        self.flops += out.flops
+        self.interval.add(out.totals, skipped=out.skipped, applied=out.applied)
+        return out.totals
 
-    def _diagnose(self, batch: torch.Tensor, episode) -> None:
-        """Rank 0: the meta vs AR gradient diagnostics on this micro-batch, logged with the step. The RNG state
-        is restored afterwards, so the diagnostics change nothing in training. (Not under ZeRO-3, whose
-        parameters are partitions.)"""
-        if self.dist.rank != 0 or self.cfg.train.zero_stage == 3:
+    def _heartbeat(self, step: int, micro: int, seconds: float) -> None:
+        """Rank 0, after each micro-batch: a line on the first step of this process (a slow configuration shows
+        its pace within one micro-batch) and every 30 s inside a long step, with the estimated time per step and
+        to the end of the run."""
+        if self.dist.rank != 0 or not self.cfg.logging.progress:
             return
-        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            diag = gradient_diagnostics(self.engine.module, batch, episode, self.meta.mask_id)
-        self.metrics.log({"step": self.step + 1, **diag})
+        now = time.time()
+        if not (step == self.first_step and micro == 0) and now - self.last_beat < 30.0:
+            return
+        self.last_beat = now
+        per_step = seconds * self.accum
+        left = self.cfg.train.max_steps - step
+        print(f"metalm: step {step + 1}: micro-batch {micro + 1}/{self.accum} took {hms(seconds)}; "
+              f"about {hms(per_step)} per step, {hms(per_step * left)} for the "
+              f"{left} steps left", flush=True)
 
-    def _before_update(self, totals: StepTotals) -> bool:
+    def _before_update(self, step: int, totals: StepTotals) -> bool:
         """Collective, once per optimizer step: True when its update is to be skipped. One all-reduce carries how
         many ranks saw a non-finite loss, the step's loss sums and the stop flag."""
         world = self.dist.world_size
@@ -243,7 +216,7 @@ class Trainer:
             self.stop.signame = self.stop.signame or "a signal (to another rank)"
         means = {"ar": ar_sum / (totals.ar_n * world) if totals.ar_n else None,
                  "meta": meta_sum / (totals.meta_n * world) if totals.meta_n else None}
-        skip, warnings, spikes = self.guards.before_update(self.step + 1, int(bad), means)
+        skip, warnings, spikes = self.guards.before_update(step, int(bad), means)
         for rec in spikes:
             self.metrics.log(rec)
         if self.dist.rank == 0:
@@ -255,7 +228,8 @@ class Trainer:
         self.interval = Interval(self.dist.device, self.step, self.tokens, self.flops)
 
     def _report(self) -> None:
-        rec = self.interval.record(self.comm, self.step, self.tokens, self.flops, self.engine.lr, self.peak)
+        target = self.hybrid.ratio_target(self.step) if self.hybrid.budgeted else None
+        rec = self.interval.record(self.comm, self.step, self.tokens, self.flops, self.engine.lr, self.peak, target)
         self.metrics.log(rec)
         self.metrics.progress(self.step, self.cfg.train.max_steps, rec)
         self._new_interval()
@@ -290,12 +264,11 @@ class Trainer:
     # --------------------------------------------------------------------------------------------- run
 
     def run(self) -> int:
-        t, ck = self.cfg.train, self.cfg.checkpoint
-        if ck.save_on_signal:
+        t = self.cfg.train
+        if self.cfg.checkpoint.save_on_signal:
             self.stop.install()
         self.batches = iter(self.loader)
         self._new_interval()
-        last_saved = self.step
         try:
             while self.step < t.max_steps:
                 self.train_step()
@@ -305,14 +278,11 @@ class Trainer:
                     self.validate()
                 at_stop = bool(t.stop_at) and t.stop_at <= self.step < t.max_steps
                 stopping = self.stop_agreed or at_stop  # identical on every rank (stop_agreed is all-reduced)
-                if self.step % ck.every == 0 or (stopping and last_saved != self.step):
-                    if self.checkpointer.save(self.trainer_state(), final=stopping):
-                        last_saved = self.step
+                self.checkpointer.after_step(self.step, stopping, self.trainer_state)
                 if stopping:
                     self._say_stopped(at_stop)
                     return 0
-            if last_saved != self.step:
-                self.checkpointer.save(self.trainer_state(), final=True)
+            self.checkpointer.at_end(self.step, self.trainer_state)
             self._say_done()
             return 0
         finally:

@@ -41,17 +41,22 @@ class PretrainModule(nn.Module):
         logits = self.lm(inputs)
         return kernels.masked_cross_entropy(logits, targets, backend=backend)
 
-    def forward(self, batch: torch.Tensor, episode=None):
-        """AR step: returns (loss, {}). Meta step (episode given): returns (query loss, stats); with
-        meta.objective=add, (AR loss + meta.loss_weight x query loss, stats + {"ar_loss"})."""
+    def forward(self, batch: torch.Tensor, episode=None) -> tuple[dict[str, torch.Tensor], dict]:
+        """The micro-batch's losses by name and the meta step's stats: {"ar"} for an AR micro-batch; {"meta"} (the
+        episode's query loss) for a meta one, with "ar" as well under meta.objective=add. How they combine into
+        the loss to back-propagate is the hybrid step's business (metalm.train.step)."""
         if episode is None:
-            return self.ar_loss(batch), {}
+            return {"ar": self.ar_loss(batch)}, {}
         from metalm.meta.step import meta_step_loss
 
-        m = self.cfg.meta
-        loss, stats = meta_step_loss(m, self.lm.hidden_states, self.head, episode)
-        if m.objective == "add":
-            ar = self.ar_loss(batch)
-            stats = {**stats, "ar_loss": ar.detach().float()}
-            loss = ar + m.loss_weight * loss
-        return loss, stats
+        query, stats = meta_step_loss(self.cfg.meta, self.lm.hidden_states, self.head, episode)
+        losses = {"meta": query}
+        if self.cfg.meta.objective == "add":
+            losses["ar"] = self.ar_loss(batch)
+        return losses, stats
+
+    def backbone_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.lm.parameters() if p.requires_grad]
+
+    def head_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.head.parameters() if p.requires_grad] if self.head is not None else []
