@@ -91,7 +91,7 @@ class Trainer:
         self.hybrid = HybridStep(cfg, self.engine, self.comm, self.meta, self.accum, before_update=self._before_update,
                                  on_record=self.metrics.log, on_microbatch=self._heartbeat)
         self.first_step = self.step  # the first step this process runs: its first micro-batch shows the pace
-        self.last_beat = 0.0
+        self.last_beat = self.step_started = 0.0
         self._announce()
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -190,20 +190,22 @@ class Trainer:
         return out.totals
 
     def _heartbeat(self, step: int, micro: int, seconds: float) -> None:
-        """Rank 0, after each micro-batch: a line on the first step of this process (a slow configuration shows
-        its pace within one micro-batch) and every 30 s inside a long step, with the estimated time per step and
-        to the end of the run."""
+        """Rank 0, after each micro-batch: a line after the first micro-batch this process runs (a slow
+        configuration shows its pace at once), then every 30 s inside a step that has run for 30 s or more, with
+        the estimated time per step and to the end of the run."""
         if self.dist.rank != 0 or not self.cfg.logging.progress:
             return
         now = time.time()
-        if not (step == self.first_step and micro == 0) and now - self.last_beat < 30.0:
+        if micro == 0:
+            self.step_started = now - seconds
+        first = step == self.first_step and micro == 0
+        if not first and (now - self.step_started < 30.0 or now - self.last_beat < 30.0):
             return
         self.last_beat = now
-        per_step = seconds * self.accum
+        per_step = (now - self.step_started) / (micro + 1) * self.accum
         left = self.cfg.train.max_steps - step
-        print(f"metalm: step {step + 1}: micro-batch {micro + 1}/{self.accum} took {hms(seconds)}; "
-              f"about {hms(per_step)} per step, {hms(per_step * left)} for the "
-              f"{left} steps left", flush=True)
+        print(f"metalm: step {step + 1}: micro-batch {micro + 1}/{self.accum} after {hms(now - self.step_started)}; "
+              f"about {hms(per_step)} per step, {hms(per_step * left)} for the {left} steps left", flush=True)
 
     def _before_update(self, step: int, totals: StepTotals) -> bool:
         """Collective, once per optimizer step: True when its update is to be skipped. One all-reduce carries how
@@ -251,8 +253,8 @@ class Trainer:
             for i, batch in enumerate(loader):
                 if i >= t.val_batches:
                     break
-                loss, _ = self.engine(batch.to(self.dist.device))
-                total += loss.detach().float()
+                losses, _ = self.engine(batch.to(self.dist.device))
+                total += losses["ar"].detach().float()
                 n += 1
         total, n = self.comm.reduce([total, n])
         val = total / max(n, 1)
