@@ -9,6 +9,10 @@ Per shape, median wall time of:
              class rows) + backward, with the paper's episode (readout at the mask, raw features);
   shipped    the same step with the shipped meta defaults of configs/cpu-tiny.yaml (readout, windows,
              feature normalisation, head initialisation, inner learning rate), on an episode from the same batch;
+  hybrid_ar / hybrid_meta   an AR and a meta micro-batch through the hybrid step that ships
+             (metalm.train.step.HybridStep with configs/cpu-tiny.yaml's meta settings, the budget included, on a
+             plain-autograd engine): the meta micro-batch of meta.objective=add holds the AR loss too, so its
+             extra cost over an AR micro-batch is (hybrid_meta - hybrid_ar) / hybrid_ar;
   reference  the paper code's design: the head snapshotted, then every inner step re-runs the backbone on
              the support batch (backbone frozen), projects onto the full vocabulary and slices the class
              columns, backward, SGD step on the head; then the query loss with the adapted head, backward,
@@ -146,6 +150,27 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def shipped_step(name: str, batch: torch.Tensor):
+    """(HybridStep, episode, module): the shipped step (configs/cpu-tiny.yaml's meta settings at this shape's
+    width and episode size) on a plain-autograd engine, and the episode its MetaStep samples from `batch`."""
+    from metalm.meta.step import MetaStep
+    from metalm.train.dist import Collectives, Dist
+    from metalm.train.module import PretrainModule
+    from metalm.train.step import EagerEngine, HybridStep
+
+    shape, B, T, m = SHAPES[name]
+    cfg = load_config(REPO / "configs" / "cpu-tiny.yaml", [
+        *(f"model.{k}={v}" for k, v in shape.items()), f"model.max_seq_len={T}", f"train.seq_len={T}",
+        f"train.micro_batch={B}", f"train.global_batch={B}", f"meta.n_way={m['n_way']}", f"meta.k_shot={m['k_shot']}",
+        f"meta.q_queries={m['q_queries']}", f"meta.head.hidden={m['hidden']}", "meta.hybrid_ratio=1.0",
+        "model.kernels=torch"])
+    torch.manual_seed(0)
+    module = PretrainModule(cfg)
+    meta = MetaStep(cfg.meta, 0, {"mask": MASK, "eos": EOS, "pad": PAD}, VOCAB)
+    comm = Collectives(Dist(0, 1, 0, torch.device("cpu")))  # one process: no process group needed
+    return HybridStep(cfg, EagerEngine(module), comm, meta, 1), meta.episode(batch, 0, 0, 0), module
+
+
 def run_shape(name: str, repeats: int, literal: bool) -> dict:
     shape, B, T, m = SHAPES[name]
     torch.manual_seed(0)
@@ -192,9 +217,13 @@ def run_shape(name: str, repeats: int, literal: bool) -> dict:
     }
     if literal:
         steps["reference_literal"] = lambda: reference_step(model, head, ep, literal=True)
-    res["ms"] = timed(steps, repeats, zero)
+    hybrid, hybrid_ep, module = shipped_step(name, batch)
+    steps["hybrid_ar"] = lambda: hybrid._loss(batch, None, 0)[0].backward()
+    steps["hybrid_meta"] = lambda: hybrid._loss(batch, hybrid_ep, 0)[0].backward()
+    res["ms"] = timed(steps, repeats, lambda: (zero(), module.zero_grad(set_to_none=True)))
     ms = res["ms"]
     res["ratios"] = {"meta/ar": ms["meta"] / ms["ar"], "shipped/ar": ms["shipped"] / ms["ar"],
+                     "hybrid_meta_extra/hybrid_ar": (ms["hybrid_meta"] - ms["hybrid_ar"]) / ms["hybrid_ar"],
                      "reference/meta": ms["reference"] / ms["meta"]}
     res["shipped_meta"] = {k: shipped[k] for k in ("readout", "readout_offset", "window", "feature_norm", "head_init",
                                                    "inner_lr", "inner_steps")}

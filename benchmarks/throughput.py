@@ -4,11 +4,12 @@
     python benchmarks/throughput.py --configs 11m,570m --zero 2 --kernels torch,triton --compile off,on  # GPU
 
 Each row runs `--warmup` untimed optimizer steps, then times `--steps` AR steps and `--steps` meta steps
-on the same batches (one micro-batch per step). Tokens are drawn from a Zipf(1.1) distribution over the
-vocabulary so that meta episodes find repeated token types as in real text. MFU counts model FLOPs as
-6 x non-embedding matmul params + 12 x layers x d_model x seq (attention) + the LM head, per token
-(`metalm.model.flops_per_token`), against the device's dense bf16 peak; meta steps count the support
-forward (no grad) plus the query forward and backward through the body. Prints a table and writes JSON.
+on the same batches (one micro-batch per step), both through the training step that ships
+(metalm.train.step.HybridStep with the config's meta settings: with meta.objective=add a meta micro-batch
+holds the AR loss too, and the meta-gradient budget's two backward passes). Tokens are drawn from a Zipf(1.1)
+distribution over the vocabulary so that meta episodes find repeated token types as in real text. FLOPs are
+the step's own (`metalm.train.step.micro_batch_flops`, the formula the trainer logs), against the device's
+dense bf16 peak for MFU. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def zipf_batch(gen, batch: int, seq: int, vocab: int, reserved: int):
 
     ranks = torch.arange(1, vocab - reserved + 1, dtype=torch.float64)
     probs = ranks.pow(-1.1)
-    return torch.multinomial(probs / probs.sum(), batch * (seq + 1), replacement=True, generator=gen).view(batch, seq + 1)
+    ids = torch.multinomial(probs / probs.sum(), batch * (seq + 1), replacement=True, generator=gen)
+    return ids.view(batch, seq + 1)
 
 
 def pct(mfu) -> str:
@@ -42,15 +44,16 @@ def bench_one(name: str, zero: int, kernels: str, compile_: bool, args, dist) ->
     import torch
 
     from metalm.config import deepspeed_config, load_config
-    from metalm.meta.schedule import episode_generator
-    from metalm.meta.tasks import sample_episode
-    from metalm.model import flops_per_token, num_params
+    from metalm.meta.step import MetaStep
+    from metalm.model import num_params
+    from metalm.train.dist import Collectives
     from metalm.train.engine import Engine
     from metalm.train.loop import peak_flops
     from metalm.train.module import PretrainModule
+    from metalm.train.step import HybridStep
 
     overrides = [f"train.zero_stage={zero}", f"model.kernels={kernels}", f"train.compile={str(compile_).lower()}",
-                 "meta.enabled=true", "train.grad_accum=1", f"train.device={dist.device.type}"]
+                 "meta.enabled=true", "meta.hybrid_ratio=1.0", "train.grad_accum=1", f"train.device={dist.device.type}"]
     if args.seq_len:
         overrides += [f"train.seq_len={args.seq_len}"]
     if args.micro_batch:
@@ -65,46 +68,36 @@ def bench_one(name: str, zero: int, kernels: str, compile_: bool, args, dist) ->
     gen = torch.Generator().manual_seed(0)
     B, T, V = cfg.train.micro_batch, cfg.train.seq_len, cfg.model.vocab_size
     batches = [zipf_batch(gen, B, T, V, reserved=64) for _ in range(4)]
-    mask_id = V - 1
-    m = cfg.meta
-    episodes = [sample_episode(b[:, :-1], n_way=m.n_way, k_shot=m.k_shot, q_queries=m.q_queries, mask_id=mask_id,
-                               sampler=m.sampler, generator=episode_generator(0, i, 0, 0),
-                               min_freq=m.min_token_freq, max_freq=m.max_token_freq, exclude_ids=(mask_id,))
-                for i, b in enumerate(batches)]
+    comm = Collectives(dist)
+    # the training step that ships: AR micro-batches (no meta step) and meta micro-batches (every step meta, with
+    # the config's meta settings: readout, windows, objective, budget), episodes sampled by its MetaStep
+    steps = {"ar": HybridStep(cfg, engine, comm, None, 1),
+             "meta": HybridStep(cfg, engine, comm, MetaStep(cfg.meta, 0, {"mask": V - 1}, V), 1)}
     dev = dist.device
-    batches = [b.to(dev) for b in batches]
-    episodes = [e.to(dev) for e in episodes]
 
-    def step(i: int, meta: bool):
-        loss, _ = engine(batches[i % 4], episode=episodes[i % 4] if meta else None)
-        engine.backward(loss)
-        engine.step(skip=False)
-        return loss
-
-    def timed(meta: bool) -> float:
+    def timed(kind: str) -> float:
+        step = steps[kind]
         for i in range(args.warmup):
-            step(i, meta)
+            step(iter([batches[i % 4]]), i)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i in range(args.steps):
-            loss = step(i, meta)
-        loss.item()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+            out = step(iter([batches[i % 4]]), args.warmup + i)
+        float(out.totals.sums["ar_loss"])  # waits for the device
+        assert kind == "ar" or out.totals.meta_n == 1, "the meta step fell back to AR: no episode in the batch"
         return (time.perf_counter() - t0) / args.steps
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t_ar, t_meta = timed(False), timed(True)
+    t_ar, t_meta = timed("ar"), timed("meta")
     tokens = B * T
     peak = peak_flops(dev)
-    fl_ar = flops_per_token(cfg.model, T) * tokens
-    fl_meta = (flops_per_token(cfg.model, T, lm_head=False, backward=False)
-               + flops_per_token(cfg.model, T, lm_head=False)) * tokens
+    fl_ar, fl_meta = steps["meta"].ar_flops, steps["meta"].meta_flops
     row = {
         "config": name, "params_M": round(num_params(cfg.model) / 1e6, 2), "zero": zero, "kernels": kernels,
         "compile": compile_, "precision": cfg.train.precision, "micro_batch": B, "seq_len": T,
+        "meta_objective": cfg.meta.objective, "meta_grad_ratio": cfg.meta.grad_ratio,
         "ar_ms": 1e3 * t_ar, "meta_ms": 1e3 * t_meta, "meta_over_ar": t_meta / t_ar,
         "ar_tokens_per_s": tokens / t_ar, "meta_tokens_per_s": tokens / t_meta,
         "ar_mfu": fl_ar / t_ar / peak if peak else None, "meta_mfu": fl_meta / t_meta / peak if peak else None,

@@ -33,12 +33,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import reproduce  # noqa: E402
 
-DEFAULT_VARIANTS = ("vanilla:0,1,2,paper-code:0,1,2,budget-0.03:0,1,2,budget-0.1:0,1,2,budget-0.3:0,1,2,"
-                    "weighted-clip:0,budget-1.0:0,project-0.3:0,schedule-0.3:0,vanilla-lr-half:0")
+DEFAULT_VARIANTS = ("vanilla:0,budget-0.1:0,budget-0.03:0,budget-0.3:0,weighted-clip:0,paper-code:0,"
+                    "vanilla-lr-half:0,project-0.3:0,schedule-0.3:0,budget-1.0:0,vanilla:1,budget-0.1:1,vanilla:2,"
+                    "budget-0.1:2,budget-0.03:1,budget-0.3:1,budget-0.03:2,budget-0.3:2,paper-code:1,paper-code:2")
 
 
 def parse_variants(text: str) -> list[tuple[str, int]]:
-    """"a:0,1,b:0" -> [(a, 0), (a, 1), (b, 0)], in the order seed-major (all seed-0 runs first)."""
+    """"a:0,1,b:0" -> [(a, 0), (a, 1), (b, 0)], trained in that order."""
     pairs, name = [], None
     for part in text.split(","):
         if ":" in part:
@@ -46,7 +47,7 @@ def parse_variants(text: str) -> list[tuple[str, int]]:
         if name not in reproduce.VARIANTS:
             raise SystemExit(f"--variants: unknown variant {name!r}; expected one of {', '.join(reproduce.VARIANTS)}")
         pairs.append((name, int(part)))
-    return sorted(pairs, key=lambda p: (p[1], p[0] != "vanilla"))
+    return pairs
 
 
 def train_all(args, pairs: list[tuple[str, int]]) -> None:
@@ -121,8 +122,7 @@ def fewshot_all(args, pairs: list[tuple[str, int]]) -> None:
         if not (rd / "metrics.jsonl").exists():
             continue
         result = fewshot.compare_runs(Path(args.runs) / f"vanilla-s{seed}", rd, episodes=args.episodes,
-                                      shapes=fewshot.parse_shapes(args.shapes), config=args.config,
-                                      overrides=args.overrides)
+                                      shapes=fewshot.parse_shapes(args.shapes))
         (rd / "fewshot.json").write_text(json.dumps(result, indent=1))
 
 

@@ -223,7 +223,8 @@ def test_objective_add_is_the_ar_loss_plus_the_weighted_query_loss(shards):
     (meta.grad_ratio=0: the weighted objective)."""
     from metalm.data.loader import build_loader
     from metalm.train.module import PretrainModule
-    from metalm.train.step import HybridStep
+    from metalm.train.dist import Collectives, Dist
+    from metalm.train.step import EagerEngine, HybridStep
 
     cfg = load_config(None, ["model.n_layers=1", "model.d_model=16", "model.n_heads=2", "model.n_kv_heads=1",
                              "model.ffn_hidden=32", "model.max_seq_len=64", "train.seq_len=64", "meta.n_way=4",
@@ -244,15 +245,7 @@ def test_objective_add_is_the_ar_loss_plus_the_weighted_query_loss(shards):
     assert float(losses["ar"]) == pytest.approx(float(ar), rel=1e-6)
     assert float(losses["meta"]) == pytest.approx(float(q), rel=1e-6)
 
-    class Eager:  # the engine's surface, without DeepSpeed
-        def __init__(self, module):
-            self.module = module
-
-        def __call__(self, batch, episode=None):
-            return self.module(batch, episode=episode)
-
-    comm = type("Comm", (), {"dist": type("D", (), {"device": torch.device("cpu"), "world_size": 1, "rank": 0})()})()
-    step = HybridStep(cfg, Eager(module), comm, None, 1)
+    step = HybridStep(cfg, EagerEngine(module), Collectives(Dist(0, 1, 0, torch.device("cpu"))), None, 1)
     loss, stats = step._loss(batch, ep, 0)
     assert float(loss.detach()) == pytest.approx(float(ar.detach()) + 0.3 * float(q.detach()), rel=1e-6)
     assert float(stats["ar_loss"]) == pytest.approx(float(ar), rel=1e-6)

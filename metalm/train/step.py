@@ -44,6 +44,23 @@ def micro_batch_flops(cfg: Config, world_size: int) -> tuple[float, float]:
     return ar, meta + (ar if m.objective == "add" else 0.0)
 
 
+class EagerEngine:
+    """The engine's surface for a HybridStep without DeepSpeed (plain autograd, no optimizer): what
+    benchmarks/meta_cost.py times and unit tests drive, so that they run the step that ships."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __call__(self, batch: torch.Tensor, episode=None):
+        return self.module(batch, episode=episode)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, skip: bool) -> bool:
+        return False
+
+
 @dataclass
 class StepOutcome:
     totals: StepTotals
