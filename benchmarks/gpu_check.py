@@ -102,9 +102,16 @@ class Budget:
 
 
 def _write_json(path: Path, obj) -> None:
+    """Atomically (a temporary file, then a rename), with the budget's timer held off until the file is in place,
+    so a cut-off never leaves a half-written or stray file."""
+    text = json.dumps(obj, indent=2, default=str) + "\n"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 class Section:
@@ -469,17 +476,23 @@ def _start_stepping(trainer) -> None:
     trainer._new_interval()
 
 
-def _close(trainer) -> None:
+def _free() -> None:
+    """Give back what a finished or failed measurement held: Python garbage, compiled graphs, cached GPU memory."""
     import torch
 
+    gc.collect()
+    torch.compiler.reset()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _close(trainer) -> None:
     if trainer is not None:
         trainer.engine.destroy()
         trainer.metrics.close()
         trainer.lock.release()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+    _free()
 
 
 def _sync(device: str) -> None:
@@ -536,6 +549,7 @@ def largest_fitting(plan: Plan, name: str, compile_: bool, meta: str, start: int
 
     tried, mb = [], start
     while mb >= 1:
+        _free()  # an out-of-memory's traceback held the last attempt's tensors until now
         run_dir = runs / f"{name}-{meta}-compile{int(compile_)}-mb{mb}"
         cfg = load_config(plan.sizes[name][0], _overrides(plan, name, run_dir, shards, mb, compile_, meta))
         est = memory_estimate(cfg)
@@ -648,6 +662,9 @@ def section_throughput(sec: Section, plan: Plan, budget: Budget, args, ctx: Cont
                 if meta == "off":
                     ar_row, found_mb = row, row["micro_batch"]
                     best_mb.setdefault(name, found_mb)
+                elif row["meta_fallbacks"]:
+                    row["note"] = (f"{row['meta_fallbacks']} meta step(s) found no episode in their batch and ran "
+                                   f"as AR steps: no meta/AR ratio from this row")
                 elif ar_row is not None:
                     # per token, so that a meta run at a smaller micro-batch still compares
                     row["meta_over_ar"] = ar_row["tokens_per_s"] / row["tokens_per_s"]
