@@ -314,8 +314,9 @@ def check_case(case) -> dict:
 
     op, shape, dt, fn_kernel, fn_ref, make, tol = case
     row = {"op": op, **shape, "dtype": dt}
-    inputs = make()
+    inputs = []
     try:
+        inputs = make()
         (out, grads), (out_ref, grads_ref) = (_value_and_grads(f, inputs) for f in (fn_kernel, fn_ref))
         names = ["value"] + [f"grad_{i}" for i in range(len(grads))]
         checks = {n: closeness(a, e, t) for n, a, e, t in zip(names, (out, *grads), (out_ref, *grads_ref), tol)}
@@ -445,7 +446,8 @@ def _overrides(plan: Plan, name: str, run_dir: Path, shards: Path, mb: int, comp
         f"train.run_dir={run_dir}", f"data.shards={shards}", "data.prepare_if_missing=false",
         "logging.wandb=false", "logging.progress=false", "checkpoint.resume=never", f"train.device={plan.device}",
         "train.zero_stage=2", f"train.micro_batch={mb}", f"train.global_batch={mb}",
-        f"train.compile={str(compile_).lower()}", "train.check_memory=false"]
+        f"train.compile={str(compile_).lower()}", "train.check_memory=false",
+        "checkpoint.check_free_space=false"]  # nothing is saved: a small /tmp must not stop the 570m
     if meta == "off":
         ov.append("meta.enabled=false")
     elif meta == "all":
