@@ -41,19 +41,20 @@ EPS = 1e-6
 def _liger():
     try:
         from liger_kernel.transformers import functional as lf
-    except Exception:  # not installed, or installed but broken against this torch/triton
+    except Exception:  # noqa: BLE001 - not installed, or installed but broken against this torch/triton
         return None
     return lf
 
 
 # ------------------------------------------------------------------------------------ the workloads
-# Each op returns {impl name: fn(*inputs) -> output}, and a maker of (inputs, upstream grad).
+# Each op returns {impl name: fn(*inputs) -> output}, and a maker of (inputs, upstream grad). `compile_backend`
+# is torch.compile's backend for the "compile" baseline (benchmarks/gpu_check.py --dry-run uses "eager").
 
 
-def rmsnorm_impls(backends):
+def rmsnorm_impls(backends, compile_backend="inductor"):
     impls = {"torch": lambda x, w: ref.rmsnorm(x, w, EPS)}
     if "compile" in backends:
-        compiled = torch.compile(ref.rmsnorm)
+        compiled = torch.compile(ref.rmsnorm, backend=compile_backend)
         impls["compile"] = lambda x, w: compiled(x, w, EPS)
     if "triton" in backends:
         impls["triton"] = lambda x, w: kernels.rmsnorm(x, w, EPS, backend="triton")
@@ -69,10 +70,10 @@ def rmsnorm_inputs(tokens, hidden, device, dtype):
     return [x, w]
 
 
-def ce_impls(backends):
+def ce_impls(backends, compile_backend="inductor"):
     impls = {"torch": lambda z, t: ref.masked_cross_entropy(z, t)}
     if "compile" in backends:
-        compiled = torch.compile(ref.masked_cross_entropy)
+        compiled = torch.compile(ref.masked_cross_entropy, backend=compile_backend)
         impls["compile"] = lambda z, t: compiled(z, t)
     if "triton" in backends:
         impls["triton"] = lambda z, t: kernels.masked_cross_entropy(z, t, backend="triton")
@@ -95,10 +96,10 @@ def ce_inputs(tokens, vocab, device, dtype):
     return [z, _targets(tokens, vocab, device)]
 
 
-def lce_impls(backends):
+def lce_impls(backends, compile_backend="inductor"):
     impls = {"torch": lambda h, w, t: ref.linear_cross_entropy(h, w, t)}
     if "compile" in backends:
-        compiled = torch.compile(ref.linear_cross_entropy)
+        compiled = torch.compile(ref.linear_cross_entropy, backend=compile_backend)
         impls["compile"] = lambda h, w, t: compiled(h, w, t)
     if "triton" in backends:
         impls["triton"] = lambda h, w, t: kernels.linear_cross_entropy(h, w, t, backend="triton")
@@ -193,7 +194,7 @@ def bench_one(op, shape, impl, fn, device, dtype, reps, warmup, reference_out):
         return row, out
     except torch.cuda.OutOfMemoryError:
         row["error"] = "OOM"
-    except Exception as e:  # a compile failure or a Liger API mismatch must not sink the whole run
+    except Exception as e:  # noqa: BLE001 - a compile failure or a Liger API mismatch must not sink the whole run
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     finally:
         del inputs

@@ -21,6 +21,7 @@ from hypothesis import given, settings, strategies as st
 
 import kernels
 from kernels import reference as ref
+from kernels.tolerance import assert_close
 
 pytest.importorskip("triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -34,19 +35,6 @@ ce_mod = importlib.import_module("kernels.masked_ce")
 lce_mod = importlib.import_module("kernels.linear_ce")
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-# (rtol, atol) per dtype; atol is relative to the largest finite reference magnitude (>= 1), so a
-# gradient of size 1e-3 and a loss of size 5 are both held to a few ulps of their own dtype.
-TOL = {F32: (1e-5, 1e-5), BF16: (1.6e-2, 1.6e-2), F16: (2e-3, 2e-3)}
-
-
-def assert_close(actual, expected, dtype=F32, equal_nan=False):
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    e, a = expected.float(), actual.float()
-    finite = e[e.isfinite()]
-    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(a, e, rtol=rtol, atol=atol * scale, equal_nan=equal_nan)
 
 
 def run_both(fn_kernel, fn_ref, inputs, grad_seed=0, kernel_kw=None, **kw):

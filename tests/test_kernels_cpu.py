@@ -11,20 +11,9 @@ import torch
 import kernels
 from kernels import cpu
 from kernels import reference as ref
+from kernels.tolerance import assert_close
 
 F32, BF16 = torch.float32, torch.bfloat16
-TOL = {F32: (1e-5, 1e-5), BF16: (1.6e-2, 1.6e-2)}
-
-
-def assert_close(actual, expected, dtype=F32, equal_nan=False):
-    """rtol per dtype; atol relative to the largest finite reference magnitude (>= 1)."""
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    e, a = expected.float(), actual.float()
-    finite = e[e.isfinite()]
-    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(a, e, rtol=rtol, atol=atol * scale, equal_nan=equal_nan)
 
 
 def randn(*shape, dtype=F32, scale=1.0, seed=0):
