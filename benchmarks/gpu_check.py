@@ -447,7 +447,8 @@ def _overrides(plan: Plan, name: str, run_dir: Path, shards: Path, mb: int, comp
         "logging.wandb=false", "logging.progress=false", "checkpoint.resume=never", f"train.device={plan.device}",
         "train.zero_stage=2", f"train.micro_batch={mb}", f"train.global_batch={mb}",
         f"train.compile={str(compile_).lower()}", "train.check_memory=false",
-        "checkpoint.check_free_space=false"]  # nothing is saved: a small /tmp must not stop the 570m
+        # nothing is saved: a small /tmp must not stop the 570m rows, nor a signal wait for a checkpoint
+        "checkpoint.check_free_space=false", "checkpoint.save_on_signal=false"]
     if meta == "off":
         ov.append("meta.enabled=false")
     elif meta == "all":
@@ -472,12 +473,6 @@ def memory_estimate(cfg, world: int = 1) -> dict:
                              fused_linear_ce=m.fused_linear_ce)
 
 
-def _start_stepping(trainer) -> None:
-    """What Trainer.run() sets up before its first train_step(): the batch iterator and the metrics interval."""
-    trainer.batches = iter(trainer.loader)
-    trainer._new_interval()
-
-
 def _free() -> None:
     """Give back what a finished or failed measurement held: Python garbage, compiled graphs, cached GPU memory."""
     import torch
@@ -492,8 +487,7 @@ def _free() -> None:
 def _close(trainer) -> None:
     if trainer is not None:
         trainer.engine.destroy()
-        trainer.metrics.close()
-        trainer.lock.release()
+        trainer.close()
     _free()
 
 
@@ -516,7 +510,7 @@ def measure(cfg, dist, plan: Plan, steps: int, warmup: int) -> dict:
     try:
         trainer = Trainer(cfg, dist)
         built = time.monotonic()
-        _start_stepping(trainer)
+        trainer.start()
         for _ in range(warmup):
             trainer.train_step()
         _sync(plan.device)
@@ -706,7 +700,7 @@ def section_pair(sec: Section, plan: Plan, budget: Budget, args, ctx: Context, s
                                                               False, meta)
                               + [f"train.max_steps={steps}", f"optim.warmup_steps={warm}"])
             trainers[kind] = Trainer(cfg, ctx.dist)
-            _start_stepping(trainers[kind])
+            trainers[kind].start()
         sec.set(hybrid_ratio=trainers["hybrid"].cfg.meta.hybrid_ratio)
         t0, losses, step_s = time.monotonic(), [], 0.0
         for step in range(1, steps + 1):

@@ -65,6 +65,9 @@ def test_deepspeed_launcher_end_to_end(tmp_path, shards):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "step 12/12" in out.stdout and "tok/s" in out.stdout and "eta" in out.stdout
     assert "metalm: done" in out.stdout and str(run_dir.resolve()) in out.stdout
+    # the pace is shown after the first micro-batch, before any step has finished
+    beat = out.stdout.find("metalm: step 1: micro-batch 1/2 after")
+    assert 0 <= beat < out.stdout.find("step 12/12") and "per step" in out.stdout[beat:].splitlines()[0]
     kept = [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")]
     assert kept == ["step_00000010", "step_00000012"]  # keep_last_k=2 pruned step 5
     latest = ckpt.find_latest(run_dir / "checkpoints")
@@ -74,6 +77,10 @@ def test_deepspeed_launcher_end_to_end(tmp_path, shards):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in rows)
     assert any(r.get("meta_loss") is not None for r in rows) and any(r.get("ar_loss") is not None for r in rows)
+    # the meta-gradient budget (the default): the achieved meta/AR ratio beside its target, on 2 ranks x ZeRO-2
+    budget = [r for r in rows if r.get("meta/grad_ratio") is not None]
+    assert budget and all(r["meta/grad_ratio_target"] == 0.1 for r in budget)
+    assert all(abs(r["meta/grad_ratio"] - 0.1) < 1e-4 for r in budget)
     model, cfg = ckpt.load_model(latest)
     assert cfg.train.max_steps == 12 and model.cfg.n_layers == 2
 

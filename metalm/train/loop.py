@@ -265,12 +265,22 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------- run
 
-    def run(self) -> int:
-        t = self.cfg.train
+    def start(self) -> None:
+        """Ready to step: the stop-signal handlers (checkpoint.save_on_signal), the batch iterator, the first
+        metrics interval. `run()` calls it; so does anything that drives `train_step()` itself (benchmarks)."""
         if self.cfg.checkpoint.save_on_signal:
             self.stop.install()
         self.batches = iter(self.loader)
         self._new_interval()
+
+    def close(self) -> None:
+        """The metrics files flushed and closed, the run directory's lock released."""
+        self.metrics.close()
+        self.lock.release()
+
+    def run(self) -> int:
+        t = self.cfg.train
+        self.start()
         try:
             while self.step < t.max_steps:
                 self.train_step()
@@ -288,8 +298,7 @@ class Trainer:
             self._say_done()
             return 0
         finally:
-            self.metrics.close()
-            self.lock.release()
+            self.close()
 
     def _say_stopped(self, at_stop: bool) -> None:
         if self.dist.rank == 0:
