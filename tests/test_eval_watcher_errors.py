@@ -443,3 +443,22 @@ def test_checkpoint_after_a_failed_evaluation_evaluates_it_again(tmp_path, asset
     assert "entropy/norm_mean" in json.loads((run / "eval" / "step_00000010.json").read_text())["metrics"]
     caplog.clear()
     assert W.main(["--checkpoint", str(ck), "--no-wandb"]) == 0 and "already evaluated" in caplog.text
+
+
+def test_the_evaluator_prints_its_own_lines_only(tmp_path, assets):
+    """With W&B on (offline), no W&B banner or run summary; other libraries' INFO lines (boto on s3://) are off
+    while metalm's stay at --log-level."""
+    run = tmp_path / "run"
+    ck = sealed_ckpt(run, 10, assets, extra=["logging.wandb=true"])
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+    env.update(WANDB_MODE="offline", PYTHONPATH=str(REPO))
+    code = ("import logging, sys; from metalm.eval.watcher import main; "
+            "rc = main(sys.argv[1:]); logging.getLogger('botocore.credentials').info('Found credentials'); "
+            "logging.getLogger('metalm.eval.x').info('metalm info line'); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, "--checkpoint", str(ck), "--device", "cpu", "--config",
+                          "eval.metrics=[entropy]"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (run / "eval" / "step_00000010.json").is_file() and list((run / "eval" / "wandb").glob("offline-run-*"))
+    assert "wandb" not in (out.stdout + out.stderr).lower().replace(str(run / "eval" / "wandb").lower(), "")
+    assert "Found credentials" not in out.stderr and "metalm info line" in out.stderr

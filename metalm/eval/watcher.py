@@ -479,13 +479,21 @@ def _one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
+def configure_logging(level: str) -> None:
+    """metalm's own messages at `level` on stderr; other libraries' (boto, s3fs, urllib3, ...) at WARNING and
+    above only; W&B's console lines (banner, run summary) off unless the user set WANDB_SILENT."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("metalm").setLevel(level.upper())
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The CLI. Exit status 0: done (or stopped by a signal); 1: an evaluation of a --once pass (or the
     --checkpoint) failed, or the source cannot be read; 2: refused up front (bad option, override, device or
     directory), with nothing touched."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         load_config(None, args.config)  # fail fast on a bad override, before any checkpoint is looked at
         if args.checkpoint:
