@@ -197,7 +197,12 @@ def render(config_module=None) -> str:
         "`key=value` overrides on the command line, applied in order:",
         "",
         "```bash",
-        "python launchers/pretrain.py --config configs/cpu-tiny.yaml train.max_steps=100 meta.enabled=false",
+        "python launchers/pretrain.py --config configs/cpu-tiny.yaml meta.enabled=false "
+        "train.run_dir=runs/cpu-tiny-vanilla",
+        "```",
+        "",
+        "<!-- not run by tests: GPU -->",
+        "```bash",
         "deepspeed launchers/pretrain.py --config configs/570m.yaml train.zero_stage=3 'logging.tags=[ablation]'",
         "```",
         "",

@@ -151,6 +151,24 @@ def test_dry_run_says_what_would_stop_the_run(no_launcher, no_process_group, tmp
     assert any("data.prepare_if_missing=false: the run would stop" in ln for ln in notes)
 
 
+def test_dry_run_flags_an_empty_validation_split(no_launcher, no_process_group, shared_data, tmp_path, capsys):
+    """50 documents at val_fraction 0.01 give no validation sample; cpu-tiny validates every 100 steps."""
+    from metalm.data import prepare
+
+    out = tmp_path / "small"
+    man = prepare(str(shared_data / "corpus" / "wiki-vital-en-fr-es.jsonl"),
+                  str(shared_data / "tokenizers" / "olmo-gpt-neox-dolma-v1_5.json"), out, 64, val_fraction=0.01,
+                  max_docs=50, num_proc=1, progress=False)
+    assert man["splits"]["val"]["samples"] == 0
+    overrides = [f"data.shards={out}", "train.seq_len=64", "model.max_seq_len=64", f"train.run_dir={tmp_path / 'r'}"]
+    assert _launcher_main()(["--config", str(CPU_TINY), "--dry-run", *overrides]) == 0
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("# data: ")]
+    assert any(ln.startswith(f"# data: the run would stop: train.val_every=100 needs validation samples: {out}: "
+                             "the validation split is empty") for ln in notes), notes
+    assert _launcher_main()(["--config", str(CPU_TINY), "--dry-run", *overrides, "train.val_every=0"]) == 0
+    assert "the run would stop" not in capsys.readouterr().out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_a_cuda_config_on_a_cpu_box_ends_in_one_line():
     env = cpu_run_env()

@@ -252,6 +252,21 @@ def test_prepare_cli(corpus, tok_path, tmp_path, capsys):
     assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
 
 
+def test_an_unquoted_glob_is_an_error_saying_to_quote_it(tmp_path, capsys):
+    """`--source my_corpus/*.jsonl` unquoted: the shell passes every file, argparse sees extra arguments."""
+    files = [tmp_path / f"part{i}.jsonl" for i in range(3)]
+    with pytest.raises(SystemExit) as e:
+        prepare_main(["--source", *map(str, files), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"metalm-prepare: error: unrecognized arguments: {files[1]} {files[2]}; to give a glob, quote "
+                    f"it (--source '{tmp_path}/*.jsonl'), so that metalm-prepare expands it, not the shell")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):
+        prepare_main(["--bogus"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "metalm-prepare: error: unrecognized arguments: --bogus"
+
+
 def test_prepare_progress_off_a_terminal_is_plain_lines_with_total_and_eta(corpus, tok_path, tmp_path, capsys):
     src = tmp_path / "s.jsonl"
     with open(corpus, encoding="utf-8") as f:
@@ -460,7 +475,7 @@ def test_fewer_shards_than_ranks_times_workers(one_shard):
     assert seen == expected
     with pytest.raises(DataError, match="fewer than world_size x workers"):
         loader(one_shard, world_size=len(expected) + 1)
-    with pytest.raises(DataError, match="has no samples"):
+    with pytest.raises(DataError, match=r"the validation split is empty \(prepared with val_fraction=0\)"):
         loader(one_shard, "val")
 
 
@@ -667,3 +682,32 @@ def test_pretokenized_parquet_gives_the_same_shards(corpus, tok_path, tmp_path):
                    tmp_path / "oov.parquet")
     with pytest.raises(DataError, match="token id 60000 is outside"):
         prepare(str(tmp_path / "oov.parquet"), tok_path, tmp_path / "c", 32, **kw)
+
+
+def test_a_corpus_too_small_for_a_validation_split_is_flagged(corpus, tok_path, tmp_path, caplog):
+    """50 documents at val_fraction 0.01 hold out none (by the split's own hash), so the validation split is
+    empty: prepare warns naming the fix, and a run with periodic validation is refused before its first step
+    (it used to crash at its first validation, with a hint blaming val_fraction=0)."""
+    from metalm.data.manifest import check_validation_split
+
+    held_out = sum(is_val_doc(0, i, 0.01) for i in range(50))
+    assert held_out == 0
+    caplog.set_level("WARNING")
+    man = _prepare(corpus, tok_path, tmp_path / "small", max_docs=50, val_fraction=0.01, num_proc=1)
+    assert man["splits"]["val"]["samples"] == 0 and man["splits"]["train"]["samples"] > 0
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "the validation split is empty (0 held-out documents (val_fraction=0.01) gave 0 samples" in warning
+    assert "larger --val-fraction" in warning and "train.val_every=0" in warning
+    check_validation_split(man, "small", val_every=0, world_size=2)  # no periodic validation: nothing to check
+    with pytest.raises(DataError, match=r"^small: the validation split is empty .*train\.val_every=0"):
+        check_validation_split(man, "small", val_every=100, world_size=1)
+    with pytest.raises(DataError, match="val_fraction=0.01") as e:
+        loader(tmp_path / "small", "val")
+    assert "val_fraction=0?" not in str(e.value)
+    caplog.clear()  # enough for one rank, not for four: each rank needs a sample
+    man = _prepare(corpus, tok_path, tmp_path / "some", max_docs=400, val_fraction=0.01, num_proc=1, seq_len=128)
+    n = man["splits"]["val"]["samples"]
+    assert 0 < n < 4 and not caplog.records
+    check_validation_split(man, "some", val_every=100, world_size=n)
+    with pytest.raises(DataError, match="too small .*fewer than world_size=4"):
+        check_validation_split(man, "some", val_every=100, world_size=4)

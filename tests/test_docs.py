@@ -2,18 +2,24 @@
 
 - docs/configuration.md is exactly what scripts/gen_config_docs.py generates from metalm/config.py;
 - every config key, command-line flag, repository path and relative link in the docs exists;
-- every error message quoted in docs/troubleshooting.md is one the code can raise.
+- every error message quoted in docs/troubleshooting.md is one the code can raise;
+- every shell command in README.md and docs/*.md runs in a test here, or its block says why not.
 """
 from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
+import os
 import re
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from procs import cpu_run_env, free_port
+from s3server import s3_server  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = sorted((REPO / "docs").glob("*.md")) + [REPO / "launchers" / "slurm" / "README.md"]
@@ -286,3 +292,305 @@ def test_troubleshooting_covers_every_error_type_raised():
         raises = re.findall(rf"raise (?:\w+\.)?{exc}\((.*?)\)(?: from None)?\n", code, re.S)
         assert raises, exc
         assert any(f in r for r in raises for f in fragments), f"no troubleshooting entry for a {exc}"
+
+
+# ================================================================================ every command runs, or says why not
+#
+# Every fenced block of README.md and docs/*.md has a language. Each command of a shell block (bash, sh, shell,
+# console) either runs in one of the tests below, as written, with small overrides appended (fewer steps, a
+# smaller model, the session's shards; see `_as_run`), or the block is preceded by a marker saying why not, or
+# naming the test file that runs it (a file that reads that doc):
+#
+#     <!-- not run by tests: GPU -->
+#     <!-- run by tests/test_hf_export.py -->
+#
+# RUN lists the commands the tests run, as the docs write them (continuations joined, comments dropped). A new
+# command in a doc fails test_every_documented_command_runs_or_says_why_not until a test runs it or it is marked;
+# a changed command fails it too (the test runs the doc's text, so a command that no longer works fails there).
+
+RUN_DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+SHELL_LANGS = {"bash", "sh", "shell", "console"}
+MARKER_RE = re.compile(r"<!--\s*(?:not run by tests:\s*(?P<reason>.*?)|run by (?P<runner>\S+))\s*-->\s*\Z", re.S)
+FENCE_RE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.S | re.M)
+
+# the quick start's run and everything the docs do with it (test_quick_start_run_evaluate_report_export)
+QUICKSTART = ("DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --no_local_rank launchers/pretrain.py "
+              "--config configs/cpu-tiny.yaml")
+EVAL_CHECKPOINT = ("python launchers/evaluate.py --checkpoint runs/cpu-tiny/checkpoints/step_00000300 --no-wandb "
+                   "--config eval.ner.train=ner/ja_hironsan-train.iob2 eval.ner.test=ner/ja_hironsan-test.iob2 "
+                   "eval.ner.word_sep=")
+EVAL_WATCH = "python launchers/evaluate.py --watch runs/cpu-tiny"
+EVAL_ONCE = "metalm-evaluate --watch runs/cpu-tiny --once"
+VANILLA = ("python launchers/pretrain.py --config configs/cpu-tiny.yaml meta.enabled=false "
+           "train.run_dir=runs/cpu-tiny-vanilla")
+REPORT = "metalm-report runs/cpu-tiny-vanilla runs/cpu-tiny --out report/"
+EXPORT = "metalm-export runs/cpu-tiny/checkpoints/step_00000300 --out exported/"
+EXPORT_NAMED = "metalm-export runs/cpu-tiny/checkpoints/step_00000300 --out exported/cpu-tiny"
+# previews and data preparation (test_previews_and_prepare)
+DRY_RUN = "python launchers/pretrain.py --config configs/570m.yaml --dry-run --world-size 8"
+PRINT_CONFIG_TRAIN = "metalm-train --config configs/570m.yaml --print-config --world-size 8"
+DRY_RUN_TRAIN = "metalm-train --config configs/570m.yaml --dry-run --world-size 8"
+PREPARE_GLOB = "metalm-prepare --source 'my_corpus/*.jsonl' --seq-len 2048 --out data/mine/shards"
+PREPARE_CORPUS = ("metalm-prepare --source 'corpus/*.jsonl' --tokenizer builtin:olmo --seq-len 2048 "
+                  "--out data/my-corpus-2048/shards")
+PREPARE_CONFIG = "metalm-prepare --config configs/570m.yaml"
+MY_CORPUS = ("python launchers/pretrain.py --config configs/cpu-tiny.yaml data.source='corpus/*.jsonl' "
+             "data.shards=data/my-corpus-128/shards train.run_dir=runs/my-corpus")
+# docs/buckets.md's walk-through (test_bucket_walk_through), against tests/s3server.py's server
+BUCKET_UPLOAD = ("python -c \"import fsspec; fs = fsspec.filesystem('s3'); fs.mkdir('my-bucket'); "
+                 "fs.put_file('../shared/data/corpus/wiki-vital-en-fr-es.jsonl', 'my-bucket/corpus/wiki.jsonl')\"")
+BUCKET_PREPARE = ("metalm-prepare --source 's3://my-bucket/corpus/*.jsonl' --tokenizer builtin:olmo --seq-len 128 "
+                  "--out s3://my-bucket/shards/wiki-128 --no-progress")
+BUCKET_TRAIN = ("DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --no_local_rank launchers/pretrain.py --config "
+                "configs/cpu-tiny.yaml data.shards=s3://my-bucket/shards/wiki-128 data.prepare_if_missing=false "
+                "train.run_dir=s3://my-bucket/runs/bucket-demo train.max_steps=20 checkpoint.every=10 "
+                "logging.wandb=false")
+BUCKET_EVAL = ("python launchers/evaluate.py --watch s3://my-bucket/runs/bucket-demo --once --results "
+               "evals/bucket-demo --no-wandb")
+BUCKET_LIST = "python -c \"import fsspec; print('\\n'.join(sorted(fsspec.filesystem('s3').find('my-bucket/runs'))))\""
+
+RUN = {QUICKSTART, EVAL_CHECKPOINT, EVAL_WATCH, EVAL_ONCE, VANILLA, REPORT, EXPORT, EXPORT_NAMED,
+       DRY_RUN, PRINT_CONFIG_TRAIN, DRY_RUN_TRAIN, PREPARE_GLOB, PREPARE_CORPUS, PREPARE_CONFIG, MY_CORPUS,
+       BUCKET_UPLOAD, BUCKET_PREPARE, BUCKET_TRAIN, BUCKET_EVAL, BUCKET_LIST}
+
+
+def _strip_comment(line: str) -> str:
+    """`line` without a trailing shell comment (a # after whitespace, outside quotes)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+    return line
+
+
+def _block_commands(body: str) -> list[str]:
+    """The commands of a shell block: continuations joined, comments dropped, whitespace collapsed."""
+    out, buf = [], ""
+    for raw in body.splitlines():
+        line = _strip_comment(raw).rstrip()
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        cmd = " ".join((buf + line).split())
+        buf = ""
+        if cmd:
+            out.append(cmd)
+    if buf.strip():
+        out.append(" ".join(buf.split()))
+    return out
+
+
+def _doc_blocks(text: str) -> list[dict]:
+    """Every fenced block: its language, first line number, commands (shell blocks), and from a marker right before
+    it the reason it is not run or the test file that runs it (None without one)."""
+    blocks = []
+    for m in FENCE_RE.finditer(text):
+        before = text[:m.start()].rstrip()
+        marker = MARKER_RE.search(before[before.rfind("<!--"):]) if before.endswith("-->") else None
+        lang = m.group(1).strip().lower()
+        blocks.append({"lang": lang, "line": text.count("\n", 0, m.start()) + 1,
+                       "commands": _block_commands(m.group(2)) if lang in SHELL_LANGS else [],
+                       "reason": " ".join(marker["reason"].split()) if marker and marker["reason"] is not None
+                       else None, "runner": marker["runner"] if marker else None})
+    return blocks
+
+
+def _unaccounted(text: str, run: set[str], name: str = "doc.md") -> list[str]:
+    """What breaks the rule in document `name`: blocks without a language, empty markers, a "run by" test file
+    that does not exist or never names the document, and commands of unmarked shell blocks that no test runs."""
+    bad = []
+    for b in _doc_blocks(text):
+        runner = REPO / b["runner"] if b["runner"] else None
+        if not b["lang"]:
+            bad.append(f"line {b['line']}: a block without a language (```bash for commands, ```text for output)")
+        elif b["reason"] == "":
+            bad.append(f"line {b['line']}: 'not run by tests:' without a reason")
+        elif runner is not None:
+            if not (runner.is_file() and name in runner.read_text()):
+                bad.append(f"line {b['line']}: {b['runner']} does not exist or does not read {name}")
+        elif b["reason"] is None:
+            bad += [f"line {b['line']}: {c}" for c in b["commands"] if c not in run]
+    return bad
+
+
+def test_the_command_checker_finds_what_breaks_the_rule():
+    doc = textwrap.dedent("""\
+        Intro.
+
+        ```bash
+        metalm-train --config a.yaml \\
+            train.max_steps=3   # a comment
+        metalm-new --thing '#not a comment'
+        ```
+
+        <!-- not run by tests: GPU
+        only -->
+        ```bash
+        deepspeed launchers/pretrain.py --config configs/570m.yaml
+        ```
+
+        <!-- not run by tests: -->
+        ```sh
+        echo hi
+        ```
+
+        ```
+        output line
+        ```
+
+        ```text
+        fine
+        ```
+
+        <!-- run by tests/test_hf_export.py -->
+        ```bash
+        python zero_to_fp32.py . fp32/
+        ```
+
+        <!-- run by tests/nope.py -->
+        ```bash
+        true
+        ```
+        """)
+    blocks = _doc_blocks(doc)
+    assert [b["lang"] for b in blocks] == ["bash", "bash", "sh", "", "text", "bash", "bash"]
+    assert blocks[0]["commands"] == ["metalm-train --config a.yaml train.max_steps=3",
+                                     "metalm-new --thing '#not a comment'"]
+    assert blocks[0]["reason"] is None and blocks[1]["reason"] == "GPU only" and blocks[2]["reason"] == ""
+    assert blocks[5]["runner"] == "tests/test_hf_export.py" and blocks[5]["reason"] is None
+    assert _unaccounted(doc, {"metalm-train --config a.yaml train.max_steps=3"}, "exporting.md") == [
+        "line 3: metalm-new --thing '#not a comment'",
+        "line 16: 'not run by tests:' without a reason",
+        "line 20: a block without a language (```bash for commands, ```text for output)",
+        "line 34: tests/nope.py does not exist or does not read exporting.md",
+    ]
+
+
+@pytest.mark.parametrize("doc", RUN_DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_documented_command_runs_or_says_why_not(doc):
+    bad = _unaccounted(doc.read_text(), RUN, doc.name)
+    assert not bad, (f"{doc.relative_to(REPO)}: commands that no test runs; run them in tests/test_docs.py (RUN) or "
+                     f"put <!-- not run by tests: WHY --> before their block:\n  " + "\n  ".join(bad))
+
+
+def test_every_command_the_tests_run_is_in_the_docs():
+    documented = {c for doc in RUN_DOCS for b in _doc_blocks(doc.read_text())
+                  if b["reason"] is None and b["runner"] is None for c in b["commands"]}
+    assert not RUN - documented, f"RUN lists commands no doc has (any more): {sorted(RUN - documented)}"
+
+
+def test_the_readme_quickstart_command_is_what_make_runs():
+    make = (REPO / "Makefile").read_text()
+    recipe = make.split("\nquickstart:", 1)[1].split("\n\n", 1)[0].split("\n", 1)[1]
+    nproc = re.search(r"^NPROC \?= (\d+)$", make, re.M).group(1)
+    recipe = " ".join(recipe.replace("\\\n", " ").split())
+    recipe = recipe.replace("$(PYTHON) -m deepspeed.launcher.runner", "deepspeed").replace("$(NPROC)", nproc)
+    assert recipe == QUICKSTART
+    readme = [c for b in _doc_blocks((REPO / "README.md").read_text()) for c in b["commands"]]
+    assert QUICKSTART in readme
+
+
+# -------------------------------------------------------------------------------- running them
+
+TINY = ["train.micro_batch=4", "train.global_batch=16", "model.n_layers=2", "train.max_steps=2",
+        "train.log_every=1", "train.val_every=2", "train.val_batches=2", "checkpoint.every=1", "optim.warmup_steps=1",
+        "logging.wandb=false", "meta.n_way=4", "meta.k_shot=2", "meta.q_queries=2", "meta.inner_steps=2",
+        "eval.batch_size=4", "eval.val_batches=2", "eval.seq_len=32"]
+TINY_TRAIN = ["train.seq_len=64", "model.max_seq_len=64", "data.prepare_if_missing=false", *TINY]  # conftest's shards
+LAST = "step_00000002"  # the tiny run's last checkpoint, in place of the documented run's step_00000300
+
+
+def _sandbox(root: Path, shared_data: Path) -> Path:
+    """A directory laid out like a checkout for the docs' relative paths, writing its own runs/, data/, ..."""
+    root.mkdir()
+    for name in ("launchers", "configs", "benchmarks", "scripts"):
+        (root / name).symlink_to(REPO / name)
+    (root / "ner").symlink_to(shared_data / "ner")
+    (root.parent / "shared").symlink_to(shared_data.parent)  # ../shared/data, as beside this checkout
+    return root
+
+
+def _as_run(cmd: str, *extra: str) -> str:
+    """The documented command as the tests run it: `extra` appended, the tiny run's last checkpoint for the
+    documented one, and a free rendezvous port for deepspeed (other runs may share this machine)."""
+    cmd = cmd.replace("step_00000300", LAST)
+    cmd = re.sub(r"(?<![\w./-])deepspeed ", f"deepspeed --master_port {free_port()} ", cmd, count=1)
+    return " ".join([cmd, *extra])
+
+
+def _run(cmd: str, cwd: Path, *extra: str, timeout: int = 300, env: dict | None = None) -> str:
+    env = dict(env or cpu_run_env())
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    line = _as_run(cmd, *extra)
+    out = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"`{line}` exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
+def test_quick_start_run_evaluate_report_export(tmp_path, shards, shared_data):
+    """One tiny run serves the README's quick start and what it does next: evaluate (one checkpoint with NER,
+    then the watcher twice), the AR-only baseline, the report comparing the two, and the export."""
+    box = _sandbox(tmp_path / "metalm", shared_data)
+    data = [f"data.shards={shards}", *TINY_TRAIN]
+    _run(QUICKSTART, box, *data)
+    run = box / "runs" / "cpu-tiny"
+    assert (run / "checkpoints" / LAST / "COMPLETE").is_file()
+    _run(EVAL_CHECKPOINT, box, "eval.ner.max_sentences=40", "eval.ner.epochs=1")
+    rec = json.loads((run / "eval" / f"{LAST}.json").read_text())
+    assert {"val_loss", "ner/f1", "entropy/norm_mean"} <= set(rec["metrics"]), sorted(rec["metrics"])
+    _run(EVAL_WATCH, box, "--once", "--no-wandb")  # the watcher polls until stopped: one pass here
+    out = _run(EVAL_ONCE, box, "--no-wandb")
+    assert "0 checkpoint(s) to evaluate" not in out and "evaluating" not in out  # the first pass did them all
+    assert sorted(p.name for p in (run / "eval").glob("step_*.json")) == ["step_00000001.json", f"{LAST}.json"]
+    _run(VANILLA, box, *data)
+    assert (box / "runs" / "cpu-tiny-vanilla" / "checkpoints" / LAST / "COMPLETE").is_file()
+    _run(REPORT, box)
+    md = (box / "report" / "report.md").read_text()
+    assert "| cpu-tiny-vanilla |" in md and "| cpu-tiny |" in md and (box / "report" / "loss.png").is_file()
+    for cmd, out_dir in ((EXPORT, box / "exported"), (EXPORT_NAMED, box / "exported" / "cpu-tiny")):
+        _run(cmd, box)
+        assert json.loads((out_dir / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_previews_and_prepare(tmp_path, shared_data):
+    """The previews, run exactly as documented, and the documented metalm-prepare commands on a few hundred
+    documents of the real corpus (under the names the docs give their sources), and the quick start's training on
+    such a corpus."""
+    box = _sandbox(tmp_path / "metalm", shared_data)
+    for cmd in (DRY_RUN, DRY_RUN_TRAIN):
+        out = _run(cmd, box)
+        assert "# model: 569.81M parameters" in out and "dry run: nothing trained" in out
+    out = _run(PRINT_CONFIG_TRAIN, box)
+    assert "# world: 8 processes" in out and "train_micro_batch_size_per_gpu" in out
+    lines = (shared_data / "corpus" / "wiki-vital-en-fr-es.jsonl").read_text().splitlines(True)[:600]
+    for d in ("my_corpus", "corpus"):
+        (box / d).mkdir()
+        (box / d / "a.jsonl").write_text("".join(lines[:300]))
+        (box / d / "b.jsonl").write_text("".join(lines[300:]))
+    small = ("--max-docs", "600", "--num-proc", "1", "--no-progress")
+    for cmd, out_dir in ((PREPARE_GLOB, "data/mine/shards"), (PREPARE_CORPUS, "data/my-corpus-2048/shards"),
+                         (PREPARE_CONFIG, "data/wiki-vital-2048/shards")):
+        _run(cmd, box, *small)
+        man = json.loads((box / out_dir / "manifest.json").read_text())
+        assert man["seq_len"] == 2048 and man["totals"]["docs"] == 600 and man["splits"]["train"]["samples"] > 0
+    _run(MY_CORPUS, box, *TINY, "data.val_fraction=0.05")  # prepares data/my-corpus-128 (seq_len 128), then trains
+    assert json.loads((box / "data" / "my-corpus-128" / "shards" / "manifest.json").read_text())["seq_len"] == 128
+    assert (box / "runs" / "my-corpus" / "checkpoints" / LAST / "COMPLETE").is_file()
+
+
+def test_bucket_walk_through(tmp_path, shared_data, s3_server):  # noqa: F811 - the fixture
+    """docs/buckets.md's "Try it on one machine", against the suite's local S3 server (a tiny model, 2 steps)."""
+    box = _sandbox(tmp_path / "metalm", shared_data)
+    _run(BUCKET_UPLOAD, box)
+    _run(BUCKET_PREPARE, box, "--max-docs", "400")
+    _run(BUCKET_TRAIN, box, *TINY)
+    _run(BUCKET_EVAL, box)
+    assert sorted(p.name for p in (box / "evals" / "bucket-demo").glob("step_*.json")) == [
+        "step_00000001.json", f"{LAST}.json"]
+    listing = _run(BUCKET_LIST, box)
+    assert f"my-bucket/runs/bucket-demo/checkpoints/{LAST}/COMPLETE" in listing

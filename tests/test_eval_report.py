@@ -41,6 +41,24 @@ def test_smooth_trailing_mean():
     assert report.smooth([1, 2], 1) == [1, 2]
 
 
+def test_smoothing_does_not_reach_back_to_the_first_losses(tmp_path):
+    """Losses logged at step 1 and every 10 steps (cpu-tiny): with window 10 the point at step 100 used to be the
+    mean of steps 10-100 (5.35 here, ~1 nat above the loss around step 100); now of steps 60-100."""
+    steps = [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    losses = [10.8, 8, 7, 6, 5.5, 5, 4.8, 4.6, 4.4, 4.2, 4.0]
+    out = report.smooth(losses, 10, steps)
+    assert out[0] == 10.8 and out[1] == 8  # step 10: step 1 is not after half of it
+    assert out[2] == 7  # step 20: step 10 is half of it, not after it
+    assert out[-1] == pytest.approx((4.8 + 4.6 + 4.4 + 4.2 + 4.0) / 5)  # step 100: steps 60-100
+    assert out[6] == pytest.approx((5.5 + 5 + 4.8) / 3)  # step 60: steps 40 to 60
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "tokens": s, "ar_loss": v}) + "\n"
+                                             for s, v in zip(steps, losses)))
+    _, smoothed = report.load_run(d).loss("ar_loss", 10)
+    assert smoothed == out
+
+
 def test_speedup_hand_computed(tmp_path):
     a = report.load_run(write_run(tmp_path, "A", 1 / 200, 100))  # ar_loss 10 - s/200: 5.0 at step 1000
     b = report.load_run(write_run(tmp_path, "B", 1 / 100, 50, meta=True))  # 10 - s/100: reaches 5.0 at step 500

@@ -371,3 +371,94 @@ def test_fsspec_source_missing_dir_and_missing_file(tmp_path, assets, capsys):
         assert w2.run(once=True) == 0 and w2.pending() == [] and [n for n, _ in w2.held_back] == ["step_00000010"]
     finally:
         fs.rm("/evtest-broken", recursive=True)
+
+
+def _toy_iob2(path: Path) -> Path:
+    sents = [(["Ann", "met", "Bob"], ["B-PER", "O", "B-PER"]),
+             (["Paris", "is", "in", "France"], ["B-LOC", "O", "O", "B-LOC"])]
+    path.write_text("".join("".join(f"{i + 1}\t{w}\t{t}\n" for i, (w, t) in enumerate(zip(ws, ts))) + "\n"
+                            for ws, ts in sents * 2))
+    return path
+
+
+NER_FAST = ["eval.ner.epochs=1", "eval.ner.batch_size=4"]
+
+
+def test_a_metric_that_fails_keeps_the_others_and_checkpoint_retries_it(tmp_path, assets, caplog):
+    """NER on a malformed file fails after rank and entropy were computed: they are kept in the error file, and
+    --checkpoint with a corrected file evaluates it again (it used to print "already evaluated" and exit 0)."""
+    run = tmp_path / "run"
+    ck = sealed_ckpt(run, 10, assets)
+    bad = tmp_path / "bad.iob2"
+    bad.write_text("1\tAnn\tB-PER\n2\tmet\n\n")  # a token line without its tag column
+    good = _toy_iob2(tmp_path / "good.iob2")
+    caplog.set_level("INFO")
+    args = ["--checkpoint", str(ck), "--no-wandb", "--config", "eval.metrics=[rank,entropy]", *NER_FAST]
+    assert W.main([*args, f"eval.ner.train={bad}", f"eval.ner.test={good}"]) == 1
+    err = json.loads((run / "eval" / "step_00000010.error.json").read_text())
+    assert set(err["failed"]) == {"ner"} and "bad.iob2" in err["failed"]["ner"]
+    assert any(k.startswith("rank/weight/") for k in err["metrics"]) and "entropy/norm_mean" in err["metrics"]
+    assert not (run / "eval" / "step_00000010.json").exists()
+    (msg,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "kept in" in r.getMessage()]
+    assert "\n" not in msg and "entropy, rank" in msg
+    caplog.clear()
+    assert W.main([*args, f"eval.ner.train={good}", f"eval.ner.test={good}"]) == 0
+    assert "already evaluated" not in caplog.text and "the last evaluation failed" in caplog.text
+    rec = json.loads((run / "eval" / "step_00000010.json").read_text())
+    assert "ner/f1" in rec["metrics"] and "entropy/norm_mean" in rec["metrics"] and rec["failed"] == {}
+    assert not (run / "eval" / "step_00000010.error.json").exists()
+    assert [r["step"] for r in jsonl(run / "eval" / "eval.jsonl")] == [10]
+
+
+def test_missing_ner_files_are_one_line_before_any_work(tmp_path, assets, capsys, caplog):
+    """The README's old example named NER files that do not exist: refused up front (an override), or before the
+    model is loaded (a checkpoint's own config), without an error file holding the checkpoint back."""
+    run = tmp_path / "run"
+    ck = sealed_ckpt(run, 10, assets)
+    code = W.main(["--checkpoint", str(ck), "--no-wandb", "--config", "eval.ner.train=ja-train.iob2",
+                   "eval.ner.test=ja-test.iob2"])
+    lines = stderr_lines(capsys.readouterr().err)
+    assert code == 2 and len(lines) == 1 and not (run / "eval").exists()
+    assert lines[0].startswith("metalm-evaluate: --config eval.ner.train=ja-train.iob2: no such file (expected an "
+                               "IOB2 file") and "eval.ner.test=ja-test.iob2: no such file" in lines[0]
+    run2 = tmp_path / "run2"
+    gone = f"{tmp_path}/gone.iob2"
+    ck2 = sealed_ckpt(run2, 20, assets, extra=[f"eval.ner.train={gone}", f"eval.ner.test={gone}"])
+    caplog.set_level("INFO")
+    assert W.main(["--checkpoint", str(ck2), "--no-wandb"]) == 1
+    (msg,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert f"eval.ner.train={tmp_path}/gone.iob2: no such file" in msg and "\n" not in msg
+    assert not list((run2 / "eval").glob("step_00000020*"))
+
+
+def test_checkpoint_after_a_failed_evaluation_evaluates_it_again(tmp_path, assets, caplog):
+    """Only an error file from an earlier failure: --checkpoint is not "already evaluated", it evaluates."""
+    run = tmp_path / "run"
+    ck = sealed_ckpt(run, 10, assets)
+    (run / "eval").mkdir()
+    (run / "eval" / "step_00000010.error.json").write_text(json.dumps({"checkpoint": "step_00000010", "error": "x"}))
+    caplog.set_level("INFO")
+    assert W.main(["--checkpoint", str(ck), "--no-wandb", "--config", "eval.metrics=[entropy]"]) == 0
+    assert "already evaluated" not in caplog.text
+    assert "entropy/norm_mean" in json.loads((run / "eval" / "step_00000010.json").read_text())["metrics"]
+    caplog.clear()
+    assert W.main(["--checkpoint", str(ck), "--no-wandb"]) == 0 and "already evaluated" in caplog.text
+
+
+def test_the_evaluator_prints_its_own_lines_only(tmp_path, assets):
+    """With W&B on (offline), no W&B banner or run summary; other libraries' INFO lines (boto on s3://) are off
+    while metalm's stay at --log-level."""
+    run = tmp_path / "run"
+    ck = sealed_ckpt(run, 10, assets, extra=["logging.wandb=true"])
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+    env.update(WANDB_MODE="offline", PYTHONPATH=str(REPO))
+    code = ("import logging, sys; from metalm.eval.watcher import main; "
+            "rc = main(sys.argv[1:]); logging.getLogger('botocore.credentials').info('Found credentials'); "
+            "logging.getLogger('metalm.eval.x').info('metalm info line'); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, "--checkpoint", str(ck), "--device", "cpu", "--config",
+                          "eval.metrics=[entropy]"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (run / "eval" / "step_00000010.json").is_file() and list((run / "eval" / "wandb").glob("offline-run-*"))
+    assert "wandb" not in (out.stdout + out.stderr).lower().replace(str(run / "eval" / "wandb").lower(), "")
+    assert "Found credentials" not in out.stderr and "metalm info line" in out.stderr

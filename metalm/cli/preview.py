@@ -77,13 +77,13 @@ def dry_run(cfg: Config, world: int) -> None:
         for w in warnings:
             _say(f"warning: {w}")
 
-    _describe_data(cfg)
+    _describe_data(cfg, world)
     _say("dry run: nothing trained, no process group started, nothing written")
 
 
-def _describe_data(cfg: Config) -> None:
+def _describe_data(cfg: Config, world: int) -> None:
     from metalm.data.errors import DataError
-    from metalm.data.manifest import MANIFEST, load_manifest
+    from metalm.data.manifest import MANIFEST, load_manifest, validation_problem
 
     from metalm.storage import StorageError, join, open_store
 
@@ -118,5 +118,9 @@ def _describe_data(cfg: Config) -> None:
     if man["vocab_size"] > cfg.model.vocab_size:
         problems.append(f"the shards' vocabulary ({man['vocab_size']:,}) exceeds model.vocab_size="
                         f"{cfg.model.vocab_size:,}")
+    if t.val_every:
+        val = validation_problem(man, str(d.shards), world)
+        if val:
+            problems.append(f"train.val_every={t.val_every} needs validation samples: {val}")
     for p in problems:
         _say(f"data: the run would stop: {p}")

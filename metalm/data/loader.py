@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from metalm.config import ON_BAD_SAMPLE
 from metalm.data.errors import DataError, UnsafePathError, parse_json
-from metalm.data.manifest import SPLITS, read_manifest
+from metalm.data.manifest import SPLITS, read_manifest, validation_problem
 from metalm.data.shards import npy_header
 from metalm.fsutil import write_atomic
 from metalm.storage import LocalStore, Store, StorageError, cache_path, describe, open_store, retry
@@ -570,8 +570,8 @@ class ShardLoader:
                           equal_ranks=not self.infinite)
         n = self.plan.num_samples
         if n == 0:
-            raise DataError(f"{self._manifest_dir}: split {split!r} has no samples"
-                            + (" (prepared with val_fraction=0?)" if split == "val" else ""))
+            raise DataError(validation_problem(self.manifest, str(self._manifest_dir)) if split == "val"
+                            else f"{self._manifest_dir}: split {split!r} has no samples")
         sizes = [self.plan.slot_size(self._slot(w)) for w in range(self.workers)]
         if self.infinite and n < self.plan.slots:  # checked on every rank alike: none starts, none waits
             raise DataError(f"{self._manifest_dir}: split {split!r} has {n} samples, fewer than world_size x "

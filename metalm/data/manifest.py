@@ -197,3 +197,32 @@ def _store(location: str | os.PathLike) -> Store:
         return open_store(location)
     except OSError as e:
         raise DataError(describe(e)) from None
+
+
+def validation_problem(man: dict, where: str, world_size: int = 1) -> str | None:
+    """Why the validation split of manifest `man` (of the shards at `where`) cannot give every one of
+    `world_size` ranks a sample, with how to fix it; None when it can."""
+    val = man["splits"].get("val", {})
+    n = int(val.get("samples", 0))
+    if n >= max(1, world_size):
+        return None
+    fraction = man.get("config", {}).get("val_fraction")
+    sample_len = man["sample_len"]
+    if fraction == 0:
+        why = "prepared with val_fraction=0"
+    else:
+        docs = val.get("docs")
+        held = f"{docs} held-out document{'s' if docs != 1 else ''}" if docs is not None else "the held-out documents"
+        why = (f"{held} (val_fraction={fraction}) gave {n} sample{'s' if n != 1 else ''} of {sample_len} tokens"
+               + (f", fewer than world_size={world_size}" if n else ""))
+    return (f"{where}: the validation split is {'empty' if n == 0 else 'too small'} ({why}); prepare the shards "
+            f"again into a new directory with a larger --val-fraction (data.val_fraction) or more documents, or set "
+            f"train.val_every=0 to train without validation")
+
+
+def check_validation_split(man: dict, where: str, val_every: int, world_size: int) -> None:
+    """Before the first step: DataError when periodic validation is on (`val_every` > 0) and the validation split
+    cannot serve it (see validation_problem), instead of a crash at the first validation."""
+    problem = validation_problem(man, where, world_size) if val_every else None
+    if problem:
+        raise DataError(problem)

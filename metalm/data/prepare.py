@@ -38,7 +38,7 @@ from metalm.clock import hms
 from metalm.data.errors import DataError, UnsafePathError
 from metalm.data.manifest import (FORMAT, MANIFEST, PREPARE_STATE, SPLITS, TOKENIZER_FILE, VERSION, load_manifest,
                                   samples_per_member as default_samples_per_member,
-                                  sample_dtype)
+                                  sample_dtype, validation_problem)
 from metalm.data.sources import describe_source, iter_documents
 from metalm.data.shards import SplitWriter, finished_shards, remove_stale
 from metalm.data.tokenizer import Tokenizer, load_tokenizer
@@ -545,6 +545,9 @@ def _run(source: str, tok: Tokenizer, out: Store, config: dict, *, num_proc: int
                         f"({counts['docs']} documents, {counts['tokens']} tokens tokenized); use a larger source "
                         f"or a smaller seq_len")
     out.write_bytes(MANIFEST, _json_bytes(manifest))  # last: the directory is complete iff it exists
+    problem = validation_problem(manifest, str(out)) if val_fraction > 0 else None
+    if problem:
+        log.warning(problem)
     return manifest
 
 
@@ -634,7 +637,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the shell expanded an unquoted --source glob into many words
+        glob = f"{args.source[:args.source.rfind('/') + 1]}*{Path(args.source).suffix}" if args.source else ""
+        hint = (f"; to give a glob, quote it (--source '{glob}'), so that metalm-prepare expands it, not the "
+                f"shell" if args.source and not extra[0].startswith("-") else "")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if args.config:
         from metalm.config import ConfigError, load_config
 

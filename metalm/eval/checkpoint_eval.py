@@ -3,7 +3,9 @@ attention entropy, NER), returned as a result record that the watcher writes (me
 
 Every file read is first checked against the checkpoint's COMPLETE marker (sizes, and sha256 where the marker
 records them): a corrupted file is a CheckpointError naming it, never a metric computed from it. A metric that
-cannot run for want of data is skipped with a WARNING saying why and how to supply what it needs.
+cannot run for want of data is skipped with a WARNING saying why and how to supply what it needs; a local input
+file the config names (NER data, probe text) that is not there is an InputError before the model is loaded; a
+metric that raises is listed under "failed" and the metrics computed before and after it are kept.
 
 The validation shards are the config's `data.shards`, unless `shards` (the evaluator's --shards) names others;
 when `data.shards` is a relative path that does not exist from the current directory (the trainer ran
@@ -33,6 +35,27 @@ class DeviceError(ValueError):
 class OverrideError(ValueError):
     """The evaluator's --config overrides do not apply to this checkpoint's config (which alone is valid): a
     fault of the overrides, not of the checkpoint."""
+
+
+class InputError(OverrideError):
+    """A file the evaluation config names (NER data, probe text) is not there: a fault of the inputs, not of the
+    checkpoint, found before the model is loaded."""
+
+
+def input_problems(cfg) -> list[str]:
+    """One message per local file named by `cfg.eval` (eval.ner.train/dev/test, the eval.ner.langs entries,
+    eval.probe_text) that is not a file; URLs are left to the reader."""
+    nc = cfg.eval.ner
+    named = [(f"eval.ner.{k}", getattr(nc, k)) for k in ("train", "dev", "test")]
+    for i, entry in enumerate(nc.langs or []):
+        named += [(f"eval.ner.langs[{i}].{k}", entry.get(k)) for k in ("train", "dev", "test")]
+    named.append(("eval.probe_text", cfg.eval.probe_text))
+    problems = []
+    for key, value in named:
+        if value and "://" not in str(value) and not Path(str(value)).is_file():
+            what = "a text/jsonl file" if key == "eval.probe_text" else "an IOB2 file in Universal NER's format"
+            problems.append(f"{key}={value}: no such file (expected {what}; relative paths are from {os.getcwd()})")
+    return problems
 
 
 def pick_device(spec: str) -> str:
@@ -151,6 +174,9 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
         except ConfigError:
             raise CheckpointError(here(f"{ckpt_dir}/config.yaml: {e}")) from None
         raise OverrideError(f"the --config overrides do not apply to {where}: {e}") from None
+    problems = input_problems(cfg)
+    if problems:
+        raise InputError("; ".join(problems))
     shard_path, shard_from = resolve_shards(cfg, state, shards, _overrides_set(overrides, "data.shards"))
     if shard_path != cfg.data.shards:
         if shard_from == "trainer_state.json":
@@ -163,6 +189,7 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
     skipped: dict[str, str] = {}
     details: dict = {"shards": {"path": str(cfg.data.shards), "from": shard_from}}
     timing: dict[str, float] = {}
+    failed: dict[str, str] = {}
     tok_cache: list = []
 
     def skip(metrics_: tuple[str, ...], reason: str, fix: str) -> None:
@@ -200,15 +227,14 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
         else:
             details["probe"] = {"source": None, "reason": here(src)}
 
-    for metric in wanted:
-        t0 = time.time()
+    def compute(metric: str, model) -> None:
         if metric == "val_loss":
             from metalm.eval.valloss import val_batches_from_config, validation_loss
 
             it, reason = val_batches_from_config(cfg, cfg.eval.batch_size)
             if it is None:
                 skip(("val_loss",), reason, VAL_FIX)
-                continue
+                return
             r = validation_loss(model, it, cfg.eval.val_batches, device)
             metrics.update({k: float(v) for k, v in r.items()})
             progress(f"val_loss {r['val_loss']:.4f}")
@@ -232,7 +258,7 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
 
             if probe is None:
                 skip(("entropy",), details["probe"]["reason"], PROBE_FIX)
-                continue
+                return
             r = entropy.attention_entropy(model, probe[:, :-1])
             details["entropy"] = r
             metrics.update(entropy.flatten("entropy", r))
@@ -242,24 +268,32 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
 
             if not ((nc.train and nc.test) or nc.langs):
                 skip(("ner",), "eval.ner.train/test (or eval.ner.langs) not set", NER_DATA_FIX)
-                continue
+                return
             try:
                 enc = ner.word_encoder(tokenizer(), nc.word_sep)
             except Exception as e:  # noqa: BLE001
                 skip(("ner",), f"no tokenizer: {e}", NER_TOKENIZER_FIX)
-                continue
+                return
             r = ner.run_ner(model, enc, nc, device, progress)
             details["ner"] = r
             metrics.update(ner.flatten("ner", r))
             if "test" in r:
                 progress(f"ner: test F1 {r['test']['f1']:.4f}")
+
+    for metric in wanted:
+        t0 = time.time()
+        try:
+            compute(metric, model)
+        except Exception as e:  # noqa: BLE001 - keep the metrics already computed; the watcher records the failure
+            failed[metric] = here(f"{type(e).__name__}: {e}")
+            log.error("%s: %s failed: %s", label, metric, failed[metric])
         timing[metric] = round(time.time() - t0, 3)
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {
         "version": RESULT_VERSION, "checkpoint": label, "step": state.step,
-        "tokens": state.tokens, "metrics": metrics, "skipped": skipped, "timing": timing,
+        "tokens": state.tokens, "metrics": metrics, "skipped": skipped, "failed": failed, "timing": timing,
         "seconds": round(time.time() - t_start, 3), "device": device, "details": details,
         "run": {"wandb": bool(cfg.logging.wandb), "project": cfg.logging.project, "entity": cfg.logging.entity,
                 "name": cfg.logging.run_name},

@@ -11,7 +11,8 @@ and RUN/eval/eval.jsonl (the evaluator's results), and writes into --out:
     report.md    summary table and "run B reaches run A's final loss N x sooner" (steps and tokens)
 
 Speed-up: for each ordered pair (A, B) the loss is val_loss when both runs log it, else ar_loss. Training
-losses are smoothed with a trailing mean over the last `--smooth` logged values (default 10; val_loss, already an
+losses are smoothed with a trailing mean over the last `--smooth` logged values (default 10) logged after half of
+the current step (so the first losses, about ln(vocabulary), do not lift later points; val_loss, already an
 average over many batches, is not smoothed). The target is A's final smoothed loss; B "reaches" it at its first
 logged step whose smoothed loss is <= the target. N = A's final step / B's reaching step (and the same with
 tokens); N > 1 means B got there sooner.
@@ -83,16 +84,20 @@ def series(rows: Sequence[dict], key: str) -> Series:
     return out
 
 
-def smooth(values: Sequence[float], window: int) -> list[float]:
-    """Trailing mean: out[i] = mean(values[max(0, i-window+1) : i+1])."""
+def smooth(values: Sequence[float], window: int, steps: Sequence[int] | None = None) -> list[float]:
+    """Trailing mean over the last `window` values: out[i] = mean(values[max(0, i-window+1) : i+1]). With `steps`
+    (the step of each value), only values logged after half of step i count, so the early losses of a run (about
+    ln(vocabulary) at step 1) never weigh on a point far from them: with losses logged every 10 steps, the
+    point at step 100 is the mean of steps 60-100, not of steps 10-100."""
     if window <= 1:
         return list(values)
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
+    out = []
+    for i in range(len(values)):
+        lo = max(0, i - window + 1)
+        if steps is not None:
+            while lo < i and steps[lo] <= steps[i] / 2:
+                lo += 1
+        out.append(sum(values[lo:i + 1]) / (i + 1 - lo))
     return out
 
 
@@ -112,7 +117,7 @@ class Run:
 
     def loss(self, key: str, window: int) -> tuple[Series, list[float]]:
         s = series(self.metrics, key)
-        return s, (s.values if key == "val_loss" else smooth(s.values, window))
+        return s, (s.values if key == "val_loss" else smooth(s.values, window, s.steps))
 
 
 def load_run(path: str | Path) -> Run:
@@ -259,7 +264,7 @@ def plot_entropy(runs: Sequence[Run], out: Path) -> Path | None:
     for ax, (r, layers) in zip(axes[0], have):
         steps = sorted({s for ser in layers.values() for s in ser.steps})
         grid = [[math.nan] * len(steps) for _ in layers]
-        for li, (layer, ser) in enumerate(layers.items()):
+        for li, ser in enumerate(layers.values()):
             for st, v in zip(ser.steps, ser.values):
                 grid[li][steps.index(st)] = v
         im = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma", vmin=vmin, vmax=1.0,
@@ -312,14 +317,14 @@ def markdown(runs: Sequence[Run], window: int, plots: dict[str, Path | None]) ->
              "entropy (norm.) | NER F1 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        def last(key: str, smoothed: bool = True):
+        def last(key: str, smoothed: bool = True, r: Run = r):
             s, v = r.loss(key, window if smoothed else 1)
             return v[-1] if s else None
 
         steps = [x for x in (_num(m.get("step")) for m in r.metrics) if x is not None]
         toks = [x for x in (_num(m.get("tokens")) for m in r.metrics) if x is not None]
 
-        def last_eval(key: str):
+        def last_eval(key: str, r: Run = r):
             s = series(r.evals, key)
             return s.values[-1] if s else None
 
@@ -357,7 +362,7 @@ def markdown(runs: Sequence[Run], window: int, plots: dict[str, Path | None]) ->
 def make_report(run_paths: Sequence[str | Path], out: str | Path, window: int = 10) -> dict[str, Path | None]:
     runs = [load_run(p) for p in run_paths]
     names = [r.name for r in runs]
-    for i, r in enumerate(runs):  # same directory names under different parents: disambiguate
+    for r in runs:  # same directory names under different parents: disambiguate
         if names.count(r.name) > 1:
             r.name = f"{r.path.parent.name}/{r.name}"
     out = Path(out)

@@ -11,8 +11,9 @@ State, all in the results directory (default RUN/eval/):
                               on start-up without a result, it means the last run died mid-evaluation (that
                               checkpoint is evaluated again, once).
     step_XXXXXXXX.error.json  the evaluation raised, or the checkpoint is broken (a file that differs from its
-                              COMPLETE marker, or is missing while the marker is there); not retried: every
-                              pass lists the checkpoints held back so (delete the file to retry).
+                              COMPLETE marker, or is missing while the marker is there), or a metric raised
+                              (the metrics computed are kept in it); not retried by --watch: every pass lists
+                              the checkpoints held back so (delete the file to retry); --checkpoint retries it.
     eval.jsonl                one line per result (step, tokens, flat metrics), appended after the result file;
                               rebuilt from the result files on start-up if a crash left it short or torn.
     .lock                     flock held while a watcher runs, so two watchers never share a results dir.
@@ -52,7 +53,7 @@ from pathlib import Path
 
 from metalm.checkpoint import MARKER, STEP_RE, CheckpointError
 from metalm.config import ConfigError, load_config
-from metalm.eval.checkpoint_eval import DeviceError, OverrideError, evaluate_checkpoint, pick_device
+from metalm.eval.checkpoint_eval import DeviceError, OverrideError, evaluate_checkpoint, input_problems, pick_device
 from metalm.eval.sources import LocalSource, Ref, Vanished, make_source
 from metalm.fsutil import write_atomic, write_json_atomic
 
@@ -100,7 +101,9 @@ class Watcher:
             results = str(self.source.run_dir / "eval")
         self.results = Path(results)
         self.overrides = list(overrides or [])
-        load_config(None, self.overrides)  # ConfigError now, not one error file per checkpoint later
+        problems = input_problems(load_config(None, self.overrides))  # ConfigError now, not per checkpoint later
+        if problems:
+            raise UsageError(f"--config {'; '.join(problems)}")
         self.every = every
         self.device = pick_device(device)
         self.shards = check_shards(shards)
@@ -122,9 +125,6 @@ class Watcher:
 
     def error_path(self, name: str) -> Path:
         return self.results / f"{name}.error.json"
-
-    def done(self, name: str) -> bool:
-        return self.result_path(name).is_file() or self.error_path(name).is_file()
 
     def acquire(self) -> None:
         self.results.mkdir(parents=True, exist_ok=True)
@@ -257,6 +257,10 @@ class Watcher:
                 inprog.unlink(missing_ok=True)
                 return None
             self._evaluating = False
+            if rec["failed"]:  # some metrics were computed: keep them in the error file
+                self._record_partial(ref, rec, snap)
+                inprog.unlink(missing_ok=True)
+                return None
             rec["checkpoint"] = ref.name  # not the snapshot directory's name
             rec["source"] = ref.location
             rec["evaluated_at"] = _now()
@@ -291,6 +295,20 @@ class Watcher:
         self.failed.append(ref.name)
         log.error("%s: evaluation failed; recorded in %s (delete it to retry): %s%s", ref.name, err, message,
                   "" if expected else "\n" + record["traceback"].rstrip())
+
+    def _record_partial(self, ref: Ref, rec: dict, snap: Path) -> None:
+        """Write RESULTS/step_X.error.json for an evaluation where some metrics raised, with the metrics that were
+        computed, and log one line."""
+        failed = {m: self._unsnap(msg, snap, ref) for m, msg in rec["failed"].items()}
+        record = {"checkpoint": ref.name, "source": ref.location, "at": _now(),
+                  "error": "; ".join(f"{m}: {msg}" for m, msg in failed.items()),
+                  "failed": failed, "metrics": rec["metrics"], "skipped": rec["skipped"], "step": rec["step"]}
+        err = self.error_path(ref.name)
+        write_json_atomic(err, record, sort_keys=True)
+        self.failed.append(ref.name)
+        kept = ", ".join(sorted({k.split("/", 1)[0] for k in rec["metrics"]})) or "none"
+        log.error("%s: evaluation failed (%s); the metrics computed (%s) are kept in %s (delete it to retry)",
+                  ref.name, record["error"], kept, err)
 
     def _log_wandb(self, rec: dict) -> None:
         run = rec.get("run", {})
@@ -401,9 +419,12 @@ def evaluate_one(path: str, results: str | None, overrides: list[str], device: s
     old = {s: signal.signal(s, w._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         w.acquire()
-        if w.done(name):
+        if w.result_path(name).is_file():
             log.info("%s already evaluated: %s (use --force to redo)", name, w.result_path(name))
             return 0
+        if w.error_path(name).is_file():  # asked for by name: try again rather than report the failure as done
+            log.warning("%s: the last evaluation failed (%s); evaluating it again", name, w.error_path(name))
+            w.error_path(name).unlink()
         loc = dict(w.source.list()).get(name)
         if loc is None or not w.source.complete(loc):
             log.error("%s is not a complete checkpoint (no %s marker)", path, MARKER)
@@ -458,13 +479,21 @@ def _one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
+def configure_logging(level: str) -> None:
+    """metalm's own messages at `level` on stderr; other libraries' (boto, s3fs, urllib3, ...) at WARNING and
+    above only; W&B's console lines (banner, run summary) off unless the user set WANDB_SILENT."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("metalm").setLevel(level.upper())
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The CLI. Exit status 0: done (or stopped by a signal); 1: an evaluation of a --once pass (or the
     --checkpoint) failed, or the source cannot be read; 2: refused up front (bad option, override, device or
     directory), with nothing touched."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         load_config(None, args.config)  # fail fast on a bad override, before any checkpoint is looked at
         if args.checkpoint:
