@@ -111,3 +111,25 @@ def test_a_step_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path, s
     line = next(ln for ln in out.stderr.splitlines() if ln.startswith("metalm: error"))
     assert "one training step needs about" in line and "available host memory" in line and "train.micro_batch" in line
     assert "Traceback" not in out.stderr
+
+
+def test_an_empty_validation_split_is_refused_before_the_first_step(tmp_path, shared_data):
+    """Shards whose validation split is empty, with periodic validation on: one line before any step (it used to
+    crash at the first validation, before the first checkpoint, so every re-run repeated the same steps)."""
+    from metalm.data.prepare import prepare
+
+    src = tmp_path / "few.jsonl"
+    with open(shared_data / "corpus" / "wiki-vital-en-fr-es.jsonl") as f:
+        src.write_text("".join(line for _, line in zip(range(40), f)))
+    shards = tmp_path / "shards"
+    prepare(str(src), str(shared_data / "tokenizers" / "olmo-gpt-neox-dolma-v1_5.json"), str(shards), 64,
+            val_fraction=0.0, samples_per_shard=256, num_proc=1, text_field="text", seed=0)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(LAUNCHER), *COMMON, f"data.shards={shards}", f"train.run_dir={run_dir}",
+           "train.val_every=4", "train.global_batch=8"]
+    out = subprocess.run(cmd, cwd=REPO, env=cpu_run_env(), capture_output=True, text=True, timeout=240)
+    assert out.returncode != 0
+    assert "the validation split is empty" in out.stderr and "train.val_every=0" in out.stderr
+    assert "Traceback" not in out.stderr
+    metrics = run_dir / "metrics.jsonl"
+    assert not metrics.exists() or '"step"' not in metrics.read_text(), "steps ran before the refusal"

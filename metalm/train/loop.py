@@ -14,6 +14,7 @@ import torch
 
 from metalm.checkpoint import TrainerState
 from metalm.clock import hms
+from metalm.data.manifest import check_validation_split
 from metalm.config import Config, deepspeed_config, grad_accum, run_locations, to_dict, to_yaml
 from metalm.meta.step import MetaStep, inert_warnings, word_start_ids
 from metalm.model import num_params
@@ -63,6 +64,7 @@ class Trainer:
     def _build(self, build_loader, ensure_prepared) -> None:
         cfg, t, d = self.cfg, self.cfg.train, self.dist
         self.manifest = self._prepared_data(ensure_prepared)
+        check_validation_split(self.manifest, str(cfg.data.shards), t.val_every, d.world_size)  # before step 1
         self.special = self.manifest["special_ids"]
         torch.manual_seed(t.seed)  # identical initialisation on every rank
         self.module = PretrainModule(cfg)
