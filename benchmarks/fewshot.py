@@ -131,17 +131,24 @@ def features(model, ep) -> tuple[torch.Tensor, torch.Tensor]:
     return h_s, h_q
 
 
-def inner_reader(model, cfg, ep, head_seed: int) -> float:
-    """Query accuracy after the meta step's inner loop on a fresh head (seeded: the same head for every model)."""
-    from metalm.meta.fomaml import meta_loss_with_stats
+def fresh_head(cfg, seed: int):
+    """A newly initialised meta head (seeded, so every model is read by the same one), in eval mode."""
     from metalm.meta.head import build_head
 
+    torch.manual_seed(seed)
+    return build_head(cfg.meta, cfg.model.d_model, cfg.model.vocab_size).double().eval()
+
+
+def inner_reader(model, cfg, ep, head) -> float:
+    """Query accuracy after the meta step's inner loop (metalm.meta.fomaml, the run's settings) on `head`."""
+    from metalm.meta.fomaml import meta_loss_with_stats
+
     m = cfg.meta
-    torch.manual_seed(head_seed)
-    head = build_head(m, cfg.model.d_model, cfg.model.vocab_size).double().eval()
-    _, stats = meta_loss_with_stats(lambda ids: model.hidden_states(ids).double(), head, ep,
-                                    inner_steps=m.inner_steps, inner_lr=m.inner_lr, head_init=m.head_init,
-                                    feature_norm=m.feature_norm)
+    with torch.no_grad():
+        states = {id(ep.support_ids): model.hidden_states(ep.support_ids).double(),
+                  id(ep.query_ids): model.hidden_states(ep.query_ids).double()}
+    _, stats = meta_loss_with_stats(lambda ids: states[id(ids)], head, ep, inner_steps=m.inner_steps,
+                                    inner_lr=m.inner_lr, head_init=m.head_init, feature_norm=m.feature_norm)
     return float(stats["query_acc"])
 
 
@@ -151,7 +158,7 @@ def probe_reader(h_s: torch.Tensor, y_s: torch.Tensor, h_q: torch.Tensor, y_q: t
     xs, xq = (h_s - mean) / std, (h_q - mean) / std
     w = torch.zeros(xs.shape[1], n_way, dtype=xs.dtype, requires_grad=True)
     b = torch.zeros(n_way, dtype=xs.dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, tolerance_grad=1e-7, tolerance_change=1e-10,
                             line_search_fn="strong_wolfe")
 
     def closure():
@@ -186,8 +193,9 @@ def compare_runs(vanilla: Path, hybrid: Path, *, episodes: int, shapes: list[tup
         eps = sample_episodes(cfg, special, pool, n_way, k_shot, episodes)
         acc = {("inner", "hybrid"): [], ("inner", "vanilla"): [], ("probe", "hybrid"): [], ("probe", "vanilla"): []}
         for i, ep in enumerate(eps):
+            head = fresh_head(cfg, seed=i)
             for name, model in (("hybrid", h_model), ("vanilla", v_model)):
-                acc[("inner", name)].append(inner_reader(model, cfg, ep, head_seed=i))
+                acc[("inner", name)].append(inner_reader(model, cfg, ep, head))
                 h_s, h_q = features(model, ep)
                 acc[("probe", name)].append(probe_reader(h_s, ep.support_labels, h_q, ep.query_labels, n_way))
             if progress and (i + 1) % 50 == 0:
@@ -209,7 +217,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vanilla", required=True, help="run directory of the vanilla run")
     p.add_argument("--hybrid", required=True, help="run directory of the hybrid run")
-    p.add_argument("--episodes", type=int, default=300)
+    p.add_argument("--episodes", type=int, default=200)
     p.add_argument("--shapes", default="5x1,5x5,16x2")
     p.add_argument("--out", default=None, help="JSON path (default HYBRID/fewshot.json)")
     args = p.parse_args(argv)

@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     p.add_argument("--val-batches", type=int, default=16)
     p.add_argument("--checkpoints", type=int, default=12, help="checkpoints per run (for matching by loss)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one process each)")
-    p.add_argument("--episodes", type=int, default=300, help="few-shot episodes per (N, K)")
+    p.add_argument("--episodes", type=int, default=200, help="few-shot episodes per (N, K)")
     p.add_argument("--shapes", default="5x1,5x5,16x2", help="few-shot (N)x(K) list")
     p.add_argument("--runs", default=str(REPO / "runs" / "tradeoff"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tradeoff-cpu"))
