@@ -7,9 +7,10 @@
 Variants: `vanilla` (meta.enabled=false), `paper-code` (the paper code's meta step: its sampler and per-micro-
 batch branch draw, the readout at the mask, raw features, a persistent head, inner lr 0.01, no head dropout),
 `shipped` (the config's own meta settings, i.e. the shipped defaults) and `replace` / `add` (the shipped
-settings with meta.objective forced). For every seed, all variants train with the same config, seed and data
-order (a meta micro-batch consumes the same stream batch an AR one would); only the meta settings differ. They are compared on
-held-out AR validation loss (never a blended train loss) at equal optimizer steps, equal data tokens and
+settings with meta.objective forced), and the meta-gradient budget's variants of benchmarks/tradeoff.py. For
+every seed, all variants train with the same config, seed and data order (a meta micro-batch consumes the same
+stream batch an AR one would); only the meta settings differ. They are compared on held-out AR validation loss
+(never a blended train loss) at equal optimizer steps, equal data tokens and
 equal model FLOPs (the meta step's support forward, query forward/backward and the head's inner loop
 included): "hybrid reaches vanilla's final validation loss N x sooner" (N < 1: later; "not reached").
 Checkpoints are then evaluated (effective rank, attention entropy; NER F1 head-only and full on the
@@ -280,8 +281,8 @@ def main(argv=None) -> int:
     for seed, r in results["per_seed"].items():
         for variant, c in r["compare"].items():
             print(f"seed {seed} {variant}: vanilla {c['vanilla_final_val']:.4f} {variant} "
-                  f"{c['hybrid_final_val']:.4f} speed-up steps {fmt(c['speedup_step'], '.2f')} tokens {fmt(c['speedup_tokens'], '.2f')} "
-                  f"flops {fmt(c['speedup_flops'], '.2f')}")
+                  f"{c['hybrid_final_val']:.4f} speed-up steps {fmt(c['speedup_step'], '.2f')} tokens "
+                  f"{fmt(c['speedup_tokens'], '.2f')} flops {fmt(c['speedup_flops'], '.2f')}")
     print(f"wrote {out / 'results.md'}")
     return 0
 

@@ -11,8 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import fewshot  # noqa: E402
-import tradeoff  # noqa: E402
+import fewshot
+import tradeoff
 
 
 def test_ci95_is_the_normal_interval_of_the_mean():
