@@ -196,7 +196,7 @@ def test_dropout_is_applied_in_train_mode_only():
 def test_stats_detached_and_sensible():
     backbone, head = tiny_backbone(), tiny_head()
     ep = episode("smlmt", seed=7)
-    loss, stats = meta_loss_with_stats(backbone.hidden_states, head, ep, inner_steps=100, inner_lr=0.3)
+    _, stats = meta_loss_with_stats(backbone.hidden_states, head, ep, inner_steps=100, inner_lr=0.3)
     assert set(stats) == {"support_acc_before", "support_acc_after", "query_acc", "query_loss",
                           "inner_grad_norm", "support_cos", "support_cos_raw", "n_support", "n_query"}
     for v in stats.values():
@@ -234,7 +234,7 @@ def test_works_under_no_grad_for_evaluation():
     ep = episode("reference", seed=9)
     kw = dict(inner_steps=3, inner_lr=0.5)
     with torch.no_grad():
-        a, stats = meta_loss_with_stats(backbone.hidden_states, head, ep, **kw)
+        a, _ = meta_loss_with_stats(backbone.hidden_states, head, ep, **kw)
     assert not a.requires_grad
     assert float(a) == pytest.approx(float(meta_loss(backbone.hidden_states, head, ep, **kw).detach()), rel=1e-12)
 
@@ -242,7 +242,7 @@ def test_works_under_no_grad_for_evaluation():
 def test_low_precision_parameters():
     backbone, head = tiny_backbone(torch.bfloat16), tiny_head(torch.bfloat16)
     ep = episode("smlmt", seed=10)
-    loss, stats = meta_loss_with_stats(backbone.hidden_states, head, ep, inner_steps=3, inner_lr=0.5)
+    loss, _ = meta_loss_with_stats(backbone.hidden_states, head, ep, inner_steps=3, inner_lr=0.5)
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     for p in list(head.parameters()) + list(backbone.model.parameters()):

@@ -8,6 +8,7 @@ maths lives in fomaml.py, the sampling in tasks.py, the branch schedule in sched
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 
@@ -40,7 +41,7 @@ def head_flops(meta: MetaConfig, d_model: int, micro_batch: int) -> float:
     """FLOPs of one episode's head work on one rank: T inner SGD steps over the support positions plus the
     query forward/backward, each 6 x (active head params) per position; the output layer is N rows."""
     dims = [d_model] + [meta.head.hidden] * (meta.head.layers - 1)
-    active = sum(a * b for a, b in zip(dims[:-1], dims[1:])) + dims[-1] * meta.n_way
+    active = sum(a * b for a, b in itertools.pairwise(dims)) + dims[-1] * meta.n_way
     n_support = meta.n_way * meta.k_shot if meta.sampler == "smlmt" else micro_batch * meta.k_shot
     n_query = meta.n_way * meta.q_queries if meta.sampler == "smlmt" else micro_batch
     return 6.0 * active * (meta.inner_steps * n_support + n_query)
