@@ -207,7 +207,7 @@ def test_a_run_prints_no_upstream_deprecation_and_no_wandb_banner(shards, tmp_pa
            "train.log_every=1", "train.val_every=0", "checkpoint.every=2", "train.zero_stage=3",
            "data.prepare_if_missing=false", f"data.shards={shards}", f"train.run_dir={run_dir}",
            "logging.wandb=true", "logging.mode=offline", "meta.n_way=4", "meta.k_shot=2", "meta.q_queries=2",
-           "meta.inner_steps=2"]
+           "meta.inner_steps=2", "meta.grad_ratio=0"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert any(run_dir.glob("wandb/offline-run-*")), "W&B did not run: the test would prove nothing"

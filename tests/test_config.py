@@ -92,7 +92,7 @@ def test_batch_geometry_checked_against_world_size():
 
 def test_deepspeed_config_is_derived():
     cfg = load_config(None, ["train.global_batch=64", "train.micro_batch=4", "train.zero_stage=3",
-                             "train.precision=bf16", "optim.grad_clip=0.5"], world_size=2)
+                             "train.precision=bf16", "optim.grad_clip=0.5", "meta.grad_ratio=0"], world_size=2)
     ds = deepspeed_config(cfg, 2)
     assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 8
     assert ds["train_micro_batch_size_per_gpu"] == 4

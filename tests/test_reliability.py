@@ -452,11 +452,11 @@ def _worker(mode: str, argv: list[str]) -> None:
         accum = 2  # global 16 = micro 4 x accum 2 x world 2
 
         def nan_forward(self, batch, episode=None):
-            loss, stats = forward(self, batch, episode=episode)
+            losses, stats = forward(self, batch, episode=episode)
             calls["n"] += 1
             if os.environ.get("RANK") == "1" and calls["n"] == (NAN_STEP - 1) * accum + 2:
-                loss = loss * float("nan")  # rank 1, step NAN_STEP, its second micro-batch
-            return loss, stats
+                losses = {k: v * float("nan") for k, v in losses.items()}  # rank 1, step NAN_STEP, 2nd micro-batch
+            return losses, stats
 
         PretrainModule.forward = nan_forward
     else:
