@@ -203,7 +203,7 @@ def render(config_module=None) -> str:
         "",
         "<!-- not run by tests: GPU -->",
         "```bash",
-        "deepspeed launchers/pretrain.py --config configs/570m.yaml train.zero_stage=3 'logging.tags=[ablation]'",
+        "deepspeed launchers/pretrain.py --config configs/570m.yaml train.zero_stage=1 'logging.tags=[ablation]'",
         "```",
         "",
         "Values are parsed as YAML (`true`, `3e-4`, `null`, `[a, b]`). An unknown key, a wrong type or an",
