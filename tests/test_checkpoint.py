@@ -89,10 +89,10 @@ def test_missing_marker_or_missing_directory_is_ignored_with_a_warning(root, cap
 
 
 def test_the_evaluator_skips_a_checkpoint_without_its_marker(root):
-    from metalm.eval.sources import LocalSource
+    from metalm.eval.sources import Source
 
     c = make_checkpoint(root, 3)
-    src = LocalSource(str(root))
+    src = Source(str(root))
     assert src.complete(str(c))
     (c / ckpt.MARKER).unlink()
     assert not src.complete(str(c))
