@@ -33,7 +33,8 @@ def holder_record() -> bytes:
 
 class HeldLock:
     """An exclusive lock on `path` that records its holder. `acquire()` fails at once (LockBusy, the message from
-    `busy(holder)`), or with wait=True waits for it (after `waiting(holder)` is called once)."""
+    `busy(holder)`), or with wait=True waits for it (after `waiting(holder)` is called once). The lock is held
+    until `release()` or until this object is garbage-collected: keep a reference while it must hold."""
 
     def __init__(self, path: str | os.PathLike, busy: Callable[[str], str]):
         self.path = Path(path)

@@ -152,7 +152,8 @@ def check_step_memory(parts: dict[str, int], device_type: str, accum: int) -> li
 class RunLock:
     """An exclusive lock on a run directory (`RUN/.lock`, `metalm.locks.HeldLock`), held by rank 0 for the life of
     the run. A second trainer on the same train.run_dir fails at once, naming the holder's host, pid and start
-    time. A stale lock file never blocks a restart (the kernel releases the lock of a process that died)."""
+    time. It is held while this object lives (keep a reference) and until `release`; a stale lock file never
+    blocks a restart (the kernel releases the lock of a process that died)."""
 
     NAME = ".lock"
 
