@@ -45,8 +45,8 @@ def test_the_holder_is_recorded_and_named_to_the_next_one(tmp_path):
 
 def test_an_unreadable_record_still_refuses_and_says_so(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from metalm.locks import HeldLock; "
-                               f"lock = HeldLock({str(tmp_path / '.lock')!r}, str); lock.acquire(); print('held', flush=True); "
-                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+                               f"lock = HeldLock({str(tmp_path / '.lock')!r}, str); lock.acquire(); "
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         (tmp_path / ".lock").write_text("not json")  # the lock is on the file, not on its contents

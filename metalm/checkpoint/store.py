@@ -208,8 +208,9 @@ class CheckpointStore:
 
 def locate(given: str, limits: Limits | None = None) -> tuple[CheckpointStore, str]:
     """(store, checkpoint name) for what a user names: a checkpoint directory (…/step_XXXXXXXX, or any directory
-    holding a checkpoint's marker or trainer state) is that one; a run directory, its checkpoints/ directory, or the `latest` pointer in it means the newest complete checkpoint
-    there. CheckpointError when there is none, naming the location and what was looked for."""
+    holding a checkpoint's marker or trainer state) is that one; a run directory, its checkpoints/ directory, or
+    the `latest` pointer in it means the newest complete checkpoint there. CheckpointError when there is none,
+    naming the location and what was looked for."""
     text = str(given).rstrip("/")
     head, _, tail = text.rpartition("/")
     if STEP_RE.match(tail):
