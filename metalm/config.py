@@ -163,6 +163,8 @@ class CheckpointConfig:
     remote: str = ""  # URL (s3://, gs://, ...) each checkpoint is uploaded to in the background ("" = none)
     upload_queue: int = 2  # checkpoints waiting for upload at most; a newer one supersedes the oldest waiting
     upload_retries: int = 4  # a failed upload is retried this many times (backoff 1 s, 2 s, ...), then reported
+    upload_timeout_s: float = 60.0  # one request to the bucket (connect, each wait for an answer) fails after this
+    upload_drain_s: float = 900.0  # the end of a run waits at most this long for the uploads still in flight
 
 
 @dataclass
@@ -711,6 +713,8 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
     _check_positive_ints("checkpoint", c, ("upload_queue",))
     if c.upload_retries < 0:
         _bad("checkpoint.upload_retries", c.upload_retries, "expected >= 0 (0: a failed upload is reported at once)")
+    _check_positive("checkpoint.upload_timeout_s", c.upload_timeout_s)
+    _check_positive("checkpoint.upload_drain_s", c.upload_drain_s)
 
 
 def _validate_logging(lg: LoggingConfig) -> None:

@@ -36,6 +36,7 @@ import shlex
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 from collections.abc import Callable
@@ -158,28 +159,75 @@ def _missing_package(location: str, s: str, err: Exception) -> StorageError:
                         f"(pip install {pkg}{extra})")
 
 
-def filesystem(location: str):
+@dataclass(frozen=True)
+class Limits:
+    """How long one request to an object store may take and how often its client tries it.
+
+    `timeout_s` bounds connecting and each wait for the server's answer (so a server that accepts connections
+    and never answers fails a request after it, instead of hanging); `attempts` is the client's own tries per
+    request (1: no retries inside the client, for callers that retry whole operations themselves, so the two
+    never multiply). None keeps the client's defaults. Applied to s3:// (botocore and s3fs); other schemes keep
+    their defaults."""
+
+    timeout_s: float | None = None
+    attempts: int | None = None
+
+    def options(self, s: str) -> dict:
+        """fsspec storage options for scheme `s`."""
+        if s not in ("s3", "s3a"):
+            return {}
+        config: dict = {}
+        out: dict = {}
+        if self.timeout_s is not None:
+            config.update(connect_timeout=self.timeout_s, read_timeout=self.timeout_s)
+            out["session"] = _session_without_expect_continue()
+        if self.attempts is not None:
+            config["retries"] = {"total_max_attempts": self.attempts, "mode": "standard"}
+        if config:
+            out["config_kwargs"] = config
+        return out
+
+    def configure(self, fs, s: str) -> None:
+        """Set what is not a constructor option: s3fs's own retry loop around each botocore call."""
+        if s in ("s3", "s3a") and self.attempts is not None:
+            fs.retries = self.attempts
+
+
+def _session_without_expect_continue():
+    """An aiobotocore session whose uploads do not send `Expect: 100-continue`. With that header the client waits
+    for the server's "100 Continue" before sending the body, and aiohttp's read timeout only starts once the body
+    is sent: a server that never answers would hang an upload for ever, whatever the timeout."""
+    from aiobotocore.session import AioSession
+    from botocore.handlers import add_expect_header
+
+    session = AioSession()
+    session.unregister("before-call.s3", add_expect_header)
+    return session
+
+
+def filesystem(location: str, limits: Limits | None = None):
     """(fsspec filesystem, path inside it) for a URL; StorageError naming the package when its implementation
     is missing, or the scheme when fsspec knows no such protocol. Listings are not cached (a watcher polling a
-    bucket must see new checkpoints)."""
+    bucket must see new checkpoints). `limits`: request timeout and client-side attempts (see `Limits`)."""
     import fsspec
 
     s = scheme(location)
     check_location(location, location)
     try:
-        cls = fsspec.get_filesystem_class(s)
+        fsspec.get_filesystem_class(s)
     except ImportError as e:
         raise _missing_package(location, s, e) from None
     except ValueError:
         raise StorageError(f"{location}: unknown URL scheme {s}:// (no fsspec implementation); expected a local "
                            f"path, file://, s3://, gs://, https://, hf:// or pipe:") from None
+    options = (limits or Limits()).options(s)
     try:  # a fresh instance: fsspec's instance cache would keep one made under another environment's endpoint
-        fs, path = fsspec.core.url_to_fs(location, use_listings_cache=False, skip_instance_cache=True)
+        fs, path = fsspec.core.url_to_fs(location, use_listings_cache=False, skip_instance_cache=True, **options)
     except ImportError as e:
         raise _missing_package(location, s, e) from None
     except TypeError:  # an implementation without listing-cache options
-        fs, path = fsspec.core.url_to_fs(location, skip_instance_cache=True)
-    del cls
+        fs, path = fsspec.core.url_to_fs(location, skip_instance_cache=True, **options)
+    (limits or Limits()).configure(fs, s)
     return fs, path
 
 
@@ -268,7 +316,7 @@ class Store(abc.ABC):
     def remove(self, rel: str, recursive: bool = False) -> None:
         """Delete the file, or the directory and everything below it with recursive=True."""
 
-    def makedirs(self, rel: str = "") -> None:
+    def makedirs(self, rel: str = "") -> None:  # noqa: B027 - a default for the stores without directories
         """Create the directory (local); object stores have no directories: nothing to do."""
 
 
@@ -342,29 +390,30 @@ class FsspecStore(Store):
     """An fsspec URL. The filesystem object is created lazily in each process (DataLoader workers fork, and an
     fsspec client's event loop does not survive a fork)."""
 
-    def __init__(self, location: str):
+    def __init__(self, location: str, limits: Limits | None = None):
         self.location = str(location).rstrip("/")
         self.scheme = scheme(self.location)
         self.read_only = self.scheme in READ_ONLY_SCHEMES
+        self.limits = limits or Limits()
         self._fs = None
         self._pid = None
-        self.fs  # a missing package or an unknown scheme is an error now, not at the first read
+        _ = self.fs  # a missing package or an unknown scheme is an error now, not at the first read
 
     @property
     def fs(self):
         if self._fs is None or self._pid != os.getpid():
-            self._fs, self._root = filesystem(self.location)
+            self._fs, self._root = filesystem(self.location, self.limits)
             self._root = self._root.rstrip("/")
             self._pid = os.getpid()
         return self._fs
 
     def _p(self, rel: str = "") -> str:
-        self.fs
+        _ = self.fs  # (re)made in this process: sets _root
         return f"{self._root}/{rel}" if rel else self._root
 
     def __getstate__(self):  # picklable for spawned workers: the filesystem is made again there
-        return {"location": self.location, "scheme": self.scheme, "read_only": self.read_only, "_fs": None,
-                "_pid": None}
+        return {"location": self.location, "scheme": self.scheme, "read_only": self.read_only, "limits": self.limits,
+                "_fs": None, "_pid": None}
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self._p(rel))
@@ -431,6 +480,75 @@ class FsspecStore(Store):
         if self.scheme not in ATOMIC_PUT_SCHEMES and not self.read_only:
             self.fs.makedirs(self._p(rel), exist_ok=True)
 
+    # the few path operations `StorePath` offers
+    def is_dir(self, rel: str = "") -> bool:
+        return bool(self.fs.isdir(self._p(rel)))
+
+    def is_file(self, rel: str = "") -> bool:
+        return bool(self.fs.isfile(self._p(rel)))
+
+    def open(self, rel: str = ""):
+        """A binary reader that streams the file (block-wise reads)."""
+        return self.fs.open(self._p(rel), "rb")
+
+    def _rel(self, path: str) -> str:
+        return str(path).rstrip("/")[len(self._root):].lstrip("/")
+
+    def find(self, rel: str = "") -> list[str]:
+        """Every file below `rel`, as sorted paths relative to the store."""
+        return sorted(self._rel(p) for p in self.fs.find(self._p(rel)))
+
+    def glob(self, pattern: str) -> list[str]:
+        """The paths relative to the store that match `pattern` (fsspec glob: *, ?, [..], **), sorted."""
+        return sorted(self._rel(p) for p in self.fs.glob(self._p(pattern)))
+
+
+class StorePath:
+    """A file or directory inside an `FsspecStore`, with the few `pathlib.Path` methods that readers of local
+    files use (name, /, is_file, is_dir, stat().st_size, read_bytes, read_text, open, rglob), so one reader serves
+    local paths and URLs. str() is its URL."""
+
+    def __init__(self, store: FsspecStore, rel: str = ""):
+        self.store, self.rel = store, rel.strip("/")
+        self.name = (self.rel or store.location).rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return self.store.url(self.rel)
+
+    def __repr__(self) -> str:
+        return f"StorePath({str(self)!r})"
+
+    def __lt__(self, other: StorePath) -> bool:
+        return str(self) < str(other)
+
+    def __truediv__(self, rel: str) -> StorePath:
+        return StorePath(self.store, f"{self.rel}/{rel}" if self.rel else rel)
+
+    def is_file(self) -> bool:
+        return self.store.is_file(self.rel)
+
+    def is_dir(self) -> bool:
+        return self.store.is_dir(self.rel)
+
+    def stat(self) -> os.stat_result:
+        return os.stat_result((0, 0, 0, 0, 0, 0, self.store.size(self.rel), 0, 0, 0))
+
+    def read_bytes(self) -> bytes:
+        return self.store.read_bytes(self.rel)
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def open(self, mode: str = "rb"):
+        if mode != "rb":
+            raise ValueError(f"{self}: StorePath opens files for reading in binary mode ('rb'), not {mode!r}")
+        return self.store.open(self.rel)
+
+    def rglob(self, pattern: str) -> list[StorePath]:
+        """The files below whose name ends like `pattern` ("*.arrow"), sorted."""
+        suffix = pattern.lstrip("*")
+        return [StorePath(self.store, p) for p in self.store.find(self.rel) if p.endswith(suffix)]
+
 
 class PipeStore(Store):
     """pipe:COMMAND, read-only: each file is the standard output of the command for its relative path."""
@@ -455,8 +573,8 @@ class PipeStore(Store):
     def read_bytes(self, rel: str) -> bytes:
         cmd = self.command(rel)
         try:
-            out = subprocess.run(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 timeout=self.timeout_s, stdin=subprocess.DEVNULL)
+            out = subprocess.run(cmd, shell=True, capture_output=True, timeout=self.timeout_s,
+                                 stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise StorageError(f"pipe:{cmd}: no end after {self.timeout_s:.0f} s") from None
         if out.returncode != 0:
@@ -486,14 +604,14 @@ class PipeStore(Store):
         self._writable()
 
 
-def open_store(location: str | os.PathLike) -> Store:
-    """The Store for a location (see the module doc)."""
+def open_store(location: str | os.PathLike, limits: Limits | None = None) -> Store:
+    """The Store for a location (see the module doc); `limits` apply to an object store's requests."""
     location = str(location)
     s = scheme(location)
     if s == "pipe":
         return PipeStore(location)
     if s:
-        return FsspecStore(location)
+        return FsspecStore(location, limits)
     return LocalStore(location)
 
 

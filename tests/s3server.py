@@ -44,10 +44,16 @@ def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60.0) ->
 class DropProxy:
     """A TCP proxy to the server. `drop(substring, after_bytes, times)`: the next `times` requests whose first
     line contains `substring` get only `after_bytes` bytes of their response, then the connection is closed
-    (what a flaky network does mid-download). Counts the requests it cut in `dropped`."""
+    (what a flaky network does mid-download). Counts the requests it cut in `dropped`.
 
-    def __init__(self, upstream_port: int):
+    `stall()` turns it into a black hole: from then on every connection, new or open, is kept open and its
+    requests are read and never answered (a stalled endpoint); with upstream_port=None it is one from the start.
+    `close()` closes the listener and every connection."""
+
+    def __init__(self, upstream_port: int | None):
         self.upstream = upstream_port
+        self.stalled = upstream_port is None
+        self.clients: list[socket.socket] = []
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -64,9 +70,38 @@ class DropProxy:
         with self.lock:
             self.rules.append([substring, after_bytes, times])
 
+    def stall(self) -> None:
+        self.stalled = True
+
     def close(self) -> None:
         self.closed = True
         self.sock.close()
+        with self.lock:
+            for c in self.clients:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+
+    def _note(self, data: bytes) -> str:
+        line = data.split(b"\r\n", 1)[0].decode("latin-1")
+        if line.split(" ", 1)[0] in ("GET", "PUT", "POST", "HEAD", "DELETE"):
+            with self.lock:
+                self.requests.append(line)
+            return line
+        return ""
+
+    def _swallow(self, client: socket.socket) -> None:
+        """Read the client's requests and never answer, until it or the proxy closes the connection."""
+        try:
+            while not self.closed:
+                data = client.recv(65536)
+                if not data:
+                    return
+                self._note(data)
+        except OSError:
+            pass
 
     def _accept(self) -> None:
         while not self.closed:
@@ -77,6 +112,11 @@ class DropProxy:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
+        with self.lock:
+            self.clients.append(client)
+        if self.stalled:
+            self._swallow(client)
+            return
         try:
             server = socket.create_connection(("127.0.0.1", self.upstream))
         except OSError:
@@ -90,10 +130,12 @@ class DropProxy:
                     data = client.recv(65536)
                     if not data:
                         break
-                    line = data.split(b"\r\n", 1)[0].decode("latin-1")
-                    if line.split(" ", 1)[0] in ("GET", "PUT", "POST", "HEAD", "DELETE"):
+                    if self.stalled:  # an open connection goes quiet too: nothing more reaches the server
+                        self._note(data)
+                        continue
+                    line = self._note(data)
+                    if line:
                         with self.lock:
-                            self.requests.append(line)
                             for rule in self.rules:
                                 if rule[2] > 0 and rule[0] in line:
                                     rule[2] -= 1

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from procs import cpu_run_env, free_port
-from s3server import s3_server  # noqa: F401 - the fixture
+from s3server import DropProxy, s3_server  # noqa: F401 - the fixture
 
 from metalm import checkpoint as ckpt
 from metalm.data import DataError, ShardLoader, load_manifest
@@ -233,12 +233,13 @@ def _fake_checkpoint(root: Path, step: int, payload: bytes = b"w" * 1000) -> Pat
 
 
 def test_the_uploader_sends_the_marker_last_prunes_and_reports_failures(s3_server, tmp_path):  # noqa: F811
-    from metalm.train.uploader import RemoteCheckpoints, Uploader
+    from metalm.checkpoint import CheckpointStore
+    from metalm.train.uploader import Uploader
 
     bucket = s3_server.bucket()
     url = f"s3://{bucket}/run/checkpoints"
     said, warned = [], []
-    up = Uploader(RemoteCheckpoints(url, retries=1, backoff=0.05), tmp_path / ".uploads", keep_last_k=2,
+    up = Uploader(CheckpointStore(url, retries=1, backoff=0.05), tmp_path / ".uploads", keep_last_k=2,
                   say=said.append, warn=warned.append)
     root = tmp_path / "checkpoints"
     root.mkdir()
@@ -246,7 +247,7 @@ def test_the_uploader_sends_the_marker_last_prunes_and_reports_failures(s3_serve
     for step in (10, 20, 30):
         up.submit(_fake_checkpoint(root, step))
         assert up.drain() == {}
-    remote = RemoteCheckpoints(url)
+    remote = CheckpointStore(url)
     assert remote.completed() == ["step_00000020", "step_00000030"] and remote.latest() == "step_00000030"
     puts = [line.split()[1] for line in s3_server.proxy.requests[start:] if line.startswith("PUT")]
     mine = [p for p in puts if "step_00000030" in p or p.endswith("/latest")]
@@ -258,7 +259,7 @@ def test_the_uploader_sends_the_marker_last_prunes_and_reports_failures(s3_serve
     got = remote.download("step_00000030", tmp_path / "fresh", checksums=True)
     assert ckpt.find_latest(tmp_path / "fresh", verify=True) == got
     # a bucket that is not there: retried, reported, kept staged; once it exists, the next drain uploads it
-    broken = Uploader(RemoteCheckpoints(f"s3://{bucket}-missing/ckpts", retries=1, backoff=0.05),
+    broken = Uploader(CheckpointStore(f"s3://{bucket}-missing/ckpts", retries=1, backoff=0.05),
                       tmp_path / ".uploads2", keep_last_k=2, say=said.append, warn=warned.append)
     broken.submit(root / "step_00000030")
     failed = broken.drain()
@@ -268,10 +269,10 @@ def test_the_uploader_sends_the_marker_last_prunes_and_reports_failures(s3_serve
     import fsspec
 
     fsspec.filesystem("s3", skip_instance_cache=True).mkdir(f"{bucket}-missing")
-    assert broken.drain() == {} and RemoteCheckpoints(f"s3://{bucket}-missing/ckpts").latest() == "step_00000030"
+    assert broken.drain() == {} and CheckpointStore(f"s3://{bucket}-missing/ckpts").latest() == "step_00000030"
     # staged snapshots survive the local prune (hard links) and a new process queues them again
     _fake_checkpoint(root, 40)
-    again = Uploader(RemoteCheckpoints(url), tmp_path / ".uploads", keep_last_k=2, say=said.append,
+    again = Uploader(CheckpointStore(url), tmp_path / ".uploads", keep_last_k=2, say=said.append,
                      warn=warned.append)
     again._stage(root / "step_00000040", "step_00000040")
     assert again.recover() == ["step_00000040"] and again.drain() == {}
@@ -322,9 +323,9 @@ def test_train_from_the_bucket_kill_9_and_resume_on_a_fresh_machine(bucket, buck
         os.killpg(first.pid, signal.SIGKILL)
         log = first.communicate()[0].decode()
     assert "uploaded step_00000006" in log
-    from metalm.train.uploader import RemoteCheckpoints
+    from metalm.checkpoint import CheckpointStore
 
-    remote = RemoteCheckpoints(f"{run_url}/checkpoints")
+    remote = CheckpointStore(f"{run_url}/checkpoints")
     resumed_from = remote.latest()
     assert resumed_from is not None and resumed_from < "step_00000024", resumed_from
 
@@ -366,3 +367,87 @@ def test_train_from_the_bucket_kill_9_and_resume_on_a_fresh_machine(bucket, buck
                            cwd=REPO, env=cpu_run_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [json.loads(x)["checkpoint"] for x in (results / "eval.jsonl").read_text().splitlines()] == names
+
+
+# ------------------------------------------------------------------------------------------ a stalled bucket
+
+
+def _run_into_a_stalled_bucket(s3_server, shards, tmp_path, *extra: str):  # noqa: F811
+    """A 1-process 2-step run that checkpoints to a bucket behind a proxy on 127.0.0.1, which turns into a black
+    hole (accepts connections, never answers) once the run has used the bucket at start-up. Returns the process,
+    its output lines with their arrival times, and the moment it started waiting for the uploads."""
+    proxy = DropProxy(int(s3_server.direct.rsplit(":", 1)[1]))
+    bucket = s3_server.bucket()
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(LAUNCHER), *COMMON, f"data.shards={shards}", "train.max_steps=2", "checkpoint.every=2",
+           f"train.run_dir={run}", f"checkpoint.remote=s3://{bucket}/ckpts", *extra]
+    env = dict(cpu_run_env(), AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[tuple[float, str]] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            if line.startswith("metalm: model "):  # set up (bucket probed, resume looked for): now it goes silent
+                proxy.stall()
+            lines.append((time.monotonic(), line))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any("waiting for the checkpoint uploads" in x for _, x in lines):
+            assert proc.poll() is None, "".join(x for _, x in lines)[-3000:]
+            assert time.monotonic() < deadline, "training did not reach its final save"
+            time.sleep(0.05)
+        waiting_since = next(t for t, x in lines if "waiting for the checkpoint uploads" in x)
+        return proc, lines, waiting_since, reader, proxy
+    except BaseException:
+        proc.kill()
+        proxy.close()
+        raise
+
+
+def _end(proc, reader, proxy, within: float) -> float:
+    """Wait at most `within` seconds for the run to end (killed and failed otherwise); the moment it ended."""
+    try:
+        proc.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"the run did not end within {within:.0f} s")
+    finally:
+        reader.join(timeout=10)
+        proxy.close()
+    return time.monotonic()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_wait_for_a_stalled_bucket_within_seconds(s3_server, shards, tmp_path):  # noqa: F811
+    """With the default timeouts (60 s a request, 4 retries, a 900 s drain), SIGTERM while the run waits for uploads
+    to a bucket that never answers ends it within seconds, naming the checkpoint staged locally and not uploaded."""
+    proc, lines, _, reader, proxy = _run_into_a_stalled_bucket(s3_server, shards, tmp_path)
+    time.sleep(1.0)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    ended = _end(proc, reader, proxy, within=30)
+    out = "".join(x for _, x in lines)
+    assert ended - sent < 10, out[-3000:]
+    assert proc.returncode == 1, out[-3000:]
+    assert "stopped by SIGTERM while waiting for the checkpoint uploads to s3://" in out, out[-3000:]
+    assert f"not uploaded: step_00000002, complete in {tmp_path / 'run' / 'checkpoints'} and staged in " \
+           f"{tmp_path / 'run' / '.uploads'}" in out, out[-3000:]
+    assert (tmp_path / "run" / ".uploads" / "step_00000002" / ckpt.MARKER).is_file()
+
+
+@pytest.mark.slow
+def test_the_wait_for_a_stalled_bucket_ends_at_the_drain_deadline(s3_server, shards, tmp_path):  # noqa: F811
+    """checkpoint.upload_drain_s bounds the end of a run against a bucket that never answers: the run ends with an
+    error naming the staged checkpoint within a few seconds of the deadline after training."""
+    proc, lines, waiting_since, reader, proxy = _run_into_a_stalled_bucket(s3_server, shards, tmp_path,
+                                                                         "checkpoint.upload_drain_s=6")
+    ended = _end(proc, reader, proxy, within=60)
+    out = "".join(x for _, x in lines)
+    assert 5 < ended - waiting_since < 6 + 10, (ended - waiting_since, out[-3000:])
+    assert proc.returncode == 1, out[-3000:]
+    assert "did not finish within checkpoint.upload_drain_s=6 s; not uploaded: step_00000002" in out, out[-3000:]
+    assert (tmp_path / "run" / ".uploads" / "step_00000002" / ckpt.MARKER).is_file()

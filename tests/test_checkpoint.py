@@ -89,10 +89,10 @@ def test_missing_marker_or_missing_directory_is_ignored_with_a_warning(root, cap
 
 
 def test_the_evaluator_skips_a_checkpoint_without_its_marker(root):
-    from metalm.eval.sources import LocalSource
+    from metalm.eval.sources import Source
 
     c = make_checkpoint(root, 3)
-    src = LocalSource(str(root))
+    src = Source(str(root))
     assert src.complete(str(c))
     (c / ckpt.MARKER).unlink()
     assert not src.complete(str(c))
@@ -274,3 +274,54 @@ def test_weights_files_get_the_mode_the_umask_gives(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o644
+
+
+# ------------------------------------------------------------------------------------------------ the store
+
+
+def test_the_store_finds_the_same_checkpoints_locally_and_behind_a_url(root, tmp_path):
+    """CheckpointStore over a local directory and over a copy behind a URL (memory://) agrees on what is complete
+    and which is latest: a checkpoint without its marker, or with a file shorter than its marker records, is not;
+    `latest` naming an incomplete one falls back to the newest complete one. Fetching is verified."""
+    import fsspec
+
+    for step in (1, 2, 3):
+        make_checkpoint(root, step)
+    (root / "step_00000004").mkdir()  # a save that never finished: no marker
+    (root / "step_00000003" / "model.safetensors").write_bytes(b"short")  # truncated after its save
+    fs = fsspec.filesystem("memory")
+    for f in root.rglob("*"):
+        if f.is_file():
+            fs.pipe(f"/ckstore/{f.relative_to(root).as_posix()}", f.read_bytes())
+    try:
+        for where in (str(root), "memory://ckstore"):
+            store = ckpt.CheckpointStore(where)
+            assert store.names() == ["step_00000001", "step_00000002", "step_00000003"] + (
+                ["step_00000004"] if where == str(root) else [])  # an object store has no empty directories
+            assert store.completed() == ["step_00000001", "step_00000002"], where
+            assert store.problem("step_00000003") == \
+                "model.safetensors has 5 bytes, the COMPLETE marker records 4096 (truncated or modified)"
+            assert store.latest() == "step_00000002", where  # `latest` names step 3, which is not complete
+            got = store.download("step_00000002", tmp_path / f"fetched-{len(where)}", checksums=True)
+            assert (got / "ds" / "optim_states.pt").read_bytes() == \
+                (root / "step_00000002" / "ds" / "optim_states.pt").read_bytes()
+            with pytest.raises(ckpt.CheckpointError, match="step_00000003 downloaded, but it is not a complete "
+                                                           "checkpoint: model.safetensors has 5 bytes"):
+                store.download("step_00000003", tmp_path / f"bad-{len(where)}", checksums=True)
+    finally:
+        fs.rm("/ckstore", recursive=True)
+
+
+def test_locate_takes_a_run_its_checkpoints_latest_or_a_step(root, tmp_path):
+    for step in (1, 2):
+        make_checkpoint(root, step)
+    run = root.parent
+    for given in (run, root, root / "latest", f"{root}/"):
+        store, name = ckpt.locate(str(given))
+        assert (store.url, name) == (str(root), "step_00000002"), given
+    assert ckpt.locate(str(root / "step_00000001"))[1] == "step_00000001"
+    with pytest.raises(ckpt.CheckpointError, match=r"no such directory \(expected a checkpoint directory"):
+        ckpt.locate(str(tmp_path / "nothing"))
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"no complete checkpoint in .*fresh/checkpoints \(no step_"):
+        ckpt.locate(str(tmp_path / "fresh"))

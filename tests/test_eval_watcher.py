@@ -3,6 +3,7 @@ SIGTERM, fsspec sources, and the result files."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -160,7 +161,8 @@ def test_lock_and_jsonl_reconciliation(tmp_path, assets):
     try:
         assert [r["checkpoint"] for r in jsonl(ev / "eval.jsonl")] == ["step_00000010", "step_00000020"]
         other = W.Watcher(str(run), wandb=False, device="cpu")
-        with pytest.raises(RuntimeError, match="another evaluator"):
+        with pytest.raises(RuntimeError, match=rf"another evaluator holds .*\.lock \(host {socket.gethostname()}, "
+                                               rf"pid {os.getpid()}, since \d{{4}}-\d\d-\d\d "):
             other.acquire()
     finally:
         w.release()
@@ -302,3 +304,34 @@ def test_watcher_beside_a_real_training_run(tmp_path, shared_data):
     assert all("val_loss" in r and r["val_tokens"] > 0 for r in lines)
     assert [r["tokens"] for r in lines] == [json.loads((run / "checkpoints" / n / "trainer_state.json").read_text())
                                             ["tokens"] for n in names]
+
+
+@pytest.mark.parametrize("form", ["run", "checkpoints", "latest"])
+def test_checkpoint_option_takes_a_run_its_checkpoints_or_latest(tmp_path, assets, form, capsys):
+    """--checkpoint given a run directory, its checkpoints/ directory or its `latest` pointer evaluates the checkpoint
+    `latest` names (complete), not a newer incomplete one; with no complete checkpoint there, a one-line refusal."""
+    run = tmp_path / "run"
+    for step in (10, 20):
+        make_ckpt(run, step, assets)
+    make_ckpt(run, 30, assets, complete=False)  # an interrupted save, newer than `latest`
+    (run / "checkpoints" / "latest").write_text("step_00000020\n")
+    given = {"run": run, "checkpoints": run / "checkpoints", "latest": run / "checkpoints" / "latest"}[form]
+    args = ["--no-wandb", "--device", "cpu", "--config", "eval.metrics=[entropy]"]
+    assert W.main(["--checkpoint", str(given), *args]) == 0
+    assert [r["checkpoint"] for r in jsonl(run / "eval" / "eval.jsonl")] == ["step_00000020"]
+    empty = tmp_path / "empty"
+    make_ckpt(empty, 10, assets, complete=False)
+    assert W.main(["--checkpoint", str({"run": empty, "checkpoints": empty / "checkpoints",
+                                        "latest": empty / "checkpoints" / "latest"}[form]), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("metalm-evaluate: --checkpoint ") and \
+        f"no complete checkpoint in {empty / 'checkpoints'} (1 step directories, none with a COMPLETE marker" in err
+
+
+def test_shards_at_any_location_the_trainer_reads_are_taken_as_given(tmp_path):
+    """--shards takes what data.shards takes: a URL or a pipe: command as given (one URL test, metalm.storage), a
+    local directory only with its manifest.json."""
+    for location in ("pipe:cat /data/shards/{}", "s3://bucket/shards", "hf://datasets/org/shards"):
+        assert W.check_shards(location) == location
+    with pytest.raises(W.UsageError, match="no manifest.json there"):
+        W.check_shards(str(tmp_path))

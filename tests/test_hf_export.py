@@ -267,3 +267,24 @@ def test_zero_to_fp32_safe_serialization_on_an_untied_checkpoint_as_documented(u
     converted = load_file(str(step / shlex.split(safe[0])[3] / "model.safetensors"))
     assert not torch.equal(converted["lm.lm_head.weight"], converted["lm.model.embed_tokens.weight"])
     _assert_same_weights(converted, step)
+
+
+@pytest.mark.parametrize("form", ["run", "checkpoints", "latest"])
+def test_a_run_its_checkpoints_or_latest_exports_the_newest_complete_checkpoint(tied_ckpt, tmp_path, form, capsys):
+    """metalm-export given a run directory, its checkpoints/ directory or `latest` exports the checkpoint `latest`
+    names, not a newer interrupted save; where there is none, a one-line error that says so."""
+    run = tmp_path / "run"
+    shutil.copytree(tied_ckpt.parent.parent, run)
+    interrupted = run / "checkpoints" / "step_00000004"
+    shutil.copytree(tied_ckpt, interrupted)
+    (interrupted / ckpt.MARKER).unlink()
+    given = {"run": run, "checkpoints": run / "checkpoints", "latest": run / "checkpoints" / "latest"}[form]
+    assert export_main([str(given), "--out", str(tmp_path / "hf")]) == 0
+    assert capsys.readouterr().out.startswith(f"exported {run / 'checkpoints' / 'step_00000002'} -> ")
+    assert (tmp_path / "hf" / "config.json").is_file()
+    shutil.rmtree(run / "checkpoints" / "step_00000002")
+    assert export_main([str(given), "--out", str(tmp_path / "hf2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"metalm-export: error: {given}: no complete checkpoint in {run / 'checkpoints'} (1 step "
+                   f"directories, none with a COMPLETE marker whose files are all there)")
+    assert not (tmp_path / "hf2").exists()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from s3server import s3_server  # noqa: F401 - the fixture
+from s3server import FAKE_KEYS, DropProxy, s3_server  # noqa: F401 - the fixture
 
 from metalm import storage
 from metalm.storage import StorageError, open_store
@@ -145,3 +146,29 @@ def test_cache_path_is_per_location():
     b = storage.cache_path("/c", "s3://b/other", "train/shard-000000.tar")
     assert a != b and a.parent.parent.parent == Path("/c") and a.name == "shard-000000.tar"
     assert "s3:" not in str(a)
+
+
+def test_a_black_holed_s3_endpoint_fails_each_request_once_after_the_timeout(tmp_path, monkeypatch):
+    """An endpoint that accepts connections and never answers (a listener on 127.0.0.1 started and stopped here):
+    with Limits(timeout_s=1, attempts=1) every operation, uploads included, fails after about a second with one
+    request sent, instead of botocore's and s3fs's retries multiplying, or an upload waiting for ever for the
+    server's "100 Continue"."""
+    pytest.importorskip("s3fs")
+    hole = DropProxy(None)
+    try:
+        for key, value in {**FAKE_KEYS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{hole.port}"}.items():
+            monkeypatch.setenv(key, value)
+        store = open_store("s3://bucket/ckpts", storage.Limits(timeout_s=1, attempts=1))
+        src = tmp_path / "state.bin"
+        src.write_bytes(b"w" * 5000)
+        ops = {"write_bytes": lambda: store.write_bytes("a", b"data"), "put_file": lambda: store.put_file("b", src),
+               "read_bytes": lambda: store.read_bytes("a"), "list": store.list}
+        for name, op in ops.items():
+            before, t0 = len(hole.requests), time.monotonic()
+            with pytest.raises(OSError, match="Read timeout on endpoint URL"):
+                op()
+            took = time.monotonic() - t0
+            assert 0.9 < took < 5, (name, took)
+            assert len(hole.requests) == before + 1, (name, hole.requests[before:])
+    finally:
+        hole.close()

@@ -103,7 +103,8 @@ def test_a_second_holder_of_the_run_lock_is_refused_naming_the_first(tmp_path):
 
 def test_the_run_lock_dies_with_its_holder(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", "import sys, time; from metalm.train.preflight import RunLock; "
-                          f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                          f"lock = RunLock({str(tmp_path)!r}); lock.acquire(); print('held', flush=True); "
+                          "time.sleep(60)"],
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
     with pytest.raises(TrainingError, match="in use by another trainer"):

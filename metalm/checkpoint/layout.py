@@ -21,10 +21,18 @@ from metalm.fsutil import file_sha256, fsync_dir, write_atomic
 
 log = logging.getLogger("metalm.checkpoint")
 
+# the names of a checkpoint's files and of the pointer beside them, here and nowhere else
 MARKER = "COMPLETE"
 MARKER_FORMAT = "metalm-checkpoint"
 STATE_FILE = "trainer_state.json"
-POINTER = "latest"
+CONFIG_FILE = "config.yaml"
+MODEL_FILE = "model.safetensors"
+HEAD_FILE = "meta_head.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+DS_DIR = "ds"  # DeepSpeed's state (its tag directory)
+DS_POINTER = "latest"  # inside a checkpoint: DeepSpeed's own pointer to its tag, where zero_to_fp32.py looks
+POINTER = "latest"  # beside the checkpoints: names the newest complete one
+RANK_STATE = "rank_{rank:05d}.pt"
 STEP_RE = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-step_"  # a save in progress
 DELETE_PREFIX = ".tmp-delete-"  # a checkpoint being pruned: renamed first, so it never looks complete

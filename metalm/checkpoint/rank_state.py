@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from metalm.checkpoint.layout import CheckpointError
+from metalm.checkpoint.layout import RANK_STATE, CheckpointError
 from metalm.fsutil import write_atomic
 
 
 def rank_file(ckpt: Path, rank: int) -> Path:
-    return Path(ckpt) / f"rank_{rank:05d}.pt"
+    return Path(ckpt) / RANK_STATE.format(rank=rank)
 
 
 def rng_state() -> dict[str, Any]:

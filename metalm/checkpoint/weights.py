@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from metalm.checkpoint.layout import CheckpointError, checkpoint_problem
+from metalm.checkpoint.layout import CONFIG_FILE, MODEL_FILE, CheckpointError, checkpoint_problem
 
 
 def _umask() -> int:
@@ -57,15 +57,15 @@ def load_model(ckpt: Path, device: str | torch.device = "cpu", verify: bool = Tr
     from metalm.model import build_model
 
     ckpt = Path(ckpt)
-    problem = checkpoint_problem(ckpt, checksums=verify, only=("config.yaml", "model.safetensors"))
+    problem = checkpoint_problem(ckpt, checksums=verify, only=(CONFIG_FILE, MODEL_FILE))
     if problem is not None:
         raise CheckpointError(f"{ckpt} is not a usable checkpoint: {problem}")
     try:
-        cfg = load_config(ckpt / "config.yaml")
+        cfg = load_config(ckpt / CONFIG_FILE)
     except ConfigError as e:
         raise CheckpointError(f"{ckpt}/config.yaml: {e}") from None
     model = build_model(cfg.model)
-    weights = load_safetensors(ckpt / "model.safetensors")
+    weights = load_safetensors(ckpt / MODEL_FILE)
     if cfg.model.tie_embeddings and "model.embed_tokens.weight" in weights:
         weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
     try:

@@ -42,6 +42,7 @@ from metalm.data.manifest import (FORMAT, MANIFEST, PREPARE_STATE, SPLITS, TOKEN
 from metalm.data.sources import describe_source, iter_documents
 from metalm.data.shards import SplitWriter, finished_shards, remove_stale
 from metalm.data.tokenizer import Tokenizer, load_tokenizer
+from metalm.locks import HeldLock
 from metalm.storage import LocalStore, Store, check_location, describe, open_store
 
 log = logging.getLogger("metalm.data.prepare")
@@ -160,22 +161,18 @@ class _Encoder:
 
 @contextmanager
 def _dir_lock(out: Store):
-    """An exclusive lock on a local output directory (concurrent preparers run one after the other). A bucket
-    has no locks: run one preparer per URL at a time."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking
-        yield
-        return
+    """An exclusive lock on a local output directory (concurrent preparers run one after the other; the one that
+    waits says for whom). A bucket has no locks: run one preparer per URL at a time."""
     if not isinstance(out, LocalStore):
         yield
         return
-    with open(out.path(".prepare.lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    lock = HeldLock(out.path(".prepare.lock"), lambda holder: f"{out.location} is being prepared ({holder})")
+    lock.acquire(wait=True, waiting=lambda holder: print(
+        f"metalm-prepare: waiting for the preparer writing {out.location} ({holder})", file=sys.stderr, flush=True))
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _config_diff(old: dict, new: dict) -> str:

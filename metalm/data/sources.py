@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 
 from metalm.config import TEXT_SPLITS
 from metalm.data.errors import DataError, parse_json
-from metalm.storage import describe, filesystem, is_pipe, is_url
+from metalm.storage import FsspecStore, StorePath, describe, is_pipe, is_url, scheme
 
 Document = Union[str, list]  # text, or token ids for pretokenized sources
 
@@ -57,67 +57,21 @@ PARQUET_SUFFIXES = (".parquet",)
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 
 
-class RemotePath:
-    """A file or folder behind an fsspec URL, with the few `Path` methods the readers below use (name, /,
-    is_file, is_dir, stat, read_text, read_bytes, open, rglob); str() is its URL."""
-
-    def __init__(self, fs, path: str):
-        self.fs, self.path = fs, path.rstrip("/")
-        self.name = self.path.rsplit("/", 1)[-1]
-
-    def __str__(self) -> str:
-        return self.fs.unstrip_protocol(self.path)
-
-    def __repr__(self) -> str:
-        return f"RemotePath({str(self)!r})"
-
-    def __lt__(self, other: RemotePath) -> bool:
-        return self.path < other.path
-
-    def __truediv__(self, rel: str) -> RemotePath:
-        return RemotePath(self.fs, f"{self.path}/{rel}")
-
-    def is_file(self) -> bool:
-        return bool(self.fs.isfile(self.path))
-
-    def is_dir(self) -> bool:
-        return bool(self.fs.isdir(self.path))
-
-    def stat(self):
-        class _Stat:
-            st_size = int(self.fs.size(self.path))
-        return _Stat()
-
-    def read_bytes(self) -> bytes:
-        return self.fs.cat_file(self.path)
-
-    def read_text(self, encoding: str = "utf-8") -> str:
-        return self.read_bytes().decode(encoding)
-
-    def open(self, mode: str = "rb"):
-        return self.fs.open(self.path, mode)
-
-    def rglob(self, pattern: str) -> list[RemotePath]:
-        suffix = pattern.lstrip("*")
-        return [RemotePath(self.fs, p) for p in sorted(self.fs.find(self.path)) if p.endswith(suffix)]
-
-
-def _as_path(path) -> Path | RemotePath:
-    """A local Path, or a RemotePath for a URL (given as a string or already one)."""
-    if isinstance(path, RemotePath):
+def _as_path(path) -> Path | StorePath:
+    """A local Path, or a StorePath for a URL (given as a string or already one)."""
+    if isinstance(path, StorePath):
         return path
     if is_url(str(path)):
-        fs, inner = _remote_fs(str(path))
-        return RemotePath(fs, inner)
+        return StorePath(_remote_store(str(path)))
     return Path(path)
 
 
-def _remote_fs(url: str):
+def _remote_store(url: str) -> FsspecStore:
     if is_pipe(url):
         raise DataError(f"source {url!r}: pipe: serves shards to the loader, not documents to metalm-prepare; "
                         f"give a path or a URL (s3://, gs://, https://, hf://)")
     try:
-        return filesystem(url)
+        return FsspecStore(url)
     except OSError as e:
         raise DataError(f"source {url!r}: {describe(e)}") from None
 
@@ -202,13 +156,20 @@ def _select(source: str, path, *, pattern: bool, can_list: bool, glob: Callable[
     return None
 
 
-def _resolve_remote(source: str) -> list[RemotePath]:
-    fs, inner = _remote_fs(source)
-    web = source.split("://", 1)[0].lower() in ("http", "https")
+def _resolve_remote(source: str) -> list[StorePath]:
+    web = scheme(source) in ("http", "https")
+    head, rest = source.split("://", 1)
+    parts = rest.split("/")
+    first_glob = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*?[")), None)
+    pattern = first_glob is not None and not web
+    if pattern and first_glob == 0:
+        raise DataError(f"source {source!r}: a glob in the bucket or host name; expected one in the path below it")
+    base = f"{head}://{'/'.join(parts[:first_glob])}" if pattern else source
+    store = _remote_store(base)
     try:
-        files = _select(source, RemotePath(fs, inner), pattern=any(ch in inner for ch in "*?["), can_list=not web,
-                        glob=lambda: [RemotePath(fs, p) for p in sorted(fs.glob(inner))],
-                        find=lambda: [RemotePath(fs, p) for p in sorted(fs.find(inner))])
+        files = _select(source, StorePath(store), pattern=pattern, can_list=not web,
+                        glob=lambda: [StorePath(store, p) for p in store.glob("/".join(parts[first_glob:]))],
+                        find=lambda: [StorePath(store, p) for p in store.find()])
     except DataError:
         raise
     except OSError as e:
@@ -272,10 +233,10 @@ def iter_documents(source: str, *, text_field: str = "text", text_split: str = "
             yield from iter_parquet(path, text_field=text_field)
 
 
-def _open_binary(path: Path | RemotePath):
+def _open_binary(path: Path | StorePath):
     try:
         gz = path.name.lower().endswith(".gz")
-        if isinstance(path, RemotePath):  # streamed through fsspec (block-wise reads)
+        if isinstance(path, StorePath):  # streamed through fsspec (block-wise reads)
             f = path.open("rb")
             return gzip.GzipFile(fileobj=f, mode="rb") if gz else f
         return gzip.open(path, "rb") if gz else open(path, "rb")
@@ -391,7 +352,7 @@ def iter_parquet(path: str | os.PathLike, *, text_field: str = "text", batch_row
 
     path = _as_path(path)
     try:
-        pf = pq.ParquetFile(path.open("rb") if isinstance(path, RemotePath) else path)
+        pf = pq.ParquetFile(path.open("rb") if isinstance(path, StorePath) else path)
     except OSError as e:
         raise DataError(f"{path}: cannot read as parquet: {e}") from None
     except Exception as e:  # pyarrow raises ArrowInvalid (a ValueError) for non-parquet bytes
@@ -410,7 +371,7 @@ def _arrow_batches(path: Path):
     import pyarrow as pa
 
     try:
-        source = pa.BufferReader(path.read_bytes()) if isinstance(path, RemotePath) else pa.memory_map(str(path), "r")
+        source = pa.BufferReader(path.read_bytes()) if isinstance(path, StorePath) else pa.memory_map(str(path), "r")
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e}") from None
     try:

@@ -20,12 +20,15 @@ import time
 from pathlib import Path
 from collections.abc import Callable
 
+from metalm.checkpoint import CONFIG_FILE, STATE_FILE, TOKENIZER_FILE
+from metalm.storage import is_url
+
 log = logging.getLogger("metalm.eval.checkpoint_eval")
 
 RESULT_VERSION = 1
 # the small files checked (sha256 included) before they are read; config.yaml and model.safetensors are
 # checked by load_model itself
-SMALL_FILES = ("trainer_state.json", "config.yaml", "tokenizer.json")
+SMALL_FILES = (STATE_FILE, CONFIG_FILE, TOKENIZER_FILE)
 
 
 class DeviceError(ValueError):
@@ -97,11 +100,11 @@ def resolve_shards(cfg, state, shards: str | None = None, from_overrides: bool =
     if shards:
         return str(shards), "--shards"
     configured = str(cfg.data.shards)
-    if from_overrides or "://" in configured or Path(configured).is_absolute() or Path(configured).exists():
+    if from_overrides or is_url(configured) or Path(configured).is_absolute() or Path(configured).exists():
         return configured, "config"
     recorded = getattr(state, "data_shards", None)
-    if recorded and ("://" in recorded or Path(recorded).exists()):
-        return recorded, "trainer_state.json"
+    if recorded and (is_url(recorded) or Path(recorded).exists()):
+        return recorded, STATE_FILE
     return configured, "config"
 
 
@@ -167,19 +170,19 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
         raise CheckpointError(f"{where} is not a usable checkpoint: {problem}")
     state = read_state(ckpt_dir)
     try:
-        cfg = load_config(ckpt_dir / "config.yaml", overrides)
+        cfg = load_config(ckpt_dir / CONFIG_FILE, overrides)
     except ConfigError as e:
         try:
-            load_config(ckpt_dir / "config.yaml")
+            load_config(ckpt_dir / CONFIG_FILE)
         except ConfigError:
-            raise CheckpointError(here(f"{ckpt_dir}/config.yaml: {e}")) from None
+            raise CheckpointError(here(f"{ckpt_dir}/{CONFIG_FILE}: {e}")) from None
         raise OverrideError(f"the --config overrides do not apply to {where}: {e}") from None
     problems = input_problems(cfg)
     if problems:
         raise InputError("; ".join(problems))
     shard_path, shard_from = resolve_shards(cfg, state, shards, _overrides_set(overrides, "data.shards"))
     if shard_path != cfg.data.shards:
-        if shard_from == "trainer_state.json":
+        if shard_from == STATE_FILE:
             log.info("%s: data.shards=%r does not exist from %s; using the run's shards %s (data_shards in "
                      "trainer_state.json)", label, cfg.data.shards, os.getcwd(), shard_path)
         cfg.data.shards = shard_path

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from metalm.storage import is_url, open_store
+
 TAG_RE = re.compile(r"^(O|[BI]-\S+)$")
 LINE_BREAK = re.compile(r"\r\n|\r|\n")
 BOM = "\ufeff"
@@ -40,11 +42,9 @@ class Sentence:
 
 def _open_text(path: str | Path) -> str:
     p = str(path)
-    if "://" in p:
-        import fsspec
-
-        with fsspec.open(p, "rb") as f:  # bytes: no newline translation, line breaks are parse_iob2's
-            data = f.read()
+    if is_url(p):  # bytes: no newline translation, line breaks are parse_iob2's
+        head, _, name = p.rpartition("/")
+        data = open_store(head).read_bytes(name)
     else:
         data = Path(p).read_bytes()
     return data.decode("utf-8")  # a leading BOM is kept here and dropped by parse_iob2 (exactly one)

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from metalm.checkpoint import TOKENIZER_FILE
 from metalm.eval.crf import LinearChainCRF
 from metalm.eval.iob2 import Sentence, read_iob2
 from metalm.eval.ner_metrics import initial_slope, loss_auc, span_metrics, t90
@@ -76,10 +77,10 @@ def word_encoder(tokenizer, word_sep: str = " ") -> WordEncoder:
 
 def load_tokenizer_for(ckpt_dir: Path | None, cfg) -> object:
     """The tokenizer a run trained with: the checkpoint's tokenizer.json, else the config's `data.tokenizer`."""
-    if ckpt_dir is not None and (Path(ckpt_dir) / "tokenizer.json").is_file():
+    if ckpt_dir is not None and (Path(ckpt_dir) / TOKENIZER_FILE).is_file():
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(Path(ckpt_dir) / "tokenizer.json"))
+        return Tokenizer.from_file(str(Path(ckpt_dir) / TOKENIZER_FILE))
     from metalm.data.tokenizer import load_tokenizer
 
     return load_tokenizer(cfg.data.tokenizer)
@@ -226,7 +227,7 @@ def _head_mode_cache(model: TokenClassifier, examples: list[Example], device, ba
     with _eval_mode(model.backbone), torch.no_grad():
         for i in range(0, len(examples), batch_size):
             chunk = examples[i: i + batch_size]
-            ids, pos, _, mask = _collate(chunk)
+            ids, pos, _, _mask = _collate(chunk)
             f = model.word_features(ids.to(device), pos.to(device)).float()
             for b, e in enumerate(chunk):
                 feats.append(f[b, : len(e.word_pos)].cpu())

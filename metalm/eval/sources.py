@@ -1,9 +1,10 @@
-"""Where the evaluator finds checkpoints: a local directory or an fsspec URL (s3://, gs://, ...).
+"""Where the evaluator finds checkpoints: a run directory, its checkpoints/ directory, or either as a URL (s3://,
+gs://, ...), through `metalm.checkpoint.CheckpointStore`.
 
-A source lists the complete checkpoints under its root (those with a COMPLETE marker) and snapshots the files
-an evaluation reads into a local directory (hard links for local checkpoints, downloads for URLs), so that a
-checkpoint pruned by the trainer mid-evaluation is still evaluated from its snapshot. The snapshot includes the
-marker, so the evaluation verifies the very files it reads against the sizes and sha256s recorded at save time.
+A source lists the checkpoints under its root and snapshots the files an evaluation reads into a local directory
+(hard links for local checkpoints, downloads for URLs), so that a checkpoint pruned by the trainer mid-evaluation
+is still evaluated from its snapshot. The snapshot includes the marker, so the evaluation verifies the very files
+it reads against the sizes and sha256s recorded at save time.
 
 A file missing from a snapshot means one of two things. The checkpoint is gone (pruned: the trainer renames a
 checkpoint out of the way before deleting it): `Vanished`, and it is skipped. Or the directory and its marker
@@ -12,16 +13,17 @@ written), a `CheckpointError` naming it and the file, which the watcher records 
 """
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from metalm.checkpoint import MARKER, STEP_RE, CheckpointError
+from metalm.checkpoint import (CONFIG_FILE, MARKER, MODEL_FILE, STATE_FILE, TOKENIZER_FILE, CheckpointError,
+                               CheckpointStore)
+from metalm.checkpoint.store import RUN_SUBDIR
+from metalm.storage import join, local_path
 
-REQUIRED_FILES = (MARKER, "trainer_state.json", "config.yaml", "model.safetensors")
-OPTIONAL_FILES = ("tokenizer.json",)
+REQUIRED_FILES = (MARKER, STATE_FILE, CONFIG_FILE, MODEL_FILE)
+OPTIONAL_FILES = (TOKENIZER_FILE,)
 
 
 class Vanished(RuntimeError):
@@ -43,136 +45,77 @@ class Ref:
     location: str  # local path or URL of the checkpoint directory
 
 
-def _is_url(s: str) -> bool:
-    return "://" in s and not s.startswith("file://")
+class Source:
+    """A run directory or its checkpoints/ directory, local or a URL (which may not exist yet when the watcher
+    starts). A URL whose scheme needs a missing package is a StorageError now."""
 
-
-class LocalSource:
-    """A run directory or its checkpoints/ directory (which may not exist yet when the watcher starts)."""
-
-    def __init__(self, root: str):
-        self.given = Path(root[len("file://"):] if root.startswith("file://") else root)
+    def __init__(self, given: str):
+        self.given = str(given).rstrip("/") or str(given)
+        self.base = CheckpointStore(self.given)
+        self.local = self.base.store.local
         self.recheck_s = RECHECK_S
 
     def exists(self) -> bool:
         """The directory given exists (the run, or its checkpoints/ directory)."""
-        return self.given.is_dir()
+        return self.base.store.path().is_dir() if self.local else self.base.exists()
+
+    def not_a_directory(self) -> bool:
+        """A local path that exists and is not a directory."""
+        return self.local and self.base.store.path().exists() and not self.base.store.path().is_dir()
 
     @property
-    def root(self) -> Path:
-        sub = self.given / "checkpoints"
-        return sub if self.given.name != "checkpoints" and sub.is_dir() else self.given
+    def checkpoints(self) -> CheckpointStore:
+        """The store of the checkpoints: given/checkpoints when the given directory is a run's (it has one)."""
+        if self.given.rsplit("/", 1)[-1] != RUN_SUBDIR and self.base.store.exists(RUN_SUBDIR):
+            return CheckpointStore(join(self.given, RUN_SUBDIR))
+        return self.base
 
     @property
     def run_dir(self) -> Path:
-        return self.given.parent if self.given.name == "checkpoints" else self.given
+        """The run directory (local sources)."""
+        path = local_path(self.given)
+        return path.parent if path.name == RUN_SUBDIR else path
 
     def __str__(self) -> str:
-        return str(self.root)
+        return str(self.checkpoints)
 
     def list(self) -> list[tuple[str, str]]:
-        root = self.root
-        if not root.is_dir():
-            return []
-        return sorted((p.name, str(p)) for p in root.iterdir() if STEP_RE.match(p.name) and p.is_dir())
+        """(name, location) of every step directory, complete or not, oldest first."""
+        store = self.checkpoints
+        return [(name, store.where(name)) for name in store.names()]
+
+    @staticmethod
+    def _split(location: str) -> tuple[CheckpointStore, str]:
+        head, _, name = location.rstrip("/").rpartition("/")
+        return CheckpointStore(head or "."), name
 
     def complete(self, location: str) -> bool:
         """The save finished: the COMPLETE marker (written last) is there. Whether the files it records are
         too is the snapshot's and the evaluation's question."""
-        return (Path(location) / MARKER).is_file()
+        store, name = self._split(location)
+        return store.has_marker(name)
 
     def snapshot(self, ref: Ref, dest: Path) -> None:
-        src = Path(ref.location)
-        if not self.complete(ref.location):
-            raise Vanished(f"{src} is no longer a complete checkpoint")
+        store, name = self._split(ref.location)
+        if not store.has_marker(name):
+            raise Vanished(f"{ref.location} is no longer a complete checkpoint")
         dest.mkdir(parents=True)
-        for name in REQUIRED_FILES + OPTIONAL_FILES:
-            s = src / name
+        for rel in REQUIRED_FILES + OPTIONAL_FILES:
             try:
-                try:
-                    os.link(s, dest / name)  # a hard link survives the checkpoint being pruned
-                except OSError as e:
-                    if isinstance(e, FileNotFoundError):
-                        raise
-                    shutil.copy2(s, dest / name)  # other filesystem / no link support
+                store.fetch(name, dest, [rel])
             except FileNotFoundError:
-                if name in OPTIONAL_FILES and (src / MARKER).is_file():
+                (dest / rel).unlink(missing_ok=True)
+                if rel in OPTIONAL_FILES and store.has_marker(name):
                     continue
-                if self._stays_missing(src, name):
-                    raise _broken(str(src), name) from None
-                raise Vanished(f"{src} disappeared while being snapshotted ({name} missing)") from None
+                if self._stays_missing(store, name, rel):
+                    raise _broken(ref.location, rel) from None
+                raise Vanished(f"{ref.location} disappeared while being snapshotted ({rel} missing)") from None
 
-    def _stays_missing(self, src: Path, name: str) -> bool:
-        """`name` is missing while the checkpoint and its marker are still there, and still so after recheck_s
+    def _stays_missing(self, store: CheckpointStore, name: str, rel: str) -> bool:
+        """`rel` is missing while the checkpoint and its marker are still there, and still so after recheck_s
         (a prune renames the directory away first, so it is not one in progress)."""
         for wait in (0.0, self.recheck_s):
             time.sleep(wait)
-            if not (src / MARKER).is_file() or (src / name).exists():
+            if not store.has_marker(name) or store.store.exists(f"{name}/{rel}"):
                 return False
         return True
-
-
-class FsspecSource:
-    """Any fsspec URL (s3://, gs://, memory://, ...); complete checkpoints are downloaded before reading."""
-
-    def __init__(self, url: str):
-        from metalm.storage import filesystem
-
-        self.fs, path = filesystem(url)  # StorageError naming a missing package; listings are never cached
-        self.given = path.rstrip("/")
-        self.url = url
-        self.recheck_s = RECHECK_S
-
-    def exists(self) -> bool:
-        return bool(self.fs.isdir(self.given))
-
-    @property
-    def path(self) -> str:
-        sub = self.given + "/checkpoints"
-        return sub if not self.given.endswith("/checkpoints") and self.fs.isdir(sub) else self.given
-
-    def __str__(self) -> str:
-        return self.url
-
-    def list(self) -> list[tuple[str, str]]:
-        path = self.path
-        try:
-            entries = self.fs.ls(path, detail=False)
-        except FileNotFoundError:
-            return []
-        out = []
-        for e in entries:
-            name = str(e).rstrip("/").rsplit("/", 1)[-1]
-            if STEP_RE.match(name):
-                out.append((name, f"{path}/{name}"))
-        return sorted(out)
-
-    def complete(self, location: str) -> bool:
-        return self.fs.exists(f"{location}/{MARKER}")
-
-    def snapshot(self, ref: Ref, dest: Path) -> None:
-        if not self.complete(ref.location):
-            raise Vanished(f"{ref.location} is no longer a complete checkpoint")
-        dest.mkdir(parents=True)
-        for name in REQUIRED_FILES + OPTIONAL_FILES:
-            remote = f"{ref.location}/{name}"
-            try:
-                self.fs.get_file(remote, str(dest / name))
-            except FileNotFoundError:
-                if name in OPTIONAL_FILES and self.fs.exists(f"{ref.location}/{MARKER}"):
-                    continue
-                if self._stays_missing(ref.location, name):
-                    raise _broken(ref.location, name) from None
-                raise Vanished(f"{ref.location} disappeared while being downloaded ({name} missing)") from None
-
-    def _stays_missing(self, location: str, name: str) -> bool:
-        for wait in (0.0, self.recheck_s):
-            time.sleep(wait)
-            self.fs.invalidate_cache(location)
-            if not self.fs.exists(f"{location}/{MARKER}") or self.fs.exists(f"{location}/{name}"):
-                return False
-        return True
-
-
-def make_source(root: str):
-    return FsspecSource(root) if _is_url(root) else LocalSource(root)

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
+from metalm.storage import is_url
+
 log = logging.getLogger("metalm.eval.valloss")
 
 
@@ -58,7 +60,7 @@ def val_batches_from_config(cfg, batch_size: int):
     from metalm.data.loader import build_loader
 
     shards = cfg.data.shards
-    if "://" not in shards and not (Path(shards) / "manifest.json").is_file():
+    if not is_url(shards) and not (Path(shards) / "manifest.json").is_file():
         return None, f"no data shards at data.shards={shards!r} (manifest.json missing)"
     try:
         loader = build_loader(cfg.data, split="val", seq_len=cfg.train.seq_len, micro_batch=batch_size,

@@ -16,7 +16,8 @@ State, all in the results directory (default RUN/eval/):
                               the checkpoints held back so (delete the file to retry); --checkpoint retries it.
     eval.jsonl                one line per result (step, tokens, flat metrics), appended after the result file;
                               rebuilt from the result files on start-up if a crash left it short or torn.
-    .lock                     flock held while a watcher runs, so two watchers never share a results dir.
+    .lock                     held while a watcher runs (metalm.locks: names its host, pid and start time), so
+                              two watchers never share a results dir.
     .snapshots/               per-evaluation snapshot of the files evaluation reads (hard links for local
                               checkpoints, downloaded copies for fsspec URLs), removed afterwards.
 
@@ -37,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import fcntl
 import hashlib
 import json
 import logging
@@ -51,11 +51,13 @@ import time
 import traceback
 from pathlib import Path
 
-from metalm.checkpoint import MARKER, STEP_RE, CheckpointError
+from metalm.checkpoint import MARKER, STEP_RE, CheckpointError, locate
 from metalm.config import ConfigError, load_config
 from metalm.eval.checkpoint_eval import DeviceError, OverrideError, evaluate_checkpoint, input_problems, pick_device
-from metalm.eval.sources import LocalSource, Ref, Vanished, make_source
+from metalm.eval.sources import Ref, Source, Vanished
 from metalm.fsutil import write_atomic, write_json_atomic
+from metalm.locks import HeldLock
+from metalm.storage import is_url
 
 log = logging.getLogger("metalm.eval.watcher")
 
@@ -78,7 +80,7 @@ def _now() -> str:
 
 def check_shards(shards: str | None) -> str | None:
     """--shards: a URL as given, a local directory (made absolute) only if it holds a manifest.json."""
-    if shards is None or "://" in shards:
+    if shards is None or is_url(shards):
         return shards
     if not (Path(shards) / "manifest.json").is_file():
         raise UsageError(f"--shards {shards}: no manifest.json there (expected a shards directory made by "
@@ -94,9 +96,9 @@ class Watcher:
                  every: float = 300.0, device: str = "auto", wandb: bool = True, shards: str | None = None,
                  wait_for_dir: bool = False):
         self.given = source
-        self.source = make_source(source)
+        self.source = Source(source)
         if results is None:
-            if not isinstance(self.source, LocalSource):
+            if not self.source.local:
                 raise ValueError(f"--results is required for a remote checkpoint location ({source})")
             results = str(self.source.run_dir / "eval")
         self.results = Path(results)
@@ -110,7 +112,9 @@ class Watcher:
         self.wait_for_dir = wait_for_dir
         self.wandb_enabled = wandb
         self._wandb = None
-        self._lock_fd: int | None = None
+        self._lock = HeldLock(self.results / ".lock", lambda holder: (
+            f"another evaluator holds {self.results / '.lock'} ({holder}); stop it, or give this one another "
+            f"--results directory"))
         self._evaluating = False
         self.stop_requested = False
         self._announced: set[str] = set()
@@ -128,24 +132,14 @@ class Watcher:
 
     def acquire(self) -> None:
         self.results.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.results / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise RuntimeError(f"another evaluator holds {self.results / '.lock'}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        self._lock_fd = fd
+        self._lock.acquire()
         shutil.rmtree(self.results / ".snapshots", ignore_errors=True)
         for p in self.results.glob(".*.tmp-*"):
             p.unlink(missing_ok=True)  # torn atomic writes of a killed run
         self.reconcile_jsonl()
 
     def release(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
         if self._wandb is not None:
             with contextlib.suppress(Exception):
                 self._wandb.finish()
@@ -369,7 +363,7 @@ class Watcher:
         when stopped while waiting for it."""
         if self.source.exists():
             return True
-        if isinstance(self.source, LocalSource) and self.source.given.exists():
+        if self.source.not_a_directory():
             raise UsageError(f"--watch {self.given}: not a directory")
         if not self.wait_for_dir:
             raise UsageError(f"--watch {self.given}: no such directory; check the path, or pass --wait-for-dir "
@@ -406,11 +400,16 @@ class Watcher:
 
 def evaluate_one(path: str, results: str | None, overrides: list[str], device: str, wandb: bool,
                  force: bool = False, shards: str | None = None) -> int:
-    """--checkpoint PATH: evaluate a single checkpoint, recorded in the same results layout."""
-    src_root, name = path.rstrip("/").rsplit("/", 1) if "/" in path.rstrip("/") else (".", path)
-    if not STEP_RE.match(name):
-        raise ValueError(f"{path}: a checkpoint directory is named step_XXXXXXXX")
-    w = Watcher(src_root, results, overrides, 0, device, wandb, shards=shards)
+    """--checkpoint PATH: evaluate a single checkpoint, recorded in the same results layout. PATH is a checkpoint
+    directory, or a run directory, its checkpoints/ directory or its `latest` pointer (the newest complete
+    checkpoint there; `metalm.checkpoint.locate`)."""
+    try:
+        store, name = locate(path)
+    except CheckpointError as e:
+        raise UsageError(f"--checkpoint {e}") from None
+    if store.where(name) != path.rstrip("/"):
+        log.info("--checkpoint %s: evaluating %s, the newest complete checkpoint there", path, store.where(name))
+    w = Watcher(store.url, results, overrides, 0, device, wandb, shards=shards)
     if name not in dict(w.source.list()):
         raise UsageError(f"--checkpoint {path}: no such directory")
     if force:

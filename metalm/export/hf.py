@@ -1,6 +1,11 @@
 """Export a checkpoint to a Hugging Face folder loadable as a plain `LlamaForCausalLM`.
 
     metalm-export runs/cpu-tiny/checkpoints/step_00000300 --out exported/cpu-tiny
+    metalm-export runs/cpu-tiny --out exported/cpu-tiny        # the run's newest complete checkpoint
+
+The checkpoint is named as `metalm.checkpoint.locate` takes it: a checkpoint directory, or a run directory, its
+checkpoints/ directory or its `latest` pointer (the newest complete checkpoint there); local or a URL (fetched
+and verified first).
 
 Everything in the folder is written by transformers itself: the model config (`LlamaConfig`), the weights
 (our state dict loaded strictly into a `LlamaForCausalLM`, so every name and shape is checked, then
@@ -18,11 +23,14 @@ import argparse
 import inspect
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
+from metalm.checkpoint import TOKENIZER_FILE, CheckpointError, load_model, locate, read_state
 from metalm.config import ModelConfig
+from metalm.storage import describe
 from metalm.model.llama import Transformer
 
 ROLES = ("bos", "eos", "pad", "mask")
@@ -117,8 +125,6 @@ def export_model(model: Transformer, out_dir: Path, tokenizer_json: Path | None 
 def checkpoint_special_ids(ckpt: Path) -> dict:
     """The special token ids of a checkpoint: its trainer state's, else (older checkpoints) those of the
     manifest of the shards it trained on, when that is still there; {} when neither knows."""
-    from metalm.checkpoint import read_state
-
     state = read_state(ckpt)
     special = dict(state.special_ids)
     if not special and state.data_shards:
@@ -130,29 +136,40 @@ def checkpoint_special_ids(ckpt: Path) -> dict:
 
 def export_checkpoint(ckpt: Path, out_dir: Path) -> Path:
     """Export a verified checkpoint (its weights are checked against the COMPLETE marker first)."""
-    from metalm.checkpoint import load_model
-
     ckpt = Path(ckpt)
     model, _ = load_model(ckpt)
-    tok = ckpt / "tokenizer.json"
+    tok = ckpt / TOKENIZER_FILE
     return export_model(model, out_dir, tok if tok.is_file() else None, checkpoint_special_ids(ckpt))
 
 
-def main(argv: list[str] | None = None) -> int:
-    from metalm.checkpoint import CheckpointError
+def export_located(given: str, out_dir: Path) -> tuple[str, Path]:
+    """Export the checkpoint `given` names (see `metalm.checkpoint.locate`); (its location, the output folder).
+    A checkpoint behind a URL is fetched into a temporary directory and verified there first."""
+    store, name = locate(given)
+    where = store.where(name)
+    if store.store.local:
+        return where, export_checkpoint(store.store.path(name), out_dir)
+    with tempfile.TemporaryDirectory(prefix="metalm-export-") as tmp:
+        return where, export_checkpoint(store.download(name, Path(tmp), checksums=True), out_dir)
 
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="metalm-export",
                                 description="Export a metalm checkpoint as a Hugging Face LlamaForCausalLM folder")
-    p.add_argument("checkpoint", help="a complete checkpoint directory (…/checkpoints/step_XXXXXXXX)")
+    p.add_argument("checkpoint", help="a checkpoint directory (…/checkpoints/step_XXXXXXXX), or a run directory, its "
+                                      "checkpoints/ directory or its latest pointer (the newest complete checkpoint)")
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)
     try:
-        out = export_checkpoint(Path(args.checkpoint), Path(args.out))
+        where, out = export_located(args.checkpoint, Path(args.out))
     except (CheckpointError, ExportError) as e:
         print(f"metalm-export: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a URL that cannot be read (network, credentials, missing package)
+        print(f"metalm-export: error: {args.checkpoint}: {describe(e)}", file=sys.stderr)
+        return 2
     has_tok = (out / "tokenizer_config.json").is_file()
-    print(f"exported {args.checkpoint} -> {out}: load with transformers.AutoModelForCausalLM.from_pretrained"
+    print(f"exported {where} -> {out}: load with transformers.AutoModelForCausalLM.from_pretrained"
           + (" and AutoTokenizer.from_pretrained" if has_tok else " (no tokenizer.json in the checkpoint)"))
     return 0
 

@@ -11,28 +11,34 @@ is discarded on every rank (`latest` keeps naming the previous complete checkpoi
 interval, up to checkpoint.max_failed_saves consecutive failures, after which the run stops (TrainingError).
 
 With a remote (checkpoint.remote, or a URL train.run_dir), rank 0 hands each saved checkpoint to an `Uploader`
-(metalm.train.uploader), which uploads it in the background; the last save of the run waits for the uploads and
-stops the run with an error when one failed for good. Resuming takes the newer of the local and the remote
+(metalm.train.uploader), which uploads it in the background; the last save of the run waits for the uploads, at
+most checkpoint.upload_drain_s seconds and no longer once SIGTERM/SIGINT arrives, and stops the run with an error
+naming the checkpoints still staged when one failed for good or did not finish. Each request to the bucket fails
+after checkpoint.upload_timeout_s and is not retried inside the client (the uploader's checkpoint.upload_retries
+are the only retries), so one upload attempt of a checkpoint's F files takes at most about F x upload_timeout_s.
+Resuming takes the newer of the local and the remote
 latest complete checkpoint, downloading the remote one first (a fresh machine resumes from the bucket).
 """
 from __future__ import annotations
 
 import errno
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from collections.abc import Callable
 
 from metalm import checkpoint as ckpt
-from metalm.checkpoint import CheckpointError, TrainerState
+from metalm.checkpoint import CheckpointError, CheckpointStore, TrainerState
 from metalm.config import CheckpointConfig
 from metalm.fsutil import write_atomic
-from metalm.storage import describe, is_url
+from metalm.storage import Limits, describe, is_url
 from metalm.train.dist import Collectives
 from metalm.train.engine import Engine
 from metalm.train.errors import TrainingError, describe_error
 from metalm.train.preflight import check_free_space, free_bytes
-from metalm.train.uploader import RemoteCheckpoints, Uploader
+from metalm.train.uploader import Uploader
 
 
 class SaveFailed(Exception):
@@ -50,7 +56,7 @@ class Checkpointer:
         self.cfg, self.root, self.comm, self.engine = cfg, Path(root), comm, engine
         self.remote_url = remote or None
         self.last_step = last_step  # the save at this step is the run's last: it waits for the uploads
-        self.remote: RemoteCheckpoints | None = None
+        self.remote: CheckpointStore | None = None
         self.uploader: Uploader | None = None
         self.loader, self.config_yaml, self.tokenizer_json = dataloader, config_yaml, tokenizer_json
         self.estimate_bytes = estimate_bytes  # one checkpoint's size, until the first save measures it
@@ -82,7 +88,7 @@ class Checkpointer:
         """Rank 0: the remote is reachable and writable (a probe object), and uploads a killed run left staged
         are queued again. The error message, or None."""
         try:
-            self.remote = RemoteCheckpoints(self.remote_url, retries=self.cfg.upload_retries)
+            self.remote = self._store(self.remote_url)
             self.remote.probe("trainer")
         except Exception as e:  # noqa: BLE001 - any client error (credentials, network, package): one line
             return (f"checkpoint.remote={self.remote_url}: cannot write there ({describe(e)}); check the URL and "
@@ -94,6 +100,12 @@ class Checkpointer:
         if left:
             print(f"metalm: uploading {', '.join(left)} to {self.remote_url} (left staged by the last run)", flush=True)
         return None
+
+    def _store(self, url: str) -> CheckpointStore:
+        """The checkpoints at `url`: each request bounded by checkpoint.upload_timeout_s, tried once by the client
+        (the retries are the store's own, checkpoint.upload_retries: the two never multiply)."""
+        return CheckpointStore(url, retries=self.cfg.upload_retries,
+                               limits=Limits(timeout_s=self.cfg.upload_timeout_s, attempts=1))
 
     def latest(self) -> Path | None:
         return ckpt.find_latest(self.root)
@@ -149,11 +161,12 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint.resume={mode}: expected the URL of a checkpoint directory "
                                       f"(.../step_XXXXXXXX)")
             try:
-                remote = RemoteCheckpoints(base, retries=self.cfg.upload_retries)
+                remote = self._store(base)
+                problem = remote.problem(name)
             except OSError as e:
                 raise CheckpointError(f"checkpoint.resume={mode}: {describe(e)}") from None
-            if not remote.complete(name):
-                raise CheckpointError(f"checkpoint.resume={mode}: no complete checkpoint there (no {ckpt.MARKER})")
+            if problem:
+                raise CheckpointError(f"checkpoint.resume={mode}: not a complete checkpoint: {problem}")
             path = self._download(name, remote)
         else:
             path = Path(mode)
@@ -175,7 +188,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint.remote={self.remote_url}: cannot list its checkpoints: "
                                   f"{describe(e)}") from None
 
-    def _download(self, name: str, remote: RemoteCheckpoints | None = None) -> Path:
+    def _download(self, name: str, remote: CheckpointStore | None = None) -> Path:
         remote = remote or self.remote
         print(f"metalm: downloading checkpoint {name} from {remote.url} (newer than any local one)", flush=True)
         try:
@@ -184,18 +197,33 @@ class Checkpointer:
             raise CheckpointError(f"{remote.url}/{name}: download failed: {describe(e)}") from None
 
     def _finish_uploads(self) -> None:
-        """Rank 0, at the end of the run: wait for the uploads; one that failed for good stops the run."""
+        """Rank 0, at the end of the run: wait for the uploads, at most checkpoint.upload_drain_s seconds and not
+        beyond a SIGTERM/SIGINT; one that failed for good, or did not finish, stops the run with an error naming
+        the checkpoints staged and not uploaded."""
         if self.uploader is None:
             return
         if self.uploader.busy():
-            print(f"metalm: waiting for the checkpoint uploads to {self.remote_url}", flush=True)
-        failed = self.uploader.drain()
+            print(f"metalm: waiting for the checkpoint uploads to {self.remote_url} (at most "
+                  f"checkpoint.upload_drain_s={self.cfg.upload_drain_s:g} s; SIGTERM or Ctrl-C stops waiting)",
+                  flush=True)
+        stopped: list[str] = []
+        with _signals_noted(stopped):
+            failed = self.uploader.drain(timeout=self.cfg.upload_drain_s, stop=lambda: bool(stopped))
         self._log_upload_events()
-        if failed:
-            detail = "; ".join(f"{name}: {why}" for name, why in sorted(failed.items()))
-            raise TrainingError(f"checkpoint upload to {self.remote_url} failed ({detail}); the checkpoints are "
-                                f"complete in {self.root} and staged in {self.uploader.staging}: rerun the same "
-                                f"command to upload them")
+        pending = self.uploader.pending()
+        if not pending:
+            return
+        detail = "; ".join(f"{name}: {why}" for name, why in sorted(failed.items()))
+        if stopped:
+            why = f"stopped by {stopped[0]} while waiting for the checkpoint uploads to {self.remote_url}"
+        elif set(pending) - set(failed):
+            why = (f"the checkpoint uploads to {self.remote_url} did not finish within checkpoint.upload_drain_s="
+                   f"{self.cfg.upload_drain_s:g} s")
+        else:
+            why = f"checkpoint upload to {self.remote_url} failed"
+        raise TrainingError(f"{why}{f' ({detail})' if detail else ''}; not uploaded: {', '.join(pending)}, complete "
+                            f"in {self.root} and staged in {self.uploader.staging}: rerun the same command to upload "
+                            f"them")
 
     def _log_upload_events(self) -> None:
         if self.uploader is not None:
@@ -291,18 +319,18 @@ class Checkpointer:
 
     @staticmethod
     def _write_weights(module, tmp: Path) -> None:
-        ckpt.save_weights(module.lm, tmp / "model.safetensors")
+        ckpt.save_weights(module.lm, tmp / ckpt.MODEL_FILE)
         if module.head is not None:
-            ckpt.save_weights(module.head, tmp / "meta_head.safetensors")
+            ckpt.save_weights(module.head, tmp / ckpt.HEAD_FILE)
 
     def _write_run_files(self, tmp: Path, state: TrainerState) -> None:
-        write_atomic(tmp / "config.yaml", self.config_yaml.encode())
+        write_atomic(tmp / ckpt.CONFIG_FILE, self.config_yaml.encode())
         # DeepSpeed's own pointer to its tag, where its zero_to_fp32.py looks (written here, not by DeepSpeed's
         # save_latest, whose bare open() on rank 0 is outside the collective I/O-error handling)
-        write_atomic(tmp / "latest", f"{Engine.TAG}\n".encode())
+        write_atomic(tmp / ckpt.DS_POINTER, f"{Engine.TAG}\n".encode())
         ckpt.write_state(tmp, state)
         if self.tokenizer_json is not None and self.tokenizer_json.is_file():
-            shutil.copyfile(self.tokenizer_json, tmp / "tokenizer.json")
+            shutil.copyfile(self.tokenizer_json, tmp / ckpt.TOKENIZER_FILE)
 
     def _record_files(self, tmp: Path, attempt: Callable) -> dict:
         """fsync, size and sha256 of every file, the files split over the ranks; the merged records on all."""
@@ -330,3 +358,24 @@ class Checkpointer:
         if self.rank == 0 and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         raise SaveFailed(f"checkpoint of step {step} in {tmp} failed: {msg}")
+
+
+class _signals_noted:
+    """While active (main thread only), SIGTERM and SIGINT append their name to `noted` instead of running the
+    handlers installed before; those are restored on exit."""
+
+    def __init__(self, noted: list[str]):
+        self.noted = noted
+        self.old: dict = {}
+
+    def _note(self, signum, frame) -> None:
+        self.noted.append(signal.Signals(signum).name)
+
+    def __enter__(self) -> _signals_noted:
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._note) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.old.items():
+            signal.signal(s, handler)

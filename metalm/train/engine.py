@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
-from metalm.checkpoint import CheckpointError
+from metalm.checkpoint import DS_DIR, CheckpointError
 from metalm.config import OptimConfig, TrainConfig
 from metalm.train.dist import Dist
 from metalm.train.lr_schedule import lr_lambda
@@ -183,7 +183,7 @@ class Engine:
     """One DeepSpeed engine around the PretrainModule, with a client AdamW and LambdaLR (both in its
     checkpoints). `module` is the wrapped PretrainModule (its parameters are ZeRO-3 partitions at stage 3)."""
 
-    TAG = "ds"  # the DeepSpeed state's subdirectory in a checkpoint
+    TAG = DS_DIR  # the DeepSpeed state's subdirectory in a checkpoint
 
     def __init__(self, module: torch.nn.Module, optim: OptimConfig, train: TrainConfig, ds_config: dict,
                  dist: Dist):

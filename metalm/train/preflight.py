@@ -2,14 +2,11 @@
 step fits in memory. Each check fails with a TrainingError naming the path or key and what to change."""
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import shutil
-import socket
-import time
 from pathlib import Path
 
+from metalm.locks import HeldLock, LockBusy
 from metalm.train.errors import TrainingError, describe_error
 
 _CKPT_OVERHEAD = 1 << 20  # config, tokenizer, trainer and per-rank state, pickling overhead
@@ -153,45 +150,24 @@ def check_step_memory(parts: dict[str, int], device_type: str, accum: int) -> li
 
 
 class RunLock:
-    """An exclusive lock on a run directory (`RUN/.lock`, flock), held by rank 0 for the life of the run.
-
-    A second trainer on the same train.run_dir fails at once, naming the holder's host and pid (written into
-    the lock file). The kernel releases a flock when its holder exits, however it exits (kill -9 included), so
-    a stale lock file never blocks a restart. flock is per host on most network filesystems: two trainers on
-    different machines sharing one run directory over NFS are not excluded by it.
-    """
+    """An exclusive lock on a run directory (`RUN/.lock`, `metalm.locks.HeldLock`), held by rank 0 for the life of
+    the run. A second trainer on the same train.run_dir fails at once, naming the holder's host, pid and start
+    time. It is held while this object lives (keep a reference) and until `release`; a stale lock file never
+    blocks a restart (the kernel releases the lock of a process that died)."""
 
     NAME = ".lock"
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / self.NAME
-        self.fd: int | None = None
+        self.lock = HeldLock(self.path, lambda holder: (
+            f"train.run_dir {self.path.parent} is in use by another trainer ({holder}); wait for it to finish, stop "
+            f"it, or choose another train.run_dir"))
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._holder(fd)
-            os.close(fd)
-            raise TrainingError(f"train.run_dir {self.path.parent} is in use by another trainer ({holder}); wait "
-                                f"for it to finish, stop it, or choose another train.run_dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode() + b"\n")
-        os.fsync(fd)
-        self.fd = fd
-
-    @staticmethod
-    def _holder(fd: int) -> str:
-        try:
-            info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-            return f"host {info.get('host')}, pid {info.get('pid')}, since {info.get('since')}"
-        except (OSError, ValueError, UnicodeDecodeError):
-            return "holder unknown"
+            self.lock.acquire()
+        except LockBusy as e:
+            raise TrainingError(str(e)) from None
 
     def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+        self.lock.release()

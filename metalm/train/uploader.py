@@ -1,12 +1,11 @@
-"""Checkpoints in a bucket: a background uploader for the checkpoints a run saves locally, and the remote side of
-resume and prune (list, find the latest complete one, download it, delete old ones).
+"""A background uploader for the checkpoints a run saves locally, to a bucket (`metalm.checkpoint.CheckpointStore`
+does the listing, uploading and pruning there).
 
-The remote layout is the local one (metalm.checkpoint): URL/step_XXXXXXXX/<files>, URL/step_XXXXXXXX/COMPLETE,
-URL/latest. A checkpoint is uploaded file by file (each object appears complete or not at all), the COMPLETE
-marker after every other file, `latest` after the marker; a marker already there (the same step saved again, by a
-resumed run) is deleted first. So a reader that waits for the marker, the evaluator or a resume on another
-machine, never sees a partial checkpoint. After each upload the remote keeps the newest checkpoint.keep_last_k
-complete checkpoints (never the one `latest` names): an old one loses its marker first, then its files.
+A checkpoint is uploaded file by file (each object appears complete or not at all), the COMPLETE marker after
+every other file, `latest` after the marker; a marker already there (the same step saved again, by a resumed run)
+is deleted first. So a reader that waits for the marker, the evaluator or a resume on another machine, never sees
+a partial checkpoint. After each upload the remote keeps the newest checkpoint.keep_last_k complete checkpoints
+(never the one `latest` names): an old one loses its marker first, then its files.
 
 The uploader runs in one thread of rank 0 (the run directory is shared by the ranks). `submit` takes a
 snapshot of the finished checkpoint by hard links into RUN/.uploads/ (milliseconds; the local prune can then
@@ -15,10 +14,13 @@ wait, and when one more arrives the oldest waiting one is superseded (a warning 
 retried with backoff; a checkpoint that still fails is reported (stderr, metrics.jsonl), stays staged, and is
 tried again after the next checkpoint and when the run ends, where a failure stops the run with an error: an
 upload is never dropped in silence. Snapshots left by a killed run are uploaded at the next start.
+
+The final wait (`drain`) has a deadline and ends early on a stop request; what is then still staged is named by
+`pending()`. Each request to the bucket is bounded by the store's timeout (`metalm.storage.Limits`), so a bucket
+that accepts connections and never answers fails an upload attempt instead of hanging it.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -27,13 +29,8 @@ import time
 from pathlib import Path
 from collections.abc import Callable
 
-from metalm import checkpoint as ckpt
-from metalm.checkpoint import MARKER, STEP_RE, CheckpointError
-from metalm.fsutil import fsync_dir, write_atomic
-from metalm.storage import describe, open_store, retry
-
-POINTER = "latest"
-DOWNLOAD_PREFIX = ".tmp-download-"
+from metalm.checkpoint import MARKER, STEP_RE, CheckpointStore
+from metalm.storage import describe, retry
 
 
 def _say(text: str) -> None:
@@ -45,123 +42,10 @@ def _warn(text: str) -> None:
     sys.stderr.flush()
 
 
-class RemoteCheckpoints:
-    """The checkpoints under a URL (or any storage location)."""
-
-    def __init__(self, url: str, retries: int = 4, backoff: float = 1.0):
-        self.url = url.rstrip("/")
-        self.store = open_store(self.url)  # a missing package or a read-only scheme: an error now
-        self.retries, self.backoff = retries, backoff
-
-    def _retry(self, fn, what: str):
-        return retry(fn, attempts=self.retries + 1, what=what, backoff=self.backoff,
-                     give_up_on=(FileNotFoundError, PermissionError))
-
-    def probe(self, who: str) -> None:
-        """Write and delete a small object: credentials and permissions work (before any training)."""
-        name = f".metalm-probe-{who}-{os.getpid()}"
-        self.store.write_bytes(name, b"probe\n")
-        self.store.remove(name)
-
-    # -- reading
-    def names(self) -> list[str]:
-        """step_XXXXXXXX entries (complete or not), oldest first."""
-        return sorted(n for n in self.store.list() if STEP_RE.match(n))
-
-    def complete(self, name: str) -> bool:
-        return self.store.exists(f"{name}/{MARKER}")
-
-    def completed(self) -> list[str]:
-        return [n for n in self.names() if self.complete(n)]
-
-    def latest(self) -> str | None:
-        """The checkpoint `latest` names if its marker is there, else the newest one with a marker."""
-        try:
-            name = self.store.read_bytes(POINTER).decode("utf-8", "replace").strip()
-        except OSError:
-            name = ""
-        if STEP_RE.match(name) and self.complete(name):
-            return name
-        done = self.completed()
-        return done[-1] if done else None
-
-    def download(self, name: str, root: Path, checksums: bool) -> Path:
-        """Fetch checkpoint `name` into root/name (through a temporary directory, checked against its marker:
-        sizes, and sha256s with `checksums`) and point root/latest at it."""
-        where = f"{self.url}/{name}"
-        try:
-            marker = self._retry(lambda: self.store.read_bytes(f"{name}/{MARKER}"), where)
-        except OSError as e:
-            raise CheckpointError(f"{where}: cannot read its {MARKER} marker: {describe(e)}") from None
-        try:
-            files = json.loads(marker)["files"]
-            assert isinstance(files, dict)
-        except (ValueError, KeyError, TypeError, AssertionError):
-            raise CheckpointError(f"{where}/{MARKER}: not a metalm checkpoint marker (no file records)") from None
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f"{DOWNLOAD_PREFIX}{name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            for rel in sorted(files):
-                if rel.startswith("/") or ".." in rel.split("/"):
-                    raise CheckpointError(f"{where}/{MARKER}: file {rel!r} leaves the checkpoint directory")
-                dest = tmp / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    self._retry(lambda: self.store.get_file(f"{name}/{rel}", dest), f"{where}/{rel}")
-                except OSError as e:
-                    raise CheckpointError(f"{where}/{rel}: download failed: {describe(e)}") from None
-            write_atomic(tmp / MARKER, marker)
-            problem = ckpt.checkpoint_problem(tmp, checksums=checksums)
-            if problem:
-                raise CheckpointError(f"{where} downloaded, but it is not a complete checkpoint: {problem}")
-            final = root / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(root)
-            write_atomic(root / POINTER, (name + "\n").encode())
-            return final
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    # -- writing
-    def upload(self, local: Path, name: str, done: set) -> int:
-        """Upload checkpoint directory `local` as `name`; files already in `done` (an earlier attempt of the same
-        upload) are not sent again. Returns the bytes sent."""
-        if not done and self.complete(name):
-            self.store.remove(f"{name}/{MARKER}")  # the same step saved again: no reader may mix the two
-        files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file() and p.name != MARKER)
-        sent = 0
-        for rel in files:
-            if rel in done:
-                continue
-            self.store.put_file(f"{name}/{rel}", local / rel)
-            sent += (local / rel).stat().st_size
-            done.add(rel)
-        if MARKER not in done:
-            self.store.put_file(f"{name}/{MARKER}", local / MARKER)
-            done.add(MARKER)
-        self.store.write_bytes(POINTER, (name + "\n").encode())
-        return sent
-
-    def prune(self, keep_last_k: int, keep: str) -> list[str]:
-        """Delete complete checkpoints beyond the newest keep_last_k (never `keep`), and incomplete ones older
-        than `keep` (uploads a killed run left); returns the names deleted."""
-        names = self.names()
-        done = [n for n in names if self.complete(n)]
-        doomed = [n for n in (done[:-keep_last_k] if keep_last_k > 0 else []) if n != keep]
-        doomed += [n for n in names if n not in done and n < keep]
-        for n in doomed:
-            self.store.remove(f"{n}/{MARKER}")  # first: from here on no reader takes it for complete
-            self.store.remove(n, recursive=True)
-        return doomed
-
-
 class Uploader:
     """Uploads staged checkpoints in a background thread (see the module doc)."""
 
-    def __init__(self, remote: RemoteCheckpoints, staging: Path, keep_last_k: int, queue_size: int = 2,
+    def __init__(self, remote: CheckpointStore, staging: Path, keep_last_k: int, queue_size: int = 2,
                  say: Callable[[str], None] = _say, warn: Callable[[str], None] = _warn):
         self.remote, self.staging = remote, Path(staging)
         self.keep_last_k, self.queue_size = keep_last_k, queue_size
@@ -202,8 +86,10 @@ class Uploader:
             self._ensure_thread()
         return found
 
-    def drain(self, timeout: float | None = None) -> dict[str, str]:
-        """Wait until every staged checkpoint is uploaded or has failed once more; {name: why} of the failed."""
+    def drain(self, timeout: float | None = None, stop: Callable[[], bool] | None = None) -> dict[str, str]:
+        """Wait until every staged checkpoint is uploaded or has failed once more, at most `timeout` seconds, and
+        no longer once `stop()` is true (polled every 0.2 s); {name: why} of the failed. After a timeout or a stop,
+        `pending()` names what is still staged."""
         with self.cond:
             self._requeue_failed()
             self.cond.notify_all()
@@ -211,11 +97,19 @@ class Uploader:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
             while self.waiting or self.current is not None:
+                if stop is not None and stop():
+                    break
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
-                self.cond.wait(left if left is not None else 1.0)
+                self.cond.wait(min(0.2, left) if left is not None else 0.2)
             return dict(self.failed)
+
+    def pending(self) -> list[str]:
+        """The checkpoints staged and not uploaded (waiting, being uploaded, or failed), oldest first."""
+        with self.cond:
+            names = set(self.waiting) | set(self.failed) | ({self.current} if self.current else set())
+        return sorted(names)
 
     def take_events(self) -> list[dict]:
         with self.cond:
