@@ -254,15 +254,18 @@ class Checkpointer:
             self.failed_saves += 1
             limit = self.cfg.max_failed_saves
             latest = self.latest()
+            latest = f"the last complete checkpoint is {latest}" if latest is not None else \
+                "no complete checkpoint exists yet"
             self.log({"step": state.step, "checkpoint_failed": str(e)})
             if final or self.failed_saves > limit:
                 why = "the final save" if final else f"{self.failed_saves} failed saves in a row " \
                                                        f"(checkpoint.max_failed_saves={limit})"
-                raise TrainingError(f"{e}; stopping after {why}; the last complete checkpoint is {latest}, "
-                                    f"rerun the same command to resume from it") from None
+                resume = "rerun the same command to resume from it" if self.latest() is not None else \
+                    "a rerun starts from step 0"
+                raise TrainingError(f"{e}; stopping after {why}; {latest}, {resume}") from None
             if self.rank == 0:
                 _warn(f"{e}; training goes on and retries at the next checkpoint ({self.failed_saves} of {limit} "
-                      f"tolerated failure(s)); the last complete checkpoint is {latest}")
+                      f"tolerated failure(s)); {latest}")
             return False
         self.failed_saves = 0
         if self.uploader is not None:  # rank 0
