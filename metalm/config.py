@@ -149,6 +149,7 @@ class CheckpointConfig:
     every: int = 500
     keep_last_k: int = 3
     resume: str = "auto"  # auto (from latest if present) | never | a checkpoint path
+    allow_data_change: bool = False  # resume on shards other than the checkpoint's (same sample count), same position
     save_on_signal: bool = True
     export_weights: bool = True  # consolidated safetensors beside the DeepSpeed state (for the evaluator)
     checksums: bool = True  # sha256 of every file in the COMPLETE marker (sizes always), verified before resuming

@@ -3,6 +3,7 @@
     layout.py      directory names, the COMPLETE marker, `latest`, the trainer-state schema; find, verify, prune
     rank_state.py  the per-rank state file (data-loader position, RNG), read without unpickling code
     weights.py     consolidated safetensors weights: write, and load a verified checkpoint's model
+    compat.py      what may change between a checkpoint and the run that resumes it (config keys, data)
 
 Layout of one checkpoint, `RUN/checkpoints/step_00000100/`:
     ds/                    DeepSpeed state: model, optimizer (ZeRO partitions), LR scheduler
