@@ -41,7 +41,7 @@ from metalm.data.manifest import (FORMAT, MANIFEST, PREPARE_STATE, SPLITS, TOKEN
                                   sample_dtype)
 from metalm.data.sources import describe_source, iter_documents
 from metalm.data.shards import SplitWriter, finished_shards, remove_stale
-from metalm.data.tokenizer import Tokenizer, load_tokenizer
+from metalm.data.tokenizer import PIECE_CHARS, Tokenizer, load_tokenizer
 from metalm.storage import LocalStore, Store, check_location, describe, open_store
 
 log = logging.getLogger("metalm.data.prepare")
@@ -97,11 +97,13 @@ def _init_worker(tok_json: str, spec: str, dtype: str) -> None:
 def encode_documents(tok: Tokenizer, dtype: str, items: list[tuple[int, Any]]) -> list[np.ndarray]:
     """Token arrays (EOS appended) for [(stream position, doc)]; docs are text or token-id lists."""
     eos = tok.special_ids["eos"]
-    texts = [doc for _, doc in items if isinstance(doc, str)]
+    texts = [doc for _, doc in items if isinstance(doc, str) and len(doc) <= PIECE_CHARS]
     encoded = iter(tok.encode_batch(texts)) if texts else iter(())
     out = []
     for pos, doc in items:
-        if isinstance(doc, str):
+        if isinstance(doc, str) and len(doc) > PIECE_CHARS:
+            arr = tok.encode_long(doc, dtype, suffix=(eos,))  # in bounded pieces (Tokenizer.encode_long)
+        elif isinstance(doc, str):
             ids = next(encoded)
             ids.append(eos)
             arr = np.asarray(ids, dtype=np.int64)
@@ -115,7 +117,7 @@ def encode_documents(tok: Tokenizer, dtype: str, items: list[tuple[int, Any]]) -
                                 f"vocabulary [0, {tok.vocab_size})")
             if not arr.size or arr[-1] != eos:
                 arr = np.append(arr, eos)
-        out.append(arr.astype(dtype))
+        out.append(arr.astype(dtype, copy=False))
     return out
 
 
