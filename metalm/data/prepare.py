@@ -39,7 +39,7 @@ from metalm.data.errors import DataError, UnsafePathError
 from metalm.data.manifest import (FORMAT, MANIFEST, PREPARE_STATE, SPLITS, TOKENIZER_FILE, VERSION, load_manifest,
                                   samples_per_member as default_samples_per_member,
                                   sample_dtype)
-from metalm.data.sources import describe_source, iter_documents
+from metalm.data.sources import TokenRules, describe_source, iter_documents
 from metalm.data.shards import SplitWriter, finished_shards, remove_stale
 from metalm.data.tokenizer import PIECE_CHARS, Tokenizer, load_tokenizer
 from metalm.storage import LocalStore, Store, check_location, describe, open_store
@@ -468,7 +468,9 @@ def _run(source: str, tok: Tokenizer, out: Store, config: dict, *, num_proc: int
         writers[split] = SplitWriter(out, split, config["sample_len"], config["samples_per_shard"], meta, finished,
                                      config["samples_per_member"])
     seed, val_fraction = config["seed"], config["val_fraction"]
-    docs = iter_documents(source, text_field=config["text_field"], text_split=config["text_split"])
+    mask = tok.special_ids["mask"]
+    rules = TokenRules(tok.vocab_size, {mask: tok.backend.id_to_token(mask)})
+    docs = iter_documents(source, text_field=config["text_field"], text_split=config["text_split"], rules=rules)
     if config["max_docs"] is not None:
         docs = itertools.islice(docs, config["max_docs"])
     counts = {"docs": 0, "empty_docs": 0, "tokenized_docs": 0, "tokens": 0}
