@@ -149,11 +149,19 @@ def _train(cfg) -> int:
     from metalm.train.errors import TrainingError
     from metalm.train.loop import Trainer
 
+    from torch.distributed import DistNetworkError
+
+    from metalm.train.dist import rendezvous_error
+
     try:
         dist = init_distributed(cfg.train)
     except DeviceError as e:
         print(f"metalm: error: {e}", file=sys.stderr)
         return 2
+    except DistNetworkError as e:
+        rank = os.environ.get("RANK", "0")
+        sys.stderr.write(f"metalm: error (rank {rank}): {rendezvous_error(e, dict(os.environ))}\n")
+        return 1
     _log_warnings(dist.rank)
     try:
         return Trainer(cfg, dist).run()
