@@ -3,11 +3,15 @@ port and the fix instead of torch's DistNetworkError trace; the launchers' own e
 signal are what docs/troubleshooting.md says they are."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from procs import cpu_run_env
 
 from metalm.train.dist import rendezvous_error
@@ -44,3 +48,66 @@ def test_a_rendezvous_port_in_use_is_one_line_naming_it(tmp_path):
     assert errors == [f"metalm: error (rank 0): the rendezvous port 127.0.0.1:{port} (MASTER_ADDR:MASTER_PORT) is "
                       f"already in use, by another job or a run that has not exited: pick a free port with "
                       f"--master_port N (deepspeed, torchrun) or MASTER_PORT=N (Slurm, a manual launch)"]
+
+
+# ------------------------------------------------------------------------------------------ stop statuses
+
+TRAIN = ["--config", str(REPO / "configs" / "cpu-tiny.yaml"), "train.seq_len=64", "model.max_seq_len=64",
+         "train.micro_batch=4", "train.global_batch=8", "model.n_layers=2", "train.max_steps=300",
+         "train.log_every=1", "train.val_every=0", "checkpoint.every=1000", "logging.wandb=false",
+         "logging.progress=false", "data.prepare_if_missing=false", "meta.n_way=4", "meta.k_shot=2",
+         "meta.q_queries=2", "meta.inner_steps=2"]
+LAUNCHERS = {
+    "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              f"--master_port={port}"],
+    "deepspeed": lambda port: [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                               "--no_local_rank", "--master_port", str(port)],
+}
+
+
+def documented_status(launcher: str, signal_words: str) -> int:
+    """The exit status docs/troubleshooting.md's table gives for `launcher` and the row's signal column."""
+    for line in (REPO / "docs" / "troubleshooting.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] == f"`{launcher}`" and cells[1].startswith(signal_words):
+            return int(cells[2])
+    raise AssertionError(f"docs/troubleshooting.md has no row for {launcher} / {signal_words}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher,signame,to_group,words", [
+    ("torchrun", "SIGTERM", False, "SIGTERM to torchrun"),
+    ("deepspeed", "SIGINT", True, "Ctrl-C"),
+])
+def test_a_stopped_run_exits_with_the_documented_launcher_status(tmp_path, shards, launcher, signame, to_group,
+                                                                   words):
+    """The ranks checkpoint at the next step and exit 0; the launcher's own status is the documented one."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "out.log"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [*LAUNCHERS[launcher](port), str(REPO / "launchers" / "pretrain.py"), *TRAIN, f"data.shards={shards}",
+           f"train.run_dir={run_dir}"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_run_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        sig = getattr(signal, signame)
+        os.killpg(proc.pid, sig) if to_group else proc.send_signal(sig)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    stopped = [ln for ln in text.splitlines() if "metalm: stopped by" in ln]
+    assert len(stopped) == 1, text[-3000:]
+    step = int(stopped[0].split(" at step ")[1].split(";")[0])
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    status = rc if rc >= 0 else 128 - rc  # what a shell reports for a process killed by a signal
+    assert status == documented_status(launcher, words), (rc, text[-3000:])
