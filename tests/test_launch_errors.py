@@ -65,6 +65,14 @@ LAUNCHERS = {
 }
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def documented_status(launcher: str, signal_words: str) -> int:
     """The exit status docs/troubleshooting.md's table gives for `launcher` and the row's signal column."""
     for line in (REPO / "docs" / "troubleshooting.md").read_text().splitlines():
@@ -78,10 +86,12 @@ def documented_status(launcher: str, signal_words: str) -> int:
 @pytest.mark.parametrize("launcher,signame,to_group,words", [
     ("torchrun", "SIGTERM", False, "SIGTERM to torchrun"),
     ("deepspeed", "SIGINT", True, "Ctrl-C"),
+    ("deepspeed", "SIGTERM", False, "SIGTERM to the runner's PID alone"),
 ])
 def test_a_stopped_run_exits_with_the_documented_launcher_status(tmp_path, shards, launcher, signame, to_group,
                                                                    words):
-    """The ranks checkpoint at the next step and exit 0; the launcher's own status is the documented one."""
+    """The ranks checkpoint at the next step and exit, nothing of the run is left running, and the launcher's own
+    status is the documented one (a SIGTERM to the deepspeed runner alone: the ranks notice that it died)."""
     run_dir = tmp_path / "run"
     log = tmp_path / "out.log"
     with socket.socket() as s:
@@ -101,8 +111,11 @@ def test_a_stopped_run_exits_with_the_documented_launcher_status(tmp_path, shard
         sig = getattr(signal, signame)
         os.killpg(proc.pid, sig) if to_group else proc.send_signal(sig)
         rc = proc.wait(timeout=120)
+        while _group_alive(proc.pid):  # the launcher may exit before its ranks have finished
+            assert time.monotonic() < deadline + 120, "processes of the run are still running"
+            time.sleep(0.3)
     finally:
-        if proc.poll() is None:
+        if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     stopped = [ln for ln in text.splitlines() if "metalm: stopped by" in ln]
