@@ -101,6 +101,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     nonfinite_policy: str = "skip"  # non-finite loss on any rank: skip (update not applied, counted) | stop (exit 1)
     max_nonfinite_in_row: int = 5  # skip: this many non-finite steps in a row stop the run (exit 1)
+    max_nonfinite_in_window: int = 10  # skip: this many non-finite steps among the last nonfinite_window stop it too
+    nonfinite_window: int = 100  # steps over which max_nonfinite_in_window counts
     spike_window: int = 100  # steps of loss history for loss-spike detection (0 disables)
     spike_sigma: float = 6.0  # a step loss above mean + spike_sigma x std of the window is logged as a loss_spike
     check_memory: bool = True  # refuse to start when a step's estimated peak memory exceeds what is available
@@ -155,6 +157,7 @@ class CheckpointConfig:
     every: int = 500
     keep_last_k: int = 3
     resume: str = "auto"  # auto (from latest if present) | never | a checkpoint path
+    allow_data_change: bool = False  # resume on shards other than the checkpoint's (same sample count), same position
     save_on_signal: bool = True
     export_weights: bool = True  # consolidated safetensors beside the DeepSpeed state (for the evaluator)
     checksums: bool = True  # sha256 of every file in the COMPLETE marker (sizes always), verified before resuming
@@ -280,6 +283,7 @@ MAX_YAML_DEPTH = 64  # nesting levels of collections
 MAX_YAML_NODES = 10_000  # keys and values in one document
 MAX_STRING_CHARS = 4096  # any string value (PATH_MAX on Linux)
 INT64_MAX = 2**63 - 1  # every integer must fit a torch.int64 / C long long
+MAX_LR = 1.0  # optim.lr above this is refused
 INT64_MIN = -(2**63)
 
 
@@ -595,6 +599,9 @@ def _validate_data(d: DataConfig) -> None:
 def _validate_optim(o: OptimConfig) -> None:
     _check_choices("optim", o)
     _check_positive("optim.lr", o.lr)
+    if o.lr > MAX_LR:
+        _bad("optim.lr", o.lr, f"expected at most {MAX_LR:g} (AdamW moves every weight by about lr per step: "
+                               f"a larger one destroys the model at the first update)")
     betas = list(o.betas)
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0
                                   for b in betas):
@@ -628,7 +635,11 @@ def _validate_train(t: TrainConfig) -> None:
     _check_positive_ints("train", t, ("log_every",))
     if t.val_every < 0:
         _bad("train.val_every", t.val_every, "expected >= 0 (0 disables periodic validation)")
-    _check_positive_ints("train", t, ("val_batches", "max_nonfinite_in_row"))
+    _check_positive_ints("train", t, ("val_batches", "max_nonfinite_in_row", "max_nonfinite_in_window",
+                                      "nonfinite_window"))
+    if t.max_nonfinite_in_window > t.nonfinite_window:
+        _bad("train.max_nonfinite_in_window", t.max_nonfinite_in_window,
+             f"expected at most train.nonfinite_window={t.nonfinite_window} (the steps it counts over)")
     if t.spike_window < 0:
         _bad("train.spike_window", t.spike_window, "expected >= 0 (0 disables loss-spike detection)")
     _check_positive("train.spike_sigma", t.spike_sigma)

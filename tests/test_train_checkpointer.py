@@ -44,10 +44,11 @@ class StandInEngine:
 class StandInLoader:
     def __init__(self):
         self.position = 7
+        self.data_hash = "d" * 64  # the fingerprint of the data it reads (ShardLoader.data_hash)
         self.restored = None
 
     def state_dict(self) -> dict:
-        return {"position": self.position}
+        return {"position": self.position, "data_hash": self.data_hash}
 
     def load_state_dict(self, state: dict) -> None:
         self.restored = state
@@ -84,7 +85,7 @@ def test_a_save_writes_every_part_records_it_and_prunes(tmp_path):
                               "tokenizer.json", "trainer_state.json"]
     assert (latest / "latest").read_text() == "ds\n"  # DeepSpeed's pointer to its tag, for its zero_to_fp32.py
     assert ckpt.read_state(latest) == state(6)
-    assert ckpt.load_rank_state(latest, 0)["data"] == {"position": loader.position}
+    assert ckpt.load_rank_state(latest, 0)["data"] == {"position": loader.position, "data_hash": loader.data_hash}
 
 
 def test_a_failed_save_is_retried_then_stops_the_run(tmp_path, capsys):
@@ -119,7 +120,7 @@ def test_resume_loads_the_latest_and_refuses_another_geometry(tmp_path):
     now = {"world_size": 1, "global_batch": 8, "micro_batch": 4, "seq_len": 64, "tokenizer_hash": "a" * 64}
     got = c.resume(now)
     assert got == state(4) and engine.loaded == [str(tmp_path / "checkpoints" / "step_00000004")]
-    assert loader.restored == {"position": 7}
+    assert loader.restored == {"position": 7, "data_hash": "d" * 64}
     with pytest.raises(ckpt.CheckpointError, match="cannot resume from .*world_size"):
         c.resume({**now, "world_size": 2})
     never, _, _, _ = make(tmp_path, "checkpoint.resume=never")

@@ -8,22 +8,52 @@ import pytest
 
 from metalm.config import load_config
 from metalm.train import guards
-from metalm.train.guards import NonFiniteGuard, SpikeDetector, StepGuards, TrainingError
-
-
+from metalm.train.guards import DeadLossDetector, NonFiniteGuard, SpikeDetector, StepGuards, TrainingError
 
 def test_nonfinite_guard_skips_resets_and_stops():
-    g = NonFiniteGuard("skip", max_in_row=3)
+    g = NonFiniteGuard("skip", max_in_row=3, max_in_window=10, window=100)
     assert [g.check(s, b, 2) for s, b in ((1, 0), (2, 1), (3, 2), (4, 0), (5, 1), (6, 1))] == \
         [False, True, True, False, True, True]
     with pytest.raises(TrainingError, match=r"3 steps in a row \(steps 5\.\.7"):
         g.check(7, 1, 2)
     with pytest.raises(TrainingError, match="non-finite loss at step 9 on 1 of 2 rank"):
-        NonFiniteGuard("stop", 3).check(9, 1, 2)
-    h = NonFiniteGuard("skip", 3)
-    h.load_state_dict(json.loads(json.dumps(NonFiniteGuard("skip", 3).state_dict() | {"in_row": 2})))
+        NonFiniteGuard("stop", 3, 10, 100).check(9, 1, 2)
+    h = NonFiniteGuard("skip", 3, 10, 100)
+    h.load_state_dict(json.loads(json.dumps(NonFiniteGuard("skip", 3, 10, 100).state_dict() | {"in_row": 2})))
     with pytest.raises(TrainingError):
         h.check(10, 1, 1)  # the count in a row survives a resume
+
+
+def test_nonfinite_steps_between_finite_ones_stop_the_run_within_the_window():
+    """Every other step non-finite (dead meta steps between finite AR ones) never makes 2 in a row; the 4th
+    within 10 steps stops the run. Steps that left the window no longer count."""
+    g = NonFiniteGuard("skip", max_in_row=2, max_in_window=4, window=10)
+    assert [g.check(s, s % 2, 1) for s in range(1, 7)] == [True, False, True, False, True, False]
+    with pytest.raises(TrainingError, match=r"at 4 of the last 10 steps \(steps 1, 3, 5, 7;"):
+        g.check(7, 1, 1)
+    h = NonFiniteGuard("skip", max_in_row=2, max_in_window=4, window=10)
+    bad = {1, 4, 8, 11}
+    assert [h.check(s, int(s in bad), 1) for s in range(1, 12)] == [s in bad for s in range(1, 12)]
+    # step 11 made four, but step 1 is out of its window (steps 2..11): three
+    restored = NonFiniteGuard("skip", 2, 4, 10)
+    restored.load_state_dict(json.loads(json.dumps(h.state_dict())))
+    assert not restored.check(12, 0, 1)
+    with pytest.raises(TrainingError, match="at 4 of the last 10"):
+        restored.check(13, 1, 1)  # the window survives a resume
+
+
+def test_a_loss_pinned_at_one_value_stops_the_run_a_learning_one_does_not():
+    d = DeadLossDetector(repeats=3)
+    for step, value in enumerate([10.9, 10.8, 10.8, 10.7], start=1):
+        d.update(step, "ar", value)  # equal twice in a row at most
+    d.update(5, "meta", 10.7)  # kinds are counted apart
+    d.update(6, "ar", 10.7)
+    with pytest.raises(TrainingError, match=r"ar loss was exactly 10\.700000 at 3 ar steps in a row \(steps 4\.\.7\)"):
+        d.update(7, "ar", 10.7)
+    again = DeadLossDetector(repeats=3)
+    again.load_state_dict(json.loads(json.dumps({"ar": [2.5, 2, 4]})))
+    with pytest.raises(TrainingError, match="steps 4..9"):
+        again.update(9, "ar", 2.5)
 
 
 def test_spike_detector_flags_a_jump_only_with_enough_history():
@@ -59,6 +89,15 @@ def test_step_guards_skip_without_touching_the_spike_windows_and_restore_their_s
     g.before_update(12, 1, {"ar": None, "meta": None})
     with pytest.raises(TrainingError, match="2 steps in a row"):
         g.before_update(13, 2, {"ar": None, "meta": None})
+
+
+def test_step_guards_stop_on_a_dead_model():
+    g = StepGuards(load_config(None, []).train, world_size=1)
+    ln_v = 10.82583999633789  # ln(50304): the AR loss of a uniform prediction
+    for step in range(1, DeadLossDetector.REPEATS):
+        assert g.before_update(step, 0, {"ar": ln_v, "meta": None})[0] is False
+    with pytest.raises(TrainingError, match=f"exactly {ln_v:.6f} at {DeadLossDetector.REPEATS} ar steps"):
+        g.before_update(DeadLossDetector.REPEATS, 0, {"ar": ln_v, "meta": None})
 
 
 # ------------------------------------------------------------------------------------------------ signals

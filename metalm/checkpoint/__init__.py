@@ -6,6 +6,7 @@
                    `locate`, what a user names (run dir, checkpoints/, latest, step dir) -> one checkpoint
     rank_state.py  the per-rank state file (data-loader position, RNG), read without unpickling code
     weights.py     consolidated safetensors weights: write, and load a verified checkpoint's model
+    compat.py      what may change between a checkpoint and the run that resumes it (config keys, data)
 
 Layout of one checkpoint, `RUN/checkpoints/step_00000100/`:
     ds/                    DeepSpeed state: model, optimizer (ZeRO partitions), LR scheduler

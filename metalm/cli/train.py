@@ -86,6 +86,43 @@ def _stop_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of a live process (Linux /proc), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])  # after "pid (comm)": state, then ppid
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stop_with_deepspeed_runner() -> None:
+    """Under the `deepspeed` runner: SIGTERM this rank when the runner dies.
+
+    The runner starts a per-node launcher, which starts the ranks. A SIGTERM to the runner's PID alone (`kill PID`,
+    a supervisor that signals only the process it started) kills the runner, but its launcher and the ranks train
+    on, unseen. A watcher thread checks once a second that the launcher (this rank's parent) still has the runner
+    as its parent; when it has not, this rank stops as for any SIGTERM: checkpoint at the next step boundary,
+    exit 0. (The launcher is recognised by the CROSS_RANK variable it sets; Linux only.)
+    """
+    if "CROSS_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import signal
+    import threading
+    import time
+
+    launcher = os.getppid()
+    runner = _parent_of(launcher)
+    if runner is None or runner <= 1:
+        return
+
+    def watch() -> None:
+        while _parent_of(launcher) == runner:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="metalm-runner-watch", daemon=True).start()
+
+
 class _NoDistEnv(ValueError):
     pass
 
@@ -142,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(cfg) -> int:
+    _stop_with_deepspeed_runner()
     from metalm.checkpoint import CheckpointError
     from metalm.config import ConfigError
     from metalm.data.errors import DataError
@@ -149,11 +187,19 @@ def _train(cfg) -> int:
     from metalm.train.errors import TrainingError
     from metalm.train.loop import Trainer
 
+    from torch.distributed import DistNetworkError
+
+    from metalm.train.dist import rendezvous_error
+
     try:
         dist = init_distributed(cfg.train)
     except DeviceError as e:
         print(f"metalm: error: {e}", file=sys.stderr)
         return 2
+    except DistNetworkError as e:
+        rank = os.environ.get("RANK", "0")
+        sys.stderr.write(f"metalm: error (rank {rank}): {rendezvous_error(e, dict(os.environ))}\n")
+        return 1
     _log_warnings(dist.rank)
     try:
         return Trainer(cfg, dist).run()

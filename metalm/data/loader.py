@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import tarfile
@@ -615,6 +616,14 @@ class ShardLoader:
         return self.manifest["tokenizer_hash"]
 
     @property
+    def data_hash(self) -> str:
+        """sha256 of the split's shard list as the manifest records it (path, samples, bytes, sha256 of each
+        shard): two preparations with the same sample count but other content differ here."""
+        shards = self.manifest["splits"][self.split]["shards"]
+        records = [[s.get(k) for k in ("path", "samples", "bytes", "sha256")] for s in shards]
+        return hashlib.sha256(json.dumps(records, separators=(",", ":")).encode()).hexdigest()
+
+    @property
     def num_samples(self) -> int:
         """Samples in the split (all ranks)."""
         return self.plan.num_samples
@@ -697,6 +706,7 @@ class ShardLoader:
             "num_workers": self.num_workers,
             "num_samples": self.num_samples,
             "tokenizer_hash": self.tokenizer_hash,
+            "data_hash": self.data_hash,
             "rank": self.rank,
             "micro_batch": self.micro_batch,
             "epoch": self.epoch,

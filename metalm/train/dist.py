@@ -19,6 +19,20 @@ class Dist:
     device: torch.device
 
 
+def rendezvous_error(error: Exception, env: dict) -> str:
+    """One line for a failed rendezvous (torch's DistNetworkError: its message and C++ trace run to dozens of
+    lines per rank): the address and port from the environment the launcher set, what went wrong, the fix."""
+    where = f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
+    text = str(error)
+    if "EADDRINUSE" in text or "address already in use" in text.lower():
+        return (f"the rendezvous port {where} (MASTER_ADDR:MASTER_PORT) is already in use, by another job or a "
+                f"run that has not exited: pick a free port with --master_port N (deepspeed, torchrun) or "
+                f"MASTER_PORT=N (Slurm, a manual launch)")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return (f"cannot rendezvous at {where} (MASTER_ADDR:MASTER_PORT): {first[:300]}; check that rank 0's host "
+            f"is reachable there (--master_addr / --master_port, or MASTER_ADDR / MASTER_PORT)")
+
+
 class Collectives:
     def __init__(self, dist: Dist):
         self.dist = dist

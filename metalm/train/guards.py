@@ -1,4 +1,4 @@
-"""Run-time guards of a training run: non-finite losses, loss spikes, stop signals.
+"""Run-time guards of a training run: non-finite losses, dead weights, loss spikes, stop signals.
 
 Everything here is decided identically on every rank: the loop all-reduces the inputs (one small
 all-reduce per optimizer step) before calling `StepGuards.before_update`, so a rank never skips, stops or
@@ -19,37 +19,81 @@ from metalm.train.errors import TrainingError
 class NonFiniteGuard:
     """train.nonfinite_policy: what a step with a non-finite loss (on any rank) does.
 
-    skip: the step's update is not applied (counted as `nonfinite_skipped`); `max_in_row` such steps in a
-    row stop the run. stop: the first one stops the run. Stopping raises TrainingError naming the step(s).
+    skip: the step's update is not applied (counted as `nonfinite_skipped`). The run stops at
+    `max_in_row` such steps in a row, or at `max_in_window` of them among the last `window` steps: a run
+    whose meta steps all go non-finite while its AR steps stay finite never has many in a row, but is dead.
+    stop: the first one stops the run. Stopping raises TrainingError naming the step(s).
     """
 
-    def __init__(self, policy: str, max_in_row: int):
+    def __init__(self, policy: str, max_in_row: int, max_in_window: int, window: int):
         self.policy, self.max_in_row = policy, max_in_row
+        self.max_in_window, self.window = max_in_window, window
         self.in_row = 0
         self.total = 0
+        self.recent: deque = deque(maxlen=window)  # the step numbers of the non-finite steps among the last `window`
 
     def check(self, step: int, nonfinite_ranks: int, world_size: int) -> bool:
         """`step` is the 1-based number of the step just computed. True: skip its update."""
+        while self.recent and self.recent[0] <= step - self.window:
+            self.recent.popleft()
         if nonfinite_ranks <= 0:
             self.in_row = 0
             return False
         self.total += 1
         self.in_row += 1
+        self.recent.append(step)
         where = f"on {nonfinite_ranks} of {world_size} rank(s)"
+        advice = "the last checkpoint is intact, lower optim.lr or raise optim.warmup_steps and rerun"
         if self.policy == "stop":
-            raise TrainingError(f"non-finite loss at step {step} {where} (train.nonfinite_policy=stop); the "
-                                f"last checkpoint is intact: lower optim.lr or raise optim.warmup_steps and rerun")
+            raise TrainingError(f"non-finite loss at step {step} {where} (train.nonfinite_policy=stop); {advice}")
         if self.in_row >= self.max_in_row:
             raise TrainingError(f"non-finite loss at {self.in_row} steps in a row (steps {step - self.in_row + 1}"
-                                f"..{step}, train.max_nonfinite_in_row={self.max_in_row}); stopping: the "
-                                f"last checkpoint is intact, lower optim.lr or raise optim.warmup_steps and rerun")
+                                f"..{step}, train.max_nonfinite_in_row={self.max_in_row}); stopping: {advice}")
+        if len(self.recent) >= self.max_in_window:
+            raise TrainingError(f"non-finite loss at {len(self.recent)} of the last {self.window} steps (steps "
+                                f"{', '.join(map(str, self.recent))}; train.max_nonfinite_in_window="
+                                f"{self.max_in_window}, train.nonfinite_window={self.window}); stopping: {advice}")
         return True
 
     def state_dict(self) -> dict:
-        return {"in_row": self.in_row, "total": self.total}
+        return {"in_row": self.in_row, "total": self.total, "recent": list(self.recent)}
 
     def load_state_dict(self, state: dict) -> None:
         self.in_row, self.total = int(state.get("in_row", 0)), int(state.get("total", 0))
+        self.recent = deque((int(s) for s in state.get("recent", [])), maxlen=self.window)
+
+
+# ------------------------------------------------------------------------------------------ dead weights
+
+
+class DeadLossDetector:
+    """A loss of one kind ("ar", "meta") that is exactly the same number at `repeats` of its steps in a row:
+    the model's output no longer depends on its input (dead weights; typically the AR loss pinned at ln(vocab),
+    a uniform prediction, while the optimizer drops every update as an overflow). Different batches never give
+    a live model bit-identical mean losses, so this does not fire on a run that learns, however slowly."""
+
+    REPEATS = 8
+
+    def __init__(self, repeats: int = REPEATS):
+        self.repeats = repeats
+        self.last: dict[str, tuple[float, int, int]] = {}  # kind -> (value, times in a row, first step)
+
+    def update(self, step: int, kind: str, value: float) -> None:
+        """Record the finite step loss `value`; raises TrainingError when the model is dead."""
+        prev, times, since = self.last.get(kind, (None, 0, step))
+        times, since = (times + 1, since) if value == prev else (1, step)
+        self.last[kind] = (value, times, since)
+        if times >= self.repeats:
+            raise TrainingError(f"the {kind} loss was exactly {value:.6f} at {times} {kind} steps in a row (steps "
+                                f"{since}..{step}): the model's output no longer depends on its input (dead "
+                                f"weights, e.g. from too high a learning rate); stopping: the last checkpoint "
+                                f"may hold the dead weights too, resume from an earlier one with a lower optim.lr")
+
+    def state_dict(self) -> dict:
+        return {k: list(v) for k, v in self.last.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last = {k: (float(v[0]), int(v[1]), int(v[2])) for k, v in state.items()}
 
 
 # ---------------------------------------------------------------------------------------------- loss spikes
@@ -99,20 +143,25 @@ class StepGuards:
 
     def __init__(self, train: TrainConfig, world_size: int):
         self.world_size = world_size
-        self.nonfinite = NonFiniteGuard(train.nonfinite_policy, train.max_nonfinite_in_row)
+        self.nonfinite = NonFiniteGuard(train.nonfinite_policy, train.max_nonfinite_in_row,
+                                        train.max_nonfinite_in_window, train.nonfinite_window)
+        self.dead = DeadLossDetector()
         self.spikes = SpikeDetector(train.spike_window, train.spike_sigma)
 
     def before_update(self, step: int, nonfinite_ranks: int, mean_losses: dict) -> tuple[bool, list[str], list[dict]]:
         """(skip the update, warnings, spike records) for 1-based step `step`, from the all-reduced count of
         ranks with a non-finite loss and the step's mean loss of each kind ("ar", "meta"; None when the step
-        had none). Raises TrainingError when the non-finite policy says stop."""
+        had none). Raises TrainingError when the non-finite policy says stop or the model is dead."""
         if self.nonfinite.check(step, nonfinite_ranks, self.world_size):
             return True, [f"non-finite loss at step {step} on {nonfinite_ranks} rank(s): its update is skipped "
                           f"({self.nonfinite.in_row} in a row; train.max_nonfinite_in_row="
                           f"{self.nonfinite.max_in_row})"], []
         warnings, records = [], []
         for kind, value in mean_losses.items():
-            spike = self.spikes.update(kind, value) if value is not None else None
+            if value is None:
+                continue
+            self.dead.update(step, kind, value)
+            spike = self.spikes.update(kind, value)
             if spike is not None:
                 records.append({"step": step, **spike})
                 warnings.append(f"{kind} loss spike at step {step}: {spike['loss']:.4f}, window mean "
@@ -120,10 +169,12 @@ class StepGuards:
         return False, warnings, records
 
     def state_dict(self) -> dict:
-        return {"nonfinite": self.nonfinite.state_dict(), "spikes": self.spikes.state_dict()}
+        return {"nonfinite": self.nonfinite.state_dict(), "dead": self.dead.state_dict(),
+                "spikes": self.spikes.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.nonfinite.load_state_dict(state.get("nonfinite", {}))
+        self.dead.load_state_dict(state.get("dead", {}))
         self.spikes.load_state_dict(state.get("spikes", {}))
 
 
