@@ -9,9 +9,9 @@ shorter than one sample is dropped and counted) -> shards of `samples_per_shard`
 
 The output is a local directory or a writable URL (s3://, gs://, ...; `metalm.storage`). Each shard is written
 atomically (a temporary name and a rename locally; one complete object in a bucket), then its record
-``shard-NNNNNN.json`` (samples, bytes, sha256, and the stream cursor where it starts and ends). Re-running with the same arguments reuses
-every shard whose record and bytes check out and only tokenizes documents past the last finished shard of
-each split; a directory prepared with another tokenizer, seq_len, source or split setting is refused.
+``shard-NNNNNN.json`` (samples, bytes, sha256, and the stream cursor where it starts and ends). Re-running with the
+same arguments reuses every shard whose record and bytes check out and only tokenizes documents past the last
+finished shard of each split; a directory prepared with another tokenizer, seq_len, source or split setting is refused.
 ``manifest.json`` is written last, atomically: the directory is complete iff it exists.
 """
 from __future__ import annotations

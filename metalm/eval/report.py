@@ -259,7 +259,7 @@ def plot_entropy(runs: Sequence[Run], out: Path) -> Path | None:
     for ax, (r, layers) in zip(axes[0], have):
         steps = sorted({s for ser in layers.values() for s in ser.steps})
         grid = [[math.nan] * len(steps) for _ in layers]
-        for li, (layer, ser) in enumerate(layers.items()):
+        for li, ser in enumerate(layers.values()):
             for st, v in zip(ser.steps, ser.values):
                 grid[li][steps.index(st)] = v
         im = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma", vmin=vmin, vmax=1.0,
@@ -305,6 +305,17 @@ def _fmt(v, nd=4) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def _last_loss(r: Run, key: str, window: int):
+    """The last value of `key`'s trailing mean over `window` logged values, or None if it was never logged."""
+    s, v = r.loss(key, window)
+    return v[-1] if s else None
+
+
+def _last_eval(r: Run, key: str):
+    s = series(r.evals, key)
+    return s.values[-1] if s else None
+
+
 def markdown(runs: Sequence[Run], window: int, plots: dict[str, Path | None]) -> str:
     lines = ["# metalm report", "", f"Runs: {', '.join(f'`{r.path}`' for r in runs)}", "",
              "## Runs", "",
@@ -312,22 +323,14 @@ def markdown(runs: Sequence[Run], window: int, plots: dict[str, Path | None]) ->
              "entropy (norm.) | NER F1 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        def last(key: str, smoothed: bool = True):
-            s, v = r.loss(key, window if smoothed else 1)
-            return v[-1] if s else None
-
         steps = [x for x in (_num(m.get("step")) for m in r.metrics) if x is not None]
         toks = [x for x in (_num(m.get("tokens")) for m in r.metrics) if x is not None]
-
-        def last_eval(key: str):
-            s = series(r.evals, key)
-            return s.values[-1] if s else None
-
         lines.append(
             f"| {r.name} | {_fmt(int(max(steps)) if steps else None)} | {_fmt(int(max(toks)) if toks else None)} | "
-            f"{_fmt(last('ar_loss'))} | {_fmt(last('val_loss', False))} | {_fmt(last('meta_loss'))} | "
-            f"{_fmt(last_eval('rank/weight/attn_mean_er'), 2)} | {_fmt(last_eval('entropy/norm_mean'), 3)} | "
-            f"{_fmt(last_eval('ner/f1'), 3)} |")
+            f"{_fmt(_last_loss(r, 'ar_loss', window))} | {_fmt(_last_loss(r, 'val_loss', 1))} | "
+            f"{_fmt(_last_loss(r, 'meta_loss', window))} | "
+            f"{_fmt(_last_eval(r, 'rank/weight/attn_mean_er'), 2)} | {_fmt(_last_eval(r, 'entropy/norm_mean'), 3)} | "
+            f"{_fmt(_last_eval(r, 'ner/f1'), 3)} |")
     lines += ["", "## Time to reach another run's final loss", "",
               f"Loss: val_loss when both runs log it, else ar_loss (trailing mean over {window} logged values). "
               "N = A's final step (tokens) / the first step (tokens) at which B's loss is <= A's final loss.", "",
@@ -357,7 +360,7 @@ def markdown(runs: Sequence[Run], window: int, plots: dict[str, Path | None]) ->
 def make_report(run_paths: Sequence[str | Path], out: str | Path, window: int = 10) -> dict[str, Path | None]:
     runs = [load_run(p) for p in run_paths]
     names = [r.name for r in runs]
-    for i, r in enumerate(runs):  # same directory names under different parents: disambiguate
+    for r in runs:  # same directory names under different parents: disambiguate
         if names.count(r.name) > 1:
             r.name = f"{r.path.parent.name}/{r.name}"
     out = Path(out)

@@ -94,7 +94,7 @@ def sample_episode(input_ids: torch.Tensor, *, n_way: int, k_shot: int, q_querie
     work = generator.device
     ids = input_ids.to(work)
     if sampler == "smlmt":
-        B, T = ids.shape
+        T = ids.shape[1]
         if readout not in READOUTS:
             raise ValueError(f"readout={readout!r}: expected one of {', '.join(READOUTS)}")
         window = min(window, T)  # a window never exceeds the sequences it is cut from

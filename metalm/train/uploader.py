@@ -108,7 +108,7 @@ class RemoteCheckpoints:
                 dest = tmp / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    self._retry(lambda: self.store.get_file(f"{name}/{rel}", dest), f"{where}/{rel}")
+                    self._retry(lambda rel=rel, dest=dest: self.store.get_file(f"{name}/{rel}", dest), f"{where}/{rel}")
                 except OSError as e:
                     raise CheckpointError(f"{where}/{rel}: download failed: {describe(e)}") from None
             write_atomic(tmp / MARKER, marker)
