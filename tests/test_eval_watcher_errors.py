@@ -16,7 +16,7 @@ from metalm.checkpoint import MARKER, checkpoint_files, checkpoint_problem, load
 from metalm.checkpoint.layout import MARKER_FORMAT
 from metalm.config import ConfigError
 from metalm.eval import watcher as W
-from test_eval_watcher import TEXT, assets, jsonl, make_ckpt  # noqa: F401 - assets: the module fixture
+from eval_cases import TEXT, jsonl, make_ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -295,6 +295,24 @@ def test_a_skipped_metric_is_a_warning_saying_how_to_fix_it(tmp_path, assets, ca
     assert "manifest.json missing" in val and "--shards" in val and "eval.metrics" in val
     assert "eval.probe_text" in by_metric["entropy"][0] and "eval.ner.train" in by_metric["ner"][0]
     assert any(k.startswith("rank/weight/") for k in rec["metrics"])  # what needs no data is still computed
+
+
+def test_a_bug_while_making_the_probe_batch_is_raised_not_skipped(tmp_path, assets, monkeypatch):
+    """A missing probe file is a skip with its reason; an exception no input explains (here a TypeError) is a bug
+    and stops the evaluation instead of turning into a "skipped" metric."""
+    from metalm.eval import checkpoint_eval, valloss
+
+    d = sealed_ckpt(tmp_path / "run", 10, assets,
+                    extra=["eval.metrics=[entropy]", f"eval.probe_text={tmp_path / 'missing.txt'}"])
+    rec = checkpoint_eval.evaluate_checkpoint(d)
+    assert "FileNotFoundError" in rec["skipped"]["entropy"] and "missing.txt" in rec["skipped"]["entropy"]
+
+    def broken(*args, **kw):
+        raise TypeError("a bug in the probe batch")
+
+    monkeypatch.setattr(valloss, "probe_batch_from_text", broken)
+    with pytest.raises(TypeError, match="a bug in the probe batch"):
+        checkpoint_eval.evaluate_checkpoint(d)
 
 
 def test_relative_shards_fall_back_to_the_trainer_state(tmp_path, assets, toy_shards, caplog, monkeypatch):

@@ -129,6 +129,7 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
 
     from metalm.checkpoint import CheckpointError, checkpoint_problem, load_model, read_state
     from metalm.config import ConfigError, load_config
+    from metalm.data.errors import DataError
 
     t_start = time.time()
     ckpt_dir = Path(ckpt_dir)
@@ -192,7 +193,7 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
     if "rank" in wanted or "entropy" in wanted:
         try:
             probe, src = _probe_batch(cfg, model, ckpt_dir, text_encoder)
-        except Exception as e:  # noqa: BLE001
+        except (DataError, OSError) as e:  # unreadable shards, probe text or tokenizer; a bug propagates
             probe, src = None, f"no probe batch: {type(e).__name__}: {e}"
         if probe is not None:
             probe = probe.to(device)
@@ -245,7 +246,7 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
                 continue
             try:
                 enc = ner.word_encoder(tokenizer(), nc.word_sep)
-            except Exception as e:  # noqa: BLE001
+            except (DataError, OSError) as e:  # no readable tokenizer; a bug propagates
                 skip(("ner",), f"no tokenizer: {e}", NER_TOKENIZER_FIX)
                 continue
             r = ner.run_ner(model, enc, nc, device, progress)
