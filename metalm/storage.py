@@ -87,10 +87,6 @@ def is_pipe(location: str) -> bool:
     return str(location).startswith("pipe:")
 
 
-def is_read_only(location: str) -> bool:
-    return scheme(location) in READ_ONLY_SCHEMES
-
-
 def local_path(location: str | os.PathLike) -> Path:
     """The local path of a local location (a path or file:// URL); ValueError for a URL."""
     location = str(location)
@@ -121,11 +117,6 @@ def absolute(location: str | os.PathLike) -> str:
     """A location that means the same from any working directory: a local path made absolute, a URL as is."""
     location = str(location)
     return location if is_url(location) else str(local_path(location).resolve())
-
-
-def display(location: str | os.PathLike) -> str:
-    """How messages name a location (the location itself: it never holds credentials, see check_location)."""
-    return str(location)
 
 
 def check_location(location: str, what: str, *, writable: bool = False) -> None:
@@ -268,7 +259,7 @@ class Store(abc.ABC):
     def remove(self, rel: str, recursive: bool = False) -> None:
         """Delete the file, or the directory and everything below it with recursive=True."""
 
-    def makedirs(self, rel: str = "") -> None:
+    def makedirs(self, rel: str = "") -> None:  # noqa: B027 (a deliberate no-op default)
         """Create the directory (local); object stores have no directories: nothing to do."""
 
 
@@ -348,7 +339,7 @@ class FsspecStore(Store):
         self.read_only = self.scheme in READ_ONLY_SCHEMES
         self._fs = None
         self._pid = None
-        self.fs  # a missing package or an unknown scheme is an error now, not at the first read
+        _ = self.fs  # a missing package or an unknown scheme is an error now, not at the first read
 
     @property
     def fs(self):
@@ -359,7 +350,7 @@ class FsspecStore(Store):
         return self._fs
 
     def _p(self, rel: str = "") -> str:
-        self.fs
+        _ = self.fs  # sets self._root
         return f"{self._root}/{rel}" if rel else self._root
 
     def __getstate__(self):  # picklable for spawned workers: the filesystem is made again there
@@ -455,7 +446,7 @@ class PipeStore(Store):
     def read_bytes(self, rel: str) -> bytes:
         cmd = self.command(rel)
         try:
-            out = subprocess.run(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            out = subprocess.run(cmd, shell=True, capture_output=True,
                                  timeout=self.timeout_s, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise StorageError(f"pipe:{cmd}: no end after {self.timeout_s:.0f} s") from None
