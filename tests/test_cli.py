@@ -177,6 +177,37 @@ def test_wandb_silent_is_a_default_the_user_can_override(monkeypatch):
     assert os.environ["WANDB_SILENT"] == "false"
 
 
+@pytest.mark.parametrize("entry", ["metalm-train", "launchers/pretrain.py"])
+def test_both_entry_points_keep_freed_memory_before_the_run(entry, monkeypatch):
+    """The installed console script and the launcher script make the same glibc mallopt calls (the allocator
+    setting that keeps a CPU step's temporaries from being page-faulted in anew) before main() runs."""
+    import ctypes
+    import runpy
+    from importlib.metadata import entry_points
+
+    import metalm.cli.train as cli
+
+    events = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            events.append(("mallopt", param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(sys, "platform", "linux")
+    for k in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(cli, "main", lambda argv=None: events.append(("main",)) or 0)
+    monkeypatch.setattr(cli, "exit_now", lambda status: events.append(("exit", status)))
+    if entry == "metalm-train":
+        (ep,) = entry_points(group="console_scripts", name="metalm-train")
+        ep.load()()
+    else:
+        runpy.run_path(str(LAUNCHER), run_name="__main__")
+    assert events == [("mallopt", -3, 32 << 20), ("mallopt", -1, 1 << 30), ("main",), ("exit", 0)]
+
+
 @pytest.mark.slow
 def test_a_run_prints_no_upstream_deprecation_and_no_wandb_banner(shards, tmp_path):
     """ZeRO-3 in one process calls torch's deprecated all_gather_into_tensor / reduce_scatter_tensor through
