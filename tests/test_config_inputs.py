@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from metalm.config import (MAX_CONFIG_BYTES, MAX_STRING_CHARS, MAX_YAML_DEPTH, Config, ConfigError, load_config,
-                           validate)
+from metalm.config import MAX_STRING_CHARS, Config, ConfigError, load_config, validate
+from metalm.config_yaml import MAX_CONFIG_BYTES, MAX_YAML_DEPTH
 
 REPO = Path(__file__).resolve().parents[1]
 
