@@ -18,7 +18,8 @@ import torch
 import yaml
 from procs import DIST_VARS, cpu_run_env, no_launcher_env
 
-from metalm.config import deepspeed_config, load_config, to_dict
+from metalm.config import load_config, to_dict
+from metalm.train.engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launchers" / "pretrain.py"
@@ -82,7 +83,7 @@ def test_print_config_prints_yaml_geometry_and_deepspeed_json(no_launcher, no_pr
     text, notes, ds = _sections(cap.out)
     cfg = load_config(CPU_TINY, overrides, world_size=4)
     assert yaml.safe_load(text) == to_dict(cfg)
-    assert json.loads(ds) == deepspeed_config(cfg, 4)
+    assert json.loads(ds) == deepspeed_config(cfg.optim, cfg.train, 4)
     assert notes[0] == "# world: 4 processes (--world-size)"
     assert notes[1].startswith("# batch: micro_batch 4 x grad_accum 4 x world 4 = global_batch 64 sequences of 128 "
                                "tokens (8,192 tokens per optimizer step)")
