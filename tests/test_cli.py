@@ -160,7 +160,8 @@ def test_a_cuda_config_on_a_cpu_box_ends_in_one_line():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.splitlines() == [out.stderr.strip()], out.stderr  # one line, nothing before or after
-    assert out.stderr.startswith("metalm: error: train.device=cuda but no CUDA device is visible")
+    assert out.stderr.startswith("metalm: error: train.device=cuda: no CUDA device is visible (")
+    assert "use train.device=cpu" in out.stderr
     assert out.stdout == ""
 
 

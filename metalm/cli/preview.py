@@ -42,7 +42,7 @@ def dry_run(cfg: Config, world: int) -> None:
     the data the run would read; every line starts with '# '."""
     import torch
 
-    from metalm.train.engine import DeviceError, resolve_device
+    from metalm.device import DeviceError, resolve_device
     from metalm.train.errors import TrainingError
     from metalm.train.module import PretrainModule
     from metalm.train.preflight import check_step_memory, step_memory_bytes
@@ -64,7 +64,7 @@ def dry_run(cfg: Config, world: int) -> None:
     _say(f"memory per rank, one step (estimate, {t.precision}, ZeRO-{t.zero_stage}, world {world}): "
          f"{_size(sum(parts.values()))} ({detail})")
     try:
-        device = resolve_device(t.device)
+        device = resolve_device(t.device, "train.device")
     except DeviceError as e:
         _say(f"device: the run would stop here: {e}")
     else:

@@ -145,7 +145,8 @@ def _train(cfg) -> int:
     from metalm.checkpoint import CheckpointError
     from metalm.config import ConfigError
     from metalm.data.errors import DataError
-    from metalm.train.engine import DeviceError, init_distributed
+    from metalm.device import DeviceError
+    from metalm.train.engine import init_distributed
     from metalm.train.errors import TrainingError
     from metalm.train.loop import Trainer
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from collections.abc import Callable
@@ -26,44 +25,16 @@ RESULT_VERSION = 1
 SMALL_FILES = ("trainer_state.json", "config.yaml", "tokenizer.json")
 
 
-class DeviceError(ValueError):
-    """The requested device cannot be used here (checked before any checkpoint is touched)."""
-
-
 class OverrideError(ValueError):
     """The evaluator's --config overrides do not apply to this checkpoint's config (which alone is valid): a
     fault of the overrides, not of the checkpoint."""
 
 
 def pick_device(spec: str) -> str:
-    """`spec` (auto | cpu | cuda | cuda:N | mps) as a torch device string, or DeviceError saying why it cannot be
-    used on this machine. auto is cuda when a CUDA device is visible, else cpu."""
-    import torch
+    """The evaluator's --device as a torch device string, or DeviceError saying why it cannot be used here."""
+    from metalm.device import resolve_device
 
-    spec = str(spec).strip()
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", spec)
-    if m is None or (m.group(1) != "cuda" and m.group(2) is not None):
-        raise DeviceError(f"--device {spec}: not a device; expected auto, cpu, cuda or cuda:N")
-    kind, index = m.group(1), m.group(2)
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            if torch.version.cuda is None:
-                why = "this PyTorch build has no CUDA support"
-            elif os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
-                why = f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r}"
-            else:
-                why = "torch.cuda.is_available() is False: no GPU or no working driver"
-            raise DeviceError(f"--device {spec}: no CUDA device is visible ({why}); use --device cpu, or run "
-                              f"where a GPU is visible")
-        n = torch.cuda.device_count()
-        if index is not None and int(index) >= n:
-            raise DeviceError(f"--device {spec}: only {n} CUDA device{'s are' if n != 1 else ' is'} visible "
-                              f"(cuda:0 to cuda:{n - 1})")
-    elif kind == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError(f"--device {spec}: MPS is not available on this machine; use --device cpu")
-    return spec
+    return resolve_device(spec, "--device")
 
 
 def resolve_shards(cfg, state, shards: str | None = None, from_overrides: bool = False) -> tuple[str, str]:

@@ -52,7 +52,8 @@ from pathlib import Path
 
 from metalm.checkpoint import MARKER, STEP_RE, CheckpointError
 from metalm.config import ConfigError, load_config
-from metalm.eval.checkpoint_eval import DeviceError, OverrideError, evaluate_checkpoint, pick_device
+from metalm.device import DeviceError
+from metalm.eval.checkpoint_eval import OverrideError, evaluate_checkpoint, pick_device
 from metalm.eval.sources import LocalSource, Ref, Vanished, make_source
 from metalm.fsutil import write_atomic, write_json_atomic
 

@@ -19,12 +19,9 @@ import torch
 
 from metalm.checkpoint import CheckpointError
 from metalm.config import OptimConfig, TrainConfig, grad_accum
+from metalm.device import resolve_device
 from metalm.train.dist import Dist
 from metalm.train.lr_schedule import lr_lambda
-
-
-class DeviceError(RuntimeError):
-    """The configured device cannot be used on this machine."""
 
 
 def _free_port() -> int:
@@ -43,18 +40,9 @@ def _skip_cpu_shm_build() -> None:
     ds_torch.build_shm_op = lambda: None
 
 
-def resolve_device(want: str) -> str:
-    if want == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("train.device=cuda but no CUDA device is visible (torch "
-                          f"{torch.__version__}); set train.device=cpu or auto, or run on a GPU machine")
-    return want
-
-
 def init_distributed(train: TrainConfig) -> Dist:
     """Initialise torch.distributed through DeepSpeed (works under deepspeed, torchrun and plain python)."""
-    device_type = resolve_device(train.device)
+    device_type = resolve_device(train.device, "train.device")
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _skip_cpu_shm_build()
