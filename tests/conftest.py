@@ -29,6 +29,25 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def console(capsys):
+    """capsys, with the `metalm` loggers shown on stderr in the console format as an entry point shows them (the
+    handler is removed afterwards)."""
+    import logging
+
+    from metalm.console import LOGGER, console_handler
+
+    logger = logging.getLogger(LOGGER)
+    handler, level = console_handler(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield capsys
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
     """A toy tokenizer and probe text for the evaluator tests' tiny checkpoints (eval_cases.make_ckpt)."""

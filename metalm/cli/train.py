@@ -155,7 +155,7 @@ def _train(cfg) -> int:
     except DeviceError as e:
         print(f"metalm: error: {e}", file=sys.stderr)
         return 2
-    _log_warnings(dist.rank)
+    _log_warnings(dist.rank if dist.world_size > 1 else None)
     try:
         return Trainer(cfg, dist).run()
     except (DataError, CheckpointError, ConfigError, TrainingError) as e:
@@ -174,13 +174,14 @@ def _close_process_group() -> None:
         tdist.destroy_process_group()
 
 
-def _log_warnings(rank: int) -> None:
-    """metalm's warnings (an ignored incomplete checkpoint, a skipped episode, ...) as one stderr line each."""
-    logger = logging.getLogger("metalm")
+def _log_warnings(rank: int | None) -> None:
+    """metalm's warnings (an ignored incomplete checkpoint, a skipped episode, ...) as one stderr line each, in the
+    console format (`metalm: warning (rank N): ...`; without the rank in a single-process run)."""
+    from metalm.console import LOGGER, console_handler
+
+    logger = logging.getLogger(LOGGER)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"metalm: %(levelname)s (rank {rank}): %(message)s"))
-        logger.addHandler(handler)
+        logger.addHandler(console_handler("metalm", rank))
         logger.setLevel(logging.WARNING)
         logger.propagate = False
 

@@ -234,5 +234,5 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
         "tokens": state.tokens, "metrics": metrics, "skipped": skipped, "timing": timing,
         "seconds": round(time.time() - t_start, 3), "device": device, "details": details,
         "run": {"wandb": bool(cfg.logging.wandb), "project": cfg.logging.project, "entity": cfg.logging.entity,
-                "name": cfg.logging.run_name},
+                "name": cfg.logging.run_name, "mode": cfg.logging.mode},
     }

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Sequence
 
+from metalm.console import console_handler
+
 log = logging.getLogger("metalm.eval.report")
 
 LOSS_KEYS = ("ar_loss", "meta_loss", "val_loss")
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--smooth", type=int, default=10, help="trailing-mean window over logged training losses")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, handlers=[console_handler("metalm-report")])
     if args.smooth < 1:
         p.error("--smooth must be >= 1")
     try:

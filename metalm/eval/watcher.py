@@ -34,7 +34,6 @@ for a watcher started before the trainer). --once exits with status 1 when an ev
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import fcntl
 import hashlib
@@ -52,10 +51,12 @@ from pathlib import Path
 
 from metalm.checkpoint import MARKER, STEP_RE, CheckpointError
 from metalm.config import ConfigError, load_config
+from metalm.console import console_handler
 from metalm.device import DeviceError
 from metalm.eval.checkpoint_eval import OverrideError, evaluate_checkpoint, pick_device
 from metalm.eval.sources import LocalSource, Ref, Vanished, make_source
 from metalm.fsutil import write_atomic, write_json_atomic
+from metalm.wandb_run import WandbRun, wandb_mode
 
 log = logging.getLogger("metalm.eval.watcher")
 
@@ -107,7 +108,7 @@ class Watcher:
         self.shards = check_shards(shards)
         self.wait_for_dir = wait_for_dir
         self.wandb_enabled = wandb
-        self._wandb = None
+        self._wandb = WandbRun(f"results go on being written to {self.results}")
         self._lock_fd: int | None = None
         self._evaluating = False
         self.stop_requested = False
@@ -147,10 +148,7 @@ class Watcher:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-        if self._wandb is not None:
-            with contextlib.suppress(Exception):
-                self._wandb.finish()
-            self._wandb = None
+        self._wandb.finish()
 
     def _results(self) -> list[dict]:
         out = []
@@ -297,25 +295,17 @@ class Watcher:
         run = rec.get("run", {})
         if not self.wandb_enabled or not run.get("wandb", True):
             return
-        try:
-            if self._wandb is None:
-                import wandb
-
-                mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-                run_id = "eval-" + hashlib.sha1(str(self.results.resolve()).encode()).hexdigest()[:12]
-                name = run.get("name") or self.results.parent.name
-                self._wandb = wandb.init(project=run.get("project") or "metalm", entity=run.get("entity"),
-                                         id=run_id, resume="allow", mode=mode, job_type="eval",
-                                         name=f"{name}-eval", dir=str(self.results))
-                self._wandb.define_metric("eval/step")
-                self._wandb.define_metric("eval/*", step_metric="eval/step")
-            payload = {f"eval/{k}": v for k, v in rec["metrics"].items()}
-            payload["eval/step"] = rec["step"]
-            payload["eval/tokens"] = rec["tokens"]
-            self._wandb.log(payload)
-        except Exception as e:  # noqa: BLE001 - logging must never stop evaluation
-            log.warning("W&B logging disabled: %s", e)
-            self.wandb_enabled = False
+        run_id = "eval-" + hashlib.sha1(str(self.results.resolve()).encode()).hexdigest()[:12]
+        name = run.get("name") or self.results.parent.name
+        if not self._wandb.start({"eval/step": None, "eval/*": "eval/step"}, project=run.get("project") or "metalm",
+                                 entity=run.get("entity"), id=run_id, resume="allow",
+                                 mode=wandb_mode(run.get("mode", "auto")), job_type="eval", name=f"{name}-eval",
+                                 dir=str(self.results)):
+            return
+        payload = {f"eval/{k}": v for k, v in rec["metrics"].items()}
+        payload["eval/step"] = rec["step"]
+        payload["eval/tokens"] = rec["tokens"]
+        self._wandb.log(payload)
 
     # -- loops
     def poll(self) -> int:
@@ -464,8 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     --checkpoint) failed, or the source cannot be read; 2: refused up front (bad option, override, device or
     directory), with nothing touched."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), handlers=[console_handler("metalm-evaluate", timestamps=True)])
     try:
         load_config(None, args.config)  # fail fast on a bad override, before any checkpoint is looked at
         if args.checkpoint:

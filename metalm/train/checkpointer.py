@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import errno
 import shutil
-import sys
 from pathlib import Path
 from collections.abc import Callable
 
 from metalm import checkpoint as ckpt
 from metalm.checkpoint import CheckpointError, TrainerState
 from metalm.config import CheckpointConfig
+from metalm.console import warn
 from metalm.fsutil import write_atomic
 from metalm.storage import describe, is_url
 from metalm.train.dist import Collectives
@@ -37,10 +37,6 @@ from metalm.train.uploader import RemoteCheckpoints, Uploader
 
 class SaveFailed(Exception):
     """A checkpoint save failed on at least one rank (raised on every rank alike, with the same message)."""
-
-
-def _warn(text: str) -> None:
-    print(f"metalm: warning: {text}", file=sys.stderr, flush=True)
 
 
 class Checkpointer:
@@ -70,7 +66,7 @@ class Checkpointer:
             if self.cfg.check_free_space:
                 try:
                     for warning in check_free_space(self.root, self.estimate_bytes, self.cfg.keep_last_k):
-                        _warn(warning)
+                        warn(warning)
                 except TrainingError as e:
                     err = str(e)
             if err is None and self.remote_url:
@@ -219,7 +215,7 @@ class Checkpointer:
                 raise TrainingError(f"{e}; stopping after {why}; the last complete checkpoint is {latest}, "
                                     f"rerun the same command to resume from it") from None
             if self.rank == 0:
-                _warn(f"{e}; training goes on and retries at the next checkpoint ({self.failed_saves} of {limit} "
+                warn(f"{e}; training goes on and retries at the next checkpoint ({self.failed_saves} of {limit} "
                       f"tolerated failure(s)); the last complete checkpoint is {latest}")
             return False
         self.failed_saves = 0

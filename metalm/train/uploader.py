@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from collections.abc import Callable
 
 from metalm import checkpoint as ckpt
 from metalm.checkpoint import MARKER, STEP_RE, CheckpointError
+from metalm.console import warn
 from metalm.fsutil import fsync_dir, write_atomic
 from metalm.storage import describe, open_store, retry
 
@@ -38,11 +38,6 @@ DOWNLOAD_PREFIX = ".tmp-download-"
 
 def _say(text: str) -> None:
     print(f"metalm: {text}", flush=True)
-
-
-def _warn(text: str) -> None:
-    sys.stderr.write(f"metalm: warning: {text}\n")
-    sys.stderr.flush()
 
 
 class RemoteCheckpoints:
@@ -162,7 +157,7 @@ class Uploader:
     """Uploads staged checkpoints in a background thread (see the module doc)."""
 
     def __init__(self, remote: RemoteCheckpoints, staging: Path, keep_last_k: int, queue_size: int = 2,
-                 say: Callable[[str], None] = _say, warn: Callable[[str], None] = _warn):
+                 say: Callable[[str], None] = _say, warn: Callable[[str], None] = warn):
         self.remote, self.staging = remote, Path(staging)
         self.keep_last_k, self.queue_size = keep_last_k, queue_size
         self.say, self.warn = say, warn
