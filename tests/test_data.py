@@ -7,10 +7,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import signal
 import tarfile
 from collections import Counter
-from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 from metalm.data import DataError, ShardLoader, build_loader, load_manifest, load_tokenizer, prepare
 from metalm.data.prepare import is_val_doc, main as prepare_main, window_shuffle
 from data_cases import ensure, rewrite_manifest
+from deadline import deadline
 from legacy_shards import to_format_1
 
 def _build(cfg, **kw):
@@ -108,20 +107,6 @@ def per_worker_samples(ld: ShardLoader, epochs: int) -> dict[int, list[tuple]]:
     finally:
         it.close()
     return {w: s[: epochs * sizes[w]] for w, s in seen.items()}
-
-
-@contextmanager
-def deadline(seconds: int):
-    def fail(*_):
-        raise TimeoutError(f"no progress within {seconds} s (hang)")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # ----------------------------------------------------------------------------------------------- prepare

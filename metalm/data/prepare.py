@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from metalm.clock import hms
+from metalm.console import console_handler
 from metalm.data.errors import DataError, UnsafePathError
 from metalm.data.manifest import (FORMAT, MANIFEST, PREPARE_STATE, SPLITS, TOKENIZER_FILE, VERSION, load_manifest,
                                   samples_per_member as default_samples_per_member,
@@ -635,6 +636,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, handlers=[console_handler("metalm-prepare")])
     if args.config:
         from metalm.config import ConfigError, load_config
 
