@@ -9,6 +9,9 @@
 Without --config the built-in defaults of configs/cpu-tiny.yaml are used (in a source checkout). Re-running
 the same command resumes from the run directory's latest complete checkpoint.
 
+Both entry points (this console script and launchers/pretrain.py) first apply `keep_freed_memory`, the glibc
+allocator setting that keeps a CPU step's temporaries from being page-faulted in anew every micro-batch.
+
 Console output: an upstream deprecation warning that DeepSpeed's communication layer triggers on every
 collective (torch's `all_gather_into_tensor` / `reduce_scatter_tensor`) is filtered by its message, and W&B's
 own console lines are off (WANDB_SILENT=true) unless you set WANDB_SILENT yourself.
