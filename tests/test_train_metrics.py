@@ -80,6 +80,32 @@ def test_wandb_that_cannot_start_or_log_is_one_warning_and_training_logs_on(tmp_
     assert _steps(tmp_path) == [1, 2, 3] and m.wandb.run is None
 
 
+def test_event_records_without_a_step_reach_the_file_and_wandb(tmp_path, monkeypatch):
+    """The checkpointer logs upload events ({"checkpoint_uploaded": ...}) that carry no step."""
+    import wandb
+
+    logged = []
+
+    class Run:
+        def log(self, data, step=None):
+            logged.append((data, step))
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: Run())
+    for wandb_on in ("false", "true"):
+        run_dir = tmp_path / f"wandb-{wandb_on}"
+        m = _logger(run_dir, f"logging.wandb={wandb_on}", "logging.mode=offline")
+        m.begin(0)
+        m.log({"step": 1, "ar_loss": 2.0})
+        m.log({"checkpoint_uploaded": "s3://b/run/checkpoints/step_00000001"})
+        m.close()
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert lines == [{"step": 1, "ar_loss": 2.0}, {"checkpoint_uploaded": "s3://b/run/checkpoints/step_00000001"}]
+    assert logged == [({"ar_loss": 2.0}, 1), ({"checkpoint_uploaded": "s3://b/run/checkpoints/step_00000001"}, None)]
+
+
 @pytest.mark.parametrize("rank", [1, 3])
 def test_only_rank_zero_writes(tmp_path, rank):
     m = MetricsLogger(load_config(None, ["logging.wandb=false"]).logging, tmp_path, rank=rank, run_config={})

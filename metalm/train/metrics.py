@@ -110,7 +110,8 @@ class MetricsLogger:
             if not self.write_failed:
                 warn(f"cannot append to {self.path} ({e}); metrics records are lost until it works again")
             self.write_failed = True
-        self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        # upload events (checkpoint_uploaded, ...) carry no step: W&B puts them at its current one
+        self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record.get("step"))
 
     def progress(self, step: int, max_steps: int, record: dict) -> None:
         if not self.enabled or not self.cfg.progress:
