@@ -16,5 +16,7 @@ quickstart: install
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PYTHON) -m deepspeed.launcher.runner \
 		--num_gpus $(NPROC) --no_local_rank launchers/pretrain.py --config configs/cpu-tiny.yaml
 
+# Lint first: any ruff finding (config in pyproject.toml) fails the target before the suite runs.
 test: install
+	$(PYTHON) -m ruff check .
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -p no:cacheprovider

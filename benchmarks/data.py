@@ -105,7 +105,7 @@ class LocalS3:
                     break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the moto server did not start (pip install 'moto[server]' s3fs)")
+                    raise RuntimeError("the moto server did not start (pip install 'moto[server]' s3fs)") from None
                 time.sleep(0.2)
         os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                           AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     prep_rows, load_rows, s3_prep, s3_rows = [], [], None, []
     with tempfile.TemporaryDirectory(prefix="metalm-bench-") as tmp:
         for seq in ([] if args.s3_only else seq_lens):
-            for i, n in enumerate(num_procs):
+            for n in num_procs:
                 out = Path(tmp) / f"s{seq}-p{n}"
                 row = bench_prepare(args.source, args.tokenizer, out, seq, n, max_docs)
                 prep_rows.append(row)
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_s3:
         s3_prep, s3_rows = bench_s3(args.source, args.tokenizer, 2048, workers, seconds, max_docs, num_procs[-1])
         print(f"prepare seq  2048 num_proc {num_procs[-1]:2d} to s3: {s3_prep['docs_per_s']:9,.0f} docs/s "
-              f"{s3_prep['tokens_per_s']:11,.0f} tokens/s; shard bytes / token bytes {s3_prep['bytes_per_token_byte']:.4f}",
-              flush=True)
+              f"{s3_prep['tokens_per_s']:11,.0f} tokens/s; "
+              f"shard bytes / token bytes {s3_prep['bytes_per_token_byte']:.4f}", flush=True)
         for row in s3_rows:
             print(f"loader  seq  2048 workers  {row['num_workers']:2d} from s3: {row['samples_per_s']:9,.0f} samples/s "
                   f"{row['tokens_per_s']:11,.0f} tokens/s ({row['download_mb_per_s']:,.0f} MB/s of shards downloaded)",

@@ -41,7 +41,7 @@ EPS = 1e-6
 def _liger():
     try:
         from liger_kernel.transformers import functional as lf
-    except Exception:  # noqa: BLE001 - not installed, or installed but broken against this torch/triton
+    except Exception:  # noqa: BLE001 (not installed, or installed but broken against this torch/triton)
         return None
     return lf
 
@@ -194,7 +194,7 @@ def bench_one(op, shape, impl, fn, device, dtype, reps, warmup, reference_out):
         return row, out
     except torch.cuda.OutOfMemoryError:
         row["error"] = "OOM"
-    except Exception as e:  # noqa: BLE001 - a compile failure or a Liger API mismatch must not sink the whole run
+    except Exception as e:  # noqa: BLE001 (a compile failure or a Liger API mismatch is this row's result)
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     finally:
         del inputs

@@ -43,7 +43,7 @@ def pct(mfu) -> str:
 def bench_one(name: str, zero: int, kernels: str, compile_: bool, args, dist) -> dict:
     import torch
 
-    from metalm.config import deepspeed_config, load_config
+    from metalm.config import load_config
     from metalm.meta.step import MetaStep
     from metalm.model import num_params
     from metalm.train.dist import Collectives
@@ -64,7 +64,7 @@ def bench_one(name: str, zero: int, kernels: str, compile_: bool, args, dist) ->
         cfg.train.precision = "fp32"
     torch.manual_seed(0)
     module = PretrainModule(cfg)
-    engine = Engine(module, cfg.optim, cfg.train, deepspeed_config(cfg, 1), dist)
+    engine = Engine(module, cfg.optim, cfg.train, dist)
     gen = torch.Generator().manual_seed(0)
     B, T, V = cfg.train.micro_batch, cfg.train.seq_len, cfg.model.vocab_size
     batches = [zipf_batch(gen, B, T, V, reserved=64) for _ in range(4)]

@@ -10,7 +10,6 @@ installed package; launchers/ is not). `python launchers/pretrain.py --help` lis
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -18,29 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(1, str(REPO))  # after launchers/ (sys.path[0]), where dist_env.py is
 
-from metalm.cli.train import exit_now, main  # noqa: E402
+from metalm.cli.train import console_main, exit_now, main  # noqa: E402
 
 __all__ = ["exit_now", "main"]
 
 
-def keep_freed_memory() -> None:
-    """glibc gives blocks above its (adaptive) mmap threshold back to the kernel at free() and trims the heap
-    top, so a CPU step's gradient- and optimizer-sized temporaries were page-faulted in (zeroed by the kernel)
-    anew every micro-batch: system time. Keep blocks up to 32 MB (glibc's maximum threshold) in the heap and
-    the heap untrimmed below 1 GB free. MALLOC_* variables or GLIBC_TUNABLES set by the user win."""
-    if not sys.platform.startswith("linux") or "GLIBC_TUNABLES" in os.environ or any(
-            k.startswith("MALLOC_") for k in os.environ):
-        return
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 if __name__ == "__main__":
-    keep_freed_memory()
-    exit_now(main())
+    console_main()  # the allocator setting, then the run: the same as the metalm-train console script

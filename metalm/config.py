@@ -2,10 +2,9 @@
 
 A config is a YAML file merged onto these dataclasses in OmegaConf struct mode, then `key=value`
 overrides. Unknown keys, wrong types and impossible values are errors that name the key and the value,
-raised before any work starts. YAML is read as data only: OmegaConf's `${...}` interpolation and custom
-resolvers are rejected, so a config file can never run code or read the environment. Nor can it exhaust
-memory, time or the stack: YAML anchors and aliases, duplicate keys, deep nesting, oversized files and strings,
-non-finite floats and integers beyond 64 bits are refused (see the bounds below).
+raised before any work starts. The file and the overrides are read by the hardened reader in
+metalm/config_yaml.py (data only: no interpolation, anchors, duplicate keys or size bombs); every merged value
+is then bounded here (finite floats, 64-bit integers, bounded strings without NUL).
 
 Each section has its own checker (`SECTION_CHECKS`), and every set of allowed values is defined once, as a
 module constant (`KERNEL_BACKENDS`, `META_SAMPLERS`, ...) that the code using the key imports.
@@ -21,13 +20,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 from collections.abc import Callable
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from metalm.config_yaml import ConfigError, parse_override, read_yaml_file, show
 
-class ConfigError(ValueError):
-    """A configuration problem, with the offending key and value in the message."""
 
 
 @dataclass
@@ -51,7 +48,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     shards: str = "data/wiki-vital/shards"  # directory or URL (s3://, gs://, https://, pipe:...) holding manifest.json
-    source: str = "builtin"  # what `prepare_if_missing` tokenizes: builtin | a path/glob or URL (jsonl, txt, parquet, HF dir)
+    source: str = "builtin"  # what `prepare_if_missing` tokenizes: builtin | path/glob or URL (jsonl/txt/parquet/HF)
     text_field: str = "text"
     tokenizer: str = "builtin:olmo"  # tokenizers JSON, HF folder, hub name, or builtin:olmo
     prepare_if_missing: bool = True
@@ -274,191 +271,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.ner.label_token": NER_LABEL_TOKENS,
 }
 
-# ------------------------------------------------------------------------------------------------ input bounds
-# A config is a few KB holding a few hundred values, nested four levels deep. These bounds are far above that
-# and far below what could exhaust memory, time or the interpreter's stack (the evaluator also reads the
-# config.yaml of every checkpoint it finds, so a config file is untrusted input).
-MAX_CONFIG_BYTES = 1 << 20  # a config file, or one override's value
-MAX_YAML_DEPTH = 64  # nesting levels of collections
-MAX_YAML_NODES = 10_000  # keys and values in one document
+# ------------------------------------------------------------------------------------------------ value bounds
+# Every value of a merged config (file, overrides or defaults) must fit these (see _check_values).
 MAX_STRING_CHARS = 4096  # any string value (PATH_MAX on Linux)
 INT64_MAX = 2**63 - 1  # every integer must fit a torch.int64 / C long long
 MAX_LR = 1.0  # optim.lr above this is refused
 INT64_MIN = -(2**63)
-
-
-# ------------------------------------------------------------------------------------------------ reading YAML
-
-
-class _Refused(yaml.YAMLError):
-    """YAML that metalm configs do not accept: anchors/aliases, duplicate keys, too deep, too many values."""
-
-    def __init__(self, problem: str, line: int | None = None):
-        super().__init__(problem)
-        self.problem, self.line = problem, line
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader (plain data only) that also refuses anchors and aliases and bounds depth and size.
-
-    An alias is a reference, so nine anchors of nine aliases each are 9**9 values once anything walks the
-    data (an "alias bomb"); refusing them while composing, before any data exists, makes that impossible.
-    Composing recurses once per nesting level, so depth is bounded here too, far below the stack limit.
-    """
-
-    def __init__(self, stream: str):
-        super().__init__(stream)
-        self._depth = 0
-        self._nodes = 0
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        line = event.start_mark.line + 1
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _Refused("YAML anchors and aliases (&name, *name) are not allowed in metalm configs; "
-                           "write the value out", line)
-        self._nodes += 1
-        if self._nodes > MAX_YAML_NODES:
-            raise _Refused(f"more than {MAX_YAML_NODES} YAML values; expected at most {MAX_YAML_NODES} "
-                           "(a config holds a few hundred)", line)
-        self._depth += 1
-        if self._depth > MAX_YAML_DEPTH:
-            raise _Refused(f"nested deeper than {MAX_YAML_DEPTH} levels", line)
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def construct_bounded_int(self, node):
-        try:
-            return self.construct_yaml_int(node)
-        except ValueError:  # longer than int()'s conversion limit (4300 digits)
-            raise _Refused(f"an integer of {len(node.value)} digits; expected one that fits in 64 bits",
-                           node.start_mark.line + 1) from None
-
-
-_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_bounded_int)
-
-
-def _check_duplicate_keys(node: yaml.Node, where: str) -> None:
-    """PyYAML keeps the last of two equal keys without a word; a config that says a thing twice is an error."""
-    if isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _check_duplicate_keys(item, f"{where}[{i}]")
-    elif isinstance(node, yaml.MappingNode):
-        first_line: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                _check_duplicate_keys(value_node, where)
-                continue
-            name, line = key_node.value, key_node.start_mark.line + 1
-            full = f"{where}.{name}" if where else name
-            if name in first_line:
-                raise _Refused(f"duplicate key {full!r} at line {line} (first at line {first_line[name]}); "
-                               "give each key once")
-            first_line[name] = line
-            _check_duplicate_keys(value_node, full)
-
-
-def _parse_yaml(text: str, where: str) -> Any:
-    """YAML text -> plain data; `where` (the key the text is the value of, or "") prefixes duplicate-key names.
-
-    Raises `_Refused` for what metalm refuses and yaml.YAMLError for text that is not YAML.
-    """
-    loader = _ConfigLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_duplicate_keys(node, where)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """PyYAML's multi-line message as one line: where, then what."""
-    if isinstance(e, yaml.MarkedYAMLError):
-        mark = e.problem_mark or e.context_mark
-        what = ", ".join(str(p) for p in (e.context, e.problem) if p)
-        if mark is not None:
-            return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
-        return what
-    return " ".join(str(e).split())
-
-
-def _show(value: Any, limit: int = 120) -> str:
-    """repr(value) for a message, shortened when absurdly long (a message stays one readable line)."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _reject_interpolation(node: Any, where: str) -> None:
-    if isinstance(node, dict):
-        for k, v in node.items():
-            _reject_interpolation(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            _reject_interpolation(v, f"{where}[{i}]")
-    elif isinstance(node, str) and "${" in node:
-        raise ConfigError(f"{where}={_show(node)}: interpolation ('${{...}}') is not allowed in metalm configs")
-
-
-def _read_yaml(path: Path) -> dict:
-    where = f"config file {path}"
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)  # never more: the file may be huge, or grow while read
-            size = os.fstat(f.fileno()).st_size
-    except OSError as e:
-        raise ConfigError(f"{where} cannot be read: {e.strerror or e}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{where}: {max(size, len(raw))} bytes; expected at most {MAX_CONFIG_BYTES} "
-                          "(a config is a few KB)")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ConfigError(f"{where} is not UTF-8 text: byte 0x{raw[e.start]:02x} on line {line} "
-                          "(save it as UTF-8)") from None
-    try:
-        data = _parse_yaml(text, "")
-    except _Refused as e:
-        raise ConfigError(f"{where}: " + (f"line {e.line}: " if e.line else "") + e.problem) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(data).__name__}")
-    _reject_interpolation(data, "")
-    return data
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise ConfigError(f"override {_show(item)}: expected key=value (e.g. train.max_steps=100)")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if key.startswith("+") and key.lstrip("+"):
-        raise ConfigError(f"override {_show(item)}: metalm has no '+' (Hydra's add-a-key): every key already "
-                          f"exists in the schema, so write {_show(key.lstrip('+') + '=' + raw)}")
-    if not key:
-        raise ConfigError(f"override {_show(item)}: empty key")
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"override {key}: a value of {len(raw)} characters; expected at most {MAX_CONFIG_BYTES}")
-    try:
-        value = _parse_yaml(raw, key) if raw.strip() else ""
-    except _Refused as e:
-        raise ConfigError(f"override {key}={_show(raw)}: {e.problem}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}={_show(raw)}: value is not valid YAML: {_yaml_problem(e)}") from None
-    _reject_interpolation(value, key)
-    return key, value
 
 
 def _merge(base: DictConfig, data: dict, origin: str) -> DictConfig:
@@ -500,7 +318,7 @@ def _set_override(cfg: DictConfig, key: str, value: Any) -> None:
     try:
         OmegaConf.update(cfg, key, value, merge=True)
     except (OmegaConfBaseException, OverflowError) as e:
-        raise ConfigError(f"override {key}={_show(value)}: {_reason(e)}") from None
+        raise ConfigError(f"override {key}={show(value)}: {_reason(e)}") from None
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -509,7 +327,7 @@ def _set_override(cfg: DictConfig, key: str, value: Any) -> None:
 
 
 def _bad(key: str, value: Any, expected: str) -> NoReturn:
-    raise ConfigError(f"{key}={_show(value)}: {expected}")
+    raise ConfigError(f"{key}={show(value)}: {expected}")
 
 
 def _check_choices(section: str, node: Any) -> None:
@@ -778,7 +596,7 @@ def _validate_across(cfg: Config, world_size: int | None) -> None:
     if t.seq_len <= 0 or t.seq_len > m.max_seq_len:
         _bad("train.seq_len", t.seq_len, f"expected 1..model.max_seq_len={m.max_seq_len}")
     if world_size is not None:
-        accum = grad_accum(cfg, world_size)
+        accum = grad_accum(t, world_size)
         if t.micro_batch * accum * world_size != t.global_batch:
             _bad("train.global_batch", t.global_batch,
                  f"must equal train.micro_batch ({t.micro_batch}) x train.grad_accum ({accum}) x world size "
@@ -829,9 +647,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check_values(plain, "")
 
 
-def grad_accum(cfg: Config, world_size: int) -> int:
-    """Gradient accumulation steps: explicit, or derived from the global batch."""
-    t = cfg.train
+def grad_accum(t: TrainConfig, world_size: int) -> int:
+    """Gradient accumulation steps of the train section: explicit, or derived from the global batch."""
     if t.grad_accum > 0:
         return t.grad_accum
     per_step = t.micro_batch * world_size
@@ -853,9 +670,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
     if path is not None:
-        cfg = _merge(cfg, _read_yaml(Path(path)), f"config file {path}")
+        cfg = _merge(cfg, read_yaml_file(Path(path)), f"config file {path}")
     for item in overrides or []:
-        key, value = _parse_override(item)
+        key, value = parse_override(item)
         _set_override(cfg, key, value)
     config: Config = cfg  # type: ignore[assignment]
     validate(config, world_size)
@@ -868,28 +685,3 @@ def to_dict(cfg: Config) -> dict:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(cfg)
-
-
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed JSON config, derived from ours (never written by hand)."""
-    t = cfg.train
-    accum = grad_accum(cfg, world_size)
-    ds: dict[str, Any] = {
-        "train_batch_size": t.micro_batch * accum * world_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": accum,
-        "gradient_clipping": float(cfg.optim.grad_clip),
-        "zero_optimization": {"stage": int(t.zero_stage)},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if t.zero_stage >= 2:
-        ds["zero_optimization"].update({"overlap_comm": False, "contiguous_gradients": True})
-    if t.zero_stage == 3:
-        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
-    if t.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif t.precision == "fp16":
-        ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000}
-    return ds

@@ -88,10 +88,6 @@ def is_pipe(location: str) -> bool:
     return str(location).startswith("pipe:")
 
 
-def is_read_only(location: str) -> bool:
-    return scheme(location) in READ_ONLY_SCHEMES
-
-
 def local_path(location: str | os.PathLike) -> Path:
     """The local path of a local location (a path or file:// URL); ValueError for a URL."""
     location = str(location)
@@ -122,11 +118,6 @@ def absolute(location: str | os.PathLike) -> str:
     """A location that means the same from any working directory: a local path made absolute, a URL as is."""
     location = str(location)
     return location if is_url(location) else str(local_path(location).resolve())
-
-
-def display(location: str | os.PathLike) -> str:
-    """How messages name a location (the location itself: it never holds credentials, see check_location)."""
-    return str(location)
 
 
 def check_location(location: str, what: str, *, writable: bool = False) -> None:

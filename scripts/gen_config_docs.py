@@ -127,6 +127,8 @@ def _type_name(annotation: Any) -> str:
     text = text.replace("typing.", "")
     if text.startswith("Optional[") and text.endswith("]"):
         return f"{text[len('Optional['):-1]} or null"
+    if text.endswith(" | None"):  # the PEP 604 spelling of Optional
+        return f"{text[:-len(' | None')]} or null"
     return text
 
 

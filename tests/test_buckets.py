@@ -363,7 +363,8 @@ def test_train_from_the_bucket_kill_9_and_resume_on_a_fresh_machine(bucket, buck
     assert all(x.get("val_loss") is not None for x in lines)
     again = subprocess.run([sys.executable, str(REPO / "launchers" / "evaluate.py"), "--watch", run_url, "--once",
                             "--results", str(results), "--no-wandb", "--device", "cpu", "--config",
-                            "eval.metrics=[val_loss]", "eval.val_batches=2", "eval.batch_size=4", f"eval.seq_len={SEQ}"],
+                            "eval.metrics=[val_loss]", "eval.val_batches=2", "eval.batch_size=4",
+                            f"eval.seq_len={SEQ}"],
                            cwd=REPO, env=cpu_run_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [json.loads(x)["checkpoint"] for x in (results / "eval.jsonl").read_text().splitlines()] == names

@@ -18,7 +18,8 @@ import torch
 import yaml
 from procs import DIST_VARS, cpu_run_env, no_launcher_env
 
-from metalm.config import deepspeed_config, load_config, to_dict
+from metalm.config import load_config, to_dict
+from metalm.train.engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launchers" / "pretrain.py"
@@ -82,7 +83,7 @@ def test_print_config_prints_yaml_geometry_and_deepspeed_json(no_launcher, no_pr
     text, notes, ds = _sections(cap.out)
     cfg = load_config(CPU_TINY, overrides, world_size=4)
     assert yaml.safe_load(text) == to_dict(cfg)
-    assert json.loads(ds) == deepspeed_config(cfg, 4)
+    assert json.loads(ds) == deepspeed_config(cfg.optim, cfg.train, 4)
     assert notes[0] == "# world: 4 processes (--world-size)"
     assert notes[1].startswith("# batch: micro_batch 4 x grad_accum 4 x world 4 = global_batch 64 sequences of 128 "
                                "tokens (8,192 tokens per optimizer step)")
@@ -177,7 +178,8 @@ def test_a_cuda_config_on_a_cpu_box_ends_in_one_line():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.splitlines() == [out.stderr.strip()], out.stderr  # one line, nothing before or after
-    assert out.stderr.startswith("metalm: error: train.device=cuda but no CUDA device is visible")
+    assert out.stderr.startswith("metalm: error: train.device=cuda: no CUDA device is visible (")
+    assert "use train.device=cpu" in out.stderr
     assert out.stdout == ""
 
 
@@ -193,6 +195,37 @@ def test_wandb_silent_is_a_default_the_user_can_override(monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "false")
     quiet_upstream()
     assert os.environ["WANDB_SILENT"] == "false"
+
+
+@pytest.mark.parametrize("entry", ["metalm-train", "launchers/pretrain.py"])
+def test_both_entry_points_keep_freed_memory_before_the_run(entry, monkeypatch):
+    """The installed console script and the launcher script make the same glibc mallopt calls (the allocator
+    setting that keeps a CPU step's temporaries from being page-faulted in anew) before main() runs."""
+    import ctypes
+    import runpy
+    from importlib.metadata import entry_points
+
+    import metalm.cli.train as cli
+
+    events = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            events.append(("mallopt", param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(sys, "platform", "linux")
+    for k in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(cli, "main", lambda argv=None: events.append(("main",)) or 0)
+    monkeypatch.setattr(cli, "exit_now", lambda status: events.append(("exit", status)))
+    if entry == "metalm-train":
+        (ep,) = entry_points(group="console_scripts", name="metalm-train")
+        ep.load()()
+    else:
+        runpy.run_path(str(LAUNCHER), run_name="__main__")
+    assert events == [("mallopt", -3, 32 << 20), ("mallopt", -1, 1 << 30), ("main",), ("exit", 0)]
 
 
 @pytest.mark.slow

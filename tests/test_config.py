@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from metalm.config import ConfigError, deepspeed_config, grad_accum, load_config, to_yaml
+from metalm.config import ConfigError, grad_accum, load_config, to_yaml
 from metalm.model import num_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,21 +83,11 @@ def test_yaml_tags_cannot_construct_objects(tmp_path):
 
 def test_batch_geometry_checked_against_world_size():
     cfg = load_config(None, ["train.global_batch=64", "train.micro_batch=8"], world_size=2)
-    assert grad_accum(cfg, 2) == 4
+    assert grad_accum(cfg.train, 2) == 4
     with pytest.raises(ConfigError, match="train.global_batch=64"):
         load_config(None, ["train.global_batch=64", "train.micro_batch=8", "train.grad_accum=3"], world_size=2)
     with pytest.raises(ConfigError, match="not divisible"):
         load_config(None, ["train.global_batch=60", "train.micro_batch=8"], world_size=2)
-
-
-def test_deepspeed_config_is_derived():
-    cfg = load_config(None, ["train.global_batch=64", "train.micro_batch=4", "train.zero_stage=3",
-                             "train.precision=bf16", "optim.grad_clip=0.5", "meta.grad_ratio=0"], world_size=2)
-    ds = deepspeed_config(cfg, 2)
-    assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 8
-    assert ds["train_micro_batch_size_per_gpu"] == 4
-    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": True}
-    assert ds["gradient_clipping"] == 0.5 and "fp16" not in ds
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -7,33 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import signal
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from metalm.config import (MAX_CONFIG_BYTES, MAX_STRING_CHARS, MAX_YAML_DEPTH, Config, ConfigError, load_config,
-                           validate)
+from deadline import deadline
+from metalm.config import MAX_STRING_CHARS, Config, ConfigError, load_config, validate
+from metalm.config_yaml import MAX_CONFIG_BYTES, MAX_YAML_DEPTH
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@contextmanager
-def deadline(seconds: float):
-    """Fail (instead of hanging the suite) when the body runs longer than `seconds`."""
-    def expire(*_):
-        raise TimeoutError(f"took longer than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def refused(path=None, overrides=None, seconds: float = 5.0) -> str:

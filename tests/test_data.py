@@ -7,28 +7,23 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import signal
 import tarfile
 from collections import Counter
-from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from metalm.data import DataError, ShardLoader, build_loader, ensure_prepared, load_manifest, load_tokenizer, prepare
+from metalm.data import DataError, ShardLoader, build_loader, load_manifest, load_tokenizer, prepare
 from metalm.data.prepare import is_val_doc, main as prepare_main, window_shuffle
+from data_cases import ensure, rewrite_manifest
+from deadline import deadline
 from legacy_shards import to_format_1
 
-def _ensure(cfg, **kw):
-    """ensure_prepared on a whole config's sections, as the trainer calls it."""
-    return ensure_prepared(cfg.data, seq_len=cfg.train.seq_len, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed,
-                           **kw)
-
-
 def _build(cfg, **kw):
-    return build_loader(cfg.data, seq_len=cfg.train.seq_len, micro_batch=cfg.train.micro_batch, seed=cfg.train.seed, **kw)
+    return build_loader(cfg.data, seq_len=cfg.train.seq_len, micro_batch=cfg.train.micro_batch, seed=cfg.train.seed,
+                        **kw)
 
 
 SEQ = 64
@@ -37,16 +32,6 @@ PER_SHARD = 40
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def corpus(shared_data) -> Path:
-    return shared_data / "corpus" / "wiki-vital-en-fr-es.jsonl"
-
-
-@pytest.fixture(scope="session")
-def tok_path(shared_data) -> str:
-    return str(shared_data / "tokenizers" / "olmo-gpt-neox-dolma-v1_5.json")
-
-
 def _prepare(corpus, tok_path, out, **kw):
     args = dict(val_fraction=0.1, samples_per_shard=PER_SHARD, num_proc=2, seed=0, max_docs=MAX_DOCS,
                 progress=False)
@@ -122,20 +107,6 @@ def per_worker_samples(ld: ShardLoader, epochs: int) -> dict[int, list[tuple]]:
     finally:
         it.close()
     return {w: s[: epochs * sizes[w]] for w, s in seen.items()}
-
-
-@contextmanager
-def deadline(seconds: int):
-    def fail(*_):
-        raise TimeoutError(f"no progress within {seconds} s (hang)")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # ----------------------------------------------------------------------------------------------- prepare
@@ -359,18 +330,18 @@ def _cfg(shards_dir, *extra):
 
 
 def test_ensure_prepared(shards, tok_path, corpus, tmp_path):
-    man = _ensure(_cfg(shards, f"data.tokenizer={tok_path}", "data.prepare_if_missing=false"))
+    man = ensure(_cfg(shards, f"data.tokenizer={tok_path}", "data.prepare_if_missing=false"))
     assert man["tokenizer_hash"] == load_manifest(shards)["tokenizer_hash"]
     with pytest.raises(DataError, match="seq_len=64 but train.seq_len=32"):
-        _ensure(_cfg(shards, f"data.tokenizer={tok_path}", "train.seq_len=32"))
+        ensure(_cfg(shards, f"data.tokenizer={tok_path}", "train.seq_len=32"))
     with pytest.raises(DataError, match="model.vocab_size=50000 is smaller"):
-        _ensure(_cfg(shards, f"data.tokenizer={tok_path}", "model.vocab_size=50000"))
+        ensure(_cfg(shards, f"data.tokenizer={tok_path}", "model.vocab_size=50000"))
     with pytest.raises(DataError, match="prepare_if_missing"):
-        _ensure(_cfg(tmp_path / "none", "data.prepare_if_missing=false"))
+        ensure(_cfg(tmp_path / "none", "data.prepare_if_missing=false"))
     src = tmp_path / "s.jsonl"
     with open(corpus, encoding="utf-8") as f:
         src.write_text("".join(islice(f, 40)))
-    made = _ensure(_cfg(tmp_path / "new", f"data.source={src}", f"data.tokenizer={tok_path}",
+    made = ensure(_cfg(tmp_path / "new", f"data.source={src}", f"data.tokenizer={tok_path}",
                                 "data.prepare_num_proc=1"), progress=False)
     assert made["seq_len"] == SEQ and (tmp_path / "new" / "manifest.json").is_file()
 
@@ -406,7 +377,7 @@ def test_same_seed_same_order_new_seed_or_epoch_new_order(shards):
     a = take(loader(shards), n)
     assert take(loader(shards), n) == a
     assert take(loader(shards, seed=1), n) != a
-    per_epoch = loader(shards).samples_per_epoch
+    per_epoch = sum(loader(shards).worker_sizes)
     flat = [tuple(r) for b in a for r in b]
     assert flat[:per_epoch] != flat[per_epoch: 2 * per_epoch][: per_epoch]
     assert Counter(flat[:per_epoch]) == Counter(read_split(shards, "train"))
@@ -489,13 +460,6 @@ def test_build_loader_from_config(shards, tok_path):
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def _rewrite_manifest(shards_dir: Path, fn) -> None:
-    path = shards_dir / "manifest.json"
-    man = json.loads(path.read_text())
-    fn(man)
-    path.write_text(json.dumps(man))
-
-
 def _sync_record(shards_dir: Path, split: str, index: int, samples: int | None = None) -> None:
     rec_path = shards_dir / load_manifest(shards_dir)["splits"][split]["shards"][index]["path"]
 
@@ -504,7 +468,7 @@ def _sync_record(shards_dir: Path, split: str, index: int, samples: int | None =
         rec["bytes"] = rec_path.stat().st_size
         rec["sha256"] = __import__("hashlib").sha256(rec_path.read_bytes()).hexdigest()
 
-    _rewrite_manifest(shards_dir, fix)
+    rewrite_manifest(shards_dir, fix)
 
 
 def _mutate_sample(shards_dir: Path, split: str, index: int, key: int, array: np.ndarray) -> str:
@@ -604,14 +568,14 @@ def test_bad_rows_and_blocks_of_format_2(shards_copy, kind, match, rows):
 
 
 def test_manifest_validation(shards_copy, tok_path):
-    _rewrite_manifest(shards_copy, lambda m: m.pop("dtype"))
+    rewrite_manifest(shards_copy, lambda m: m.pop("dtype"))
     with pytest.raises(DataError, match="field 'dtype' is missing"):
         load_manifest(shards_copy)
-    _rewrite_manifest(shards_copy, lambda m: m.update(dtype="uint16"))
-    _rewrite_manifest(shards_copy, lambda m: m["splits"]["train"].update(samples=1))
+    rewrite_manifest(shards_copy, lambda m: m.update(dtype="uint16"))
+    rewrite_manifest(shards_copy, lambda m: m["splits"]["train"].update(samples=1))
     with pytest.raises(DataError, match="splits.train.samples=1 but its shards hold"):
         loader(shards_copy)
-    _rewrite_manifest(shards_copy, lambda m: m["splits"]["train"].update(
+    rewrite_manifest(shards_copy, lambda m: m["splits"]["train"].update(
         samples=sum(s["samples"] for s in m["splits"]["train"]["shards"])))
     with pytest.raises(DataError, match="tokenizer hash mismatch"):
         loader(shards_copy, expected_tokenizer_hash="0" * 64)
@@ -629,7 +593,7 @@ def test_tokenizer_hash_mismatch_between_shards_and_manifest(shards_copy):
         loader(shards_copy)
     # format 1 shards carry the hash in their __meta__.json member too: a shard from another preparation shows
     to_format_1(shards_copy)
-    _rewrite_manifest(shards_copy, lambda m: m.update(tokenizer_hash=other.hash))
+    rewrite_manifest(shards_copy, lambda m: m.update(tokenizer_hash=other.hash))
     with pytest.raises(DataError, match=r"shard .*shard-\d+\.tar: tokenizer hash mismatch"):
         take(loader(shards_copy), 1)
 

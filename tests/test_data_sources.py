@@ -19,11 +19,6 @@ from metalm.data.sources import describe_source, iter_jsonl
 
 
 @pytest.fixture(scope="module")
-def corpus(shared_data) -> Path:
-    return shared_data / "corpus" / "wiki-vital-en-fr-es.jsonl"
-
-
-@pytest.fixture(scope="module")
 def records(corpus) -> list[dict]:
     with open(corpus, encoding="utf-8") as f:
         return [json.loads(line) for line in islice(f, 40)]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import pickle
 import re
@@ -19,16 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metalm.data import DataError, ShardLoader, ensure_prepared, load_manifest, prepare
+from metalm.data import DataError, ShardLoader, load_manifest, prepare
 from metalm.data.errors import UnsafePathError
 from metalm.data.shards import tar_member
+from data_cases import ensure, rewrite_manifest
 from legacy_shards import to_format_1
-
-def _ensure(cfg, **kw):
-    """ensure_prepared on a whole config's sections, as the trainer calls it."""
-    return ensure_prepared(cfg.data, seq_len=cfg.train.seq_len, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed,
-                           **kw)
-
 
 SEQ = 32
 
@@ -66,13 +60,6 @@ def _first(ld: ShardLoader) -> list:
         it.close()
 
 
-def _rewrite_manifest(shards_dir: Path, fn) -> None:
-    path = shards_dir / "manifest.json"
-    man = json.loads(path.read_text())
-    fn(man)
-    path.write_text(json.dumps(man))
-
-
 def _first_train_shard(shards_dir: Path) -> Path:
     return shards_dir / load_manifest(shards_dir)["splits"]["train"]["shards"][0]["path"]
 
@@ -97,7 +84,7 @@ def _rename_member(shards_dir: Path, old: str, new: str, content: bytes | None =
         rec = man["splits"]["train"]["shards"][0]
         rec["bytes"], rec["sha256"] = len(data), hashlib.sha256(data).hexdigest()
 
-    _rewrite_manifest(shards_dir, sync)
+    rewrite_manifest(shards_dir, sync)
     return path
 
 
@@ -214,7 +201,7 @@ def test_dangling_or_looping_shard_symlink_is_a_data_error(copy):
 # ----------------------------------------------------------------------------------------------- manifest paths
 @pytest.mark.parametrize("bad", ["/etc/passwd", "../outside/shard-000000.tar", "train/../../x.tar"])
 def test_manifest_shard_path_outside_is_a_data_error_when_not_rebuilding(copy, tok_path, bad):
-    _rewrite_manifest(copy, lambda m: m["splits"]["train"]["shards"][0].update(path=bad))
+    rewrite_manifest(copy, lambda m: m["splits"]["train"]["shards"][0].update(path=bad))
     manifest = copy / "manifest.json"
     expected = (f"{manifest}: splits.train.shards[0].path {bad!r} must be relative, inside the shard directory")
     with pytest.raises(DataError) as e:
@@ -224,7 +211,7 @@ def test_manifest_shard_path_outside_is_a_data_error_when_not_rebuilding(copy, t
     with pytest.raises(DataError, match="must be relative, inside the shard directory"):
         _loader(copy)
     with pytest.raises(DataError, match="must be relative, inside the shard directory"):
-        _ensure(_cfg(copy, tok_path, "data.prepare_if_missing=false"))
+        ensure(_cfg(copy, tok_path, "data.prepare_if_missing=false"))
 
 
 @pytest.mark.parametrize("field,bad,why", [
@@ -239,18 +226,13 @@ def test_other_manifest_paths_are_checked_too(copy, field, bad, why):
         else:
             m[field] = bad
 
-    _rewrite_manifest(copy, edit)
+    rewrite_manifest(copy, edit)
     where = "splits.train.shards[0].path" if field == "path" else field
     with pytest.raises(DataError) as e:
         load_manifest(copy)
     assert str(e.value) == f"{copy / 'manifest.json'}: {where} {bad!r} {why}"
     with pytest.raises(DataError):
         _loader(copy)
-
-
-@pytest.fixture(scope="module")
-def tok_path(shared_data) -> str:
-    return str(shared_data / "tokenizers" / "olmo-gpt-neox-dolma-v1_5.json")
 
 
 def _cfg(shards_dir: Path, tok_path: str, *extra: str, source: Path | None = None):
@@ -267,10 +249,10 @@ def _cfg(shards_dir: Path, tok_path: str, *extra: str, source: Path | None = Non
 def test_manifest_shard_path_outside_warns_when_rebuilding(tiny, copy, tok_path, caplog):
     good = load_manifest(copy)
     bad = "../outside/shard-000000.tar"
-    _rewrite_manifest(copy, lambda m: m["splits"]["train"]["shards"][0].update(path=bad))
+    rewrite_manifest(copy, lambda m: m["splits"]["train"]["shards"][0].update(path=bad))
     cfg = _cfg(copy, tok_path, "data.prepare_if_missing=true", source=tiny.parent / "docs.jsonl")
     with caplog.at_level(logging.WARNING, logger="metalm"):
-        man = _ensure(cfg, progress=False)
+        man = ensure(cfg, progress=False)
     assert man["splits"] == good["splits"]  # rebuilt from the shard records, the shards reused
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("metalm")]
     assert len(warnings) == 1

@@ -1,25 +1,17 @@
 """Effective rank against hand-computed spectra and a plain numpy implementation."""
-import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from metalm.config import load_config
 from metalm.eval.rank import (ATTN_KINDS, KINDS, activation_ranks, effective_rank, gradient_ranks,
-                              proportional_effective_rank, weight_ranks)
+                              er_and_per, weight_ranks)
 from metalm.model import build_model
+from eval_cases import np_er
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=48",
         "model.vocab_size=97", "model.max_seq_len=32", "train.seq_len=16"]
-
-
-def np_er(m: np.ndarray) -> float:
-    """Plain reference: exp(-Σ p ln p), p = σ / Σσ, skipping exact zeros."""
-    s = np.linalg.svd(np.asarray(m, dtype=np.float64), compute_uv=False)
-    p = s / s.sum()
-    return float(math.exp(-sum(x * math.log(x) for x in p if x > 0)))
 
 
 def random_orthogonal(n, seed):
@@ -30,27 +22,27 @@ def random_orthogonal(n, seed):
 
 def test_identity_has_full_rank():
     assert effective_rank(torch.eye(7)) == pytest.approx(7.0, rel=1e-12)
-    assert proportional_effective_rank(torch.eye(7)) == pytest.approx(1.0, rel=1e-12)
+    assert er_and_per(torch.eye(7))["per"] == pytest.approx(1.0, rel=1e-12)
 
 
 def test_rank_one_is_one():
     u, v = torch.randn(6, 1), torch.randn(1, 9)
     assert effective_rank(u @ v) == pytest.approx(1.0, abs=1e-6)
-    assert proportional_effective_rank(u @ v) == pytest.approx(1.0 / 6, abs=1e-6)
+    assert er_and_per(u @ v)["per"] == pytest.approx(1.0 / 6, abs=1e-6)
 
 
 def test_known_spectrum_3_1():
     # σ = [3, 1] -> p = [.75, .25]; H = -(.75 ln .75 + .25 ln .25) = 0.562335; ER = e^H = 1.754765
     m = random_orthogonal(2, 0) @ torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64)) @ random_orthogonal(2, 1)
     assert effective_rank(m) == pytest.approx(1.754765, abs=1e-6)
-    assert proportional_effective_rank(m) == pytest.approx(1.754765 / 2, abs=1e-6)
+    assert er_and_per(m)["per"] == pytest.approx(1.754765 / 2, abs=1e-6)
 
 
 def test_rectangular_equal_singular_values_and_zero_matrix():
     u = random_orthogonal(5, 2)[:, :3]  # 5x3 orthonormal columns
     m = u @ torch.diag(torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64)) @ random_orthogonal(3, 3)
     assert effective_rank(m.T) == pytest.approx(3.0, rel=1e-10)  # 3x5
-    assert proportional_effective_rank(m.T) == pytest.approx(1.0, rel=1e-10)
+    assert er_and_per(m.T)["per"] == pytest.approx(1.0, rel=1e-10)
     assert effective_rank(torch.zeros(4, 3)) == 0.0
     with pytest.raises(ValueError):
         effective_rank(torch.zeros(2, 2, 2))

@@ -92,7 +92,8 @@ def test_report_writes_pngs_and_markdown(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
     md = (out / "report.md").read_text()
     assert "| vanilla | maml | val_loss | 6.0000 | 1,000 / 100,000 | 500 / 25,000 | 2.00× | 4.00× |" in md
-    assert "run maml reaches run vanilla's final val_loss (6.0000) 2.00× sooner in steps and 4.00× sooner in tokens" in md
+    assert ("run maml reaches run vanilla's final val_loss (6.0000) 2.00× sooner in steps and 4.00× sooner in tokens"
+            in md)
     assert "![loss](loss.png)" in md
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from metalm.config import load_config
+from metalm.data import DataError
 from metalm.eval.valloss import as_tokens, probe_batch_from_text, val_batches_from_config, validation_loss
 from metalm.model import build_model
 
@@ -59,3 +60,29 @@ def test_no_shards_gives_a_reason(tmp_path):
     cfg = load_config(None, TINY + [f"data.shards={tmp_path}/none"])
     it, reason = val_batches_from_config(cfg, 4)
     assert it is None and reason
+
+
+def test_probe_jsonl_without_the_text_field_names_the_line(tmp_path):
+    j = tmp_path / "probe.jsonl"
+    j.write_text('{"text": "xy"}\n\n{"body": "zw"}\n')
+    with pytest.raises(DataError, match=f"^{j}:3: expected an object with a string 'text' field$"):
+        probe_batch_from_text(str(j), lambda s: [ord(c) for c in s], 1, 3)
+
+
+def test_unreadable_shards_are_a_reason_but_a_bug_propagates(tmp_path, monkeypatch):
+    import metalm.data.loader as loader_mod
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{not json")
+    cfg = load_config(None, TINY + [f"data.shards={shards}"])
+    it, reason = val_batches_from_config(cfg, 4)
+    assert it is None and reason.startswith("cannot build the validation loader: DataError: ")
+    assert str(shards / "manifest.json") in reason
+
+    def broken(*args, **kw):
+        raise TypeError("a bug in the loader")
+
+    monkeypatch.setattr(loader_mod, "build_loader", broken)
+    with pytest.raises(TypeError, match="a bug in the loader"):
+        val_batches_from_config(cfg, 4)

@@ -11,64 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from metalm.config import load_config, to_yaml
 from metalm.eval import watcher as W
-from metalm.model import build_model
-from metalm.checkpoint import MARKER, save_weights
+from metalm.checkpoint import MARKER
+from eval_cases import jsonl, make_ckpt, np_er
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT = ["the quick brown fox jumps over the lazy dog", "Ann met Bob in New York", "Paris is in France",
-        "Tokyo and Kyoto are cities in Japan", "Marie Curie worked in Paris"]
-TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=48",
-        "model.vocab_size=320", "model.max_seq_len=64", "train.seq_len=32", "eval.seq_len=24",
-        "eval.batch_size=2", "eval.metrics=[val_loss,rank,entropy]", "logging.wandb=false"]
-
-
-def toy_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXT * 10, trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return tok
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    d = tmp_path_factory.mktemp("assets")
-    tok = toy_tokenizer()
-    tok.save(str(d / "tokenizer.json"))
-    (d / "probe.txt").write_text("\n\n".join(TEXT * 6))
-    return d
-
-
-def make_ckpt(root: Path, step: int, assets: Path, complete=True, extra=()):
-    cfg = load_config(None, TINY + [f"data.shards={root}/no-shards", f"eval.probe_text={assets / 'probe.txt'}",
-                                    *extra])
-    torch.manual_seed(step)
-    d = root / "checkpoints" / f"step_{step:08d}"
-    d.mkdir(parents=True)
-    (d / "config.yaml").write_text(to_yaml(cfg))
-    save_weights(build_model(cfg.model), d / "model.safetensors")
-    (d / "tokenizer.json").write_bytes((assets / "tokenizer.json").read_bytes())
-    (d / "trainer_state.json").write_text(json.dumps({"step": step, "tokens": step * 64}))
-    if complete:
-        (d / MARKER).write_text("ok\n")
-    return d
-
-
-def np_er(m):
-    s = np.linalg.svd(np.asarray(m, dtype=np.float64), compute_uv=False)
-    p = s / s.sum()
-    return float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
-
-
-def jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_each_complete_checkpoint_once_and_incomplete_waits(tmp_path, assets, caplog):
@@ -192,8 +140,10 @@ def test_single_checkpoint_cli_with_ner(tmp_path, assets, caplog):
     """--checkpoint PATH with --config overrides: NER on toy IOB2 files through the real tokenizer path."""
     run = tmp_path / "run"
     ck = make_ckpt(run, 10, assets)
-    sents = [(["Ann", "met", "Bob"], ["B-PER", "O", "B-PER"]), (["Paris", "is", "in", "France"], ["B-LOC", "O", "O", "B-LOC"])]
-    text = "".join("".join(f"{i + 1}\t{w}\t{t}\n" for i, (w, t) in enumerate(zip(ws, ts))) + "\n" for ws, ts in sents * 4)
+    sents = [(["Ann", "met", "Bob"], ["B-PER", "O", "B-PER"]),
+             (["Paris", "is", "in", "France"], ["B-LOC", "O", "O", "B-LOC"])]
+    text = "".join("".join(f"{i + 1}\t{w}\t{t}\n" for i, (w, t) in enumerate(zip(ws, ts))) + "\n"
+                   for ws, ts in sents * 4)
     (tmp_path / "toy.iob2").write_text(text)
     args = ["--checkpoint", str(ck), "--no-wandb",
             "--config", "eval.metrics=[ner]", f"eval.ner.train={tmp_path}/toy.iob2",

@@ -16,7 +16,7 @@ from metalm.checkpoint import MARKER, checkpoint_files, checkpoint_problem, load
 from metalm.checkpoint.layout import MARKER_FORMAT
 from metalm.config import ConfigError
 from metalm.eval import watcher as W
-from test_eval_watcher import TEXT, assets, jsonl, make_ckpt  # noqa: F401 - assets: the module fixture
+from eval_cases import TEXT, jsonl, make_ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -295,6 +295,74 @@ def test_a_skipped_metric_is_a_warning_saying_how_to_fix_it(tmp_path, assets, ca
     assert "manifest.json missing" in val and "--shards" in val and "eval.metrics" in val
     assert "eval.probe_text" in by_metric["entropy"][0] and "eval.ner.train" in by_metric["ner"][0]
     assert any(k.startswith("rank/weight/") for k in rec["metrics"])  # what needs no data is still computed
+
+
+def test_a_bug_while_making_the_probe_batch_is_raised_not_skipped(tmp_path, assets, monkeypatch):
+    """A missing probe file is a skip with its reason; an exception no input explains (here a TypeError) is a bug
+    and stops the evaluation instead of turning into a "skipped" metric."""
+    from metalm.eval import checkpoint_eval, valloss
+
+    d = sealed_ckpt(tmp_path / "run", 10, assets,
+                    extra=["eval.metrics=[entropy]", f"eval.probe_text={tmp_path / 'missing.txt'}"])
+    rec = checkpoint_eval.evaluate_checkpoint(d)
+    assert "FileNotFoundError" in rec["skipped"]["entropy"] and "missing.txt" in rec["skipped"]["entropy"]
+
+    def broken(*args, **kw):
+        raise TypeError("a bug in the probe batch")
+
+    monkeypatch.setattr(valloss, "probe_batch_from_text", broken)
+    with pytest.raises(TypeError, match="a bug in the probe batch"):
+        checkpoint_eval.evaluate_checkpoint(d)
+
+
+class _FakeWandb:
+    """Records wandb.init's arguments and what is logged; `fail_log` makes log() raise as an unreachable server."""
+
+    def __init__(self, fail_log=False):
+        self.inits, self.logged, self.fail_log = [], [], fail_log
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        return self
+
+    def define_metric(self, *a, **kw):
+        pass
+
+    def log(self, data, **kw):
+        if self.fail_log:
+            raise ConnectionError("connection reset")
+        self.logged.append(data)
+
+    def finish(self):
+        pass
+
+
+def test_evaluator_wandb_respects_wandb_mode_and_never_stops_evaluation(tmp_path, assets, monkeypatch, console):
+    import wandb
+
+    run = tmp_path / "run"
+    sealed_ckpt(run, 10, assets, extra=["eval.metrics=[rank]", "logging.wandb=true"])
+    sealed_ckpt(run, 20, assets, extra=["eval.metrics=[rank]", "logging.wandb=true"])
+    fake = _FakeWandb()
+    monkeypatch.setattr(wandb, "init", fake.init)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    w = W.Watcher(str(run), wandb=True, device="cpu")
+    assert w.run(once=True) == 0
+    assert [kw["mode"] for kw in fake.inits] == ["disabled"]  # once, in the mode the user asked for
+    assert [r["eval/step"] for r in fake.logged] == [10, 20]
+
+    failing = _FakeWandb(fail_log=True)
+    monkeypatch.setattr(wandb, "init", failing.init)
+    monkeypatch.delenv("WANDB_MODE")
+    results = tmp_path / "again"
+    w = W.Watcher(str(run), results=str(results), wandb=True, device="cpu")
+    assert w.run(once=True) == 0
+    assert [kw["mode"] for kw in failing.inits] == ["online"]  # WANDB_API_KEY set, no WANDB_MODE
+    assert sorted(p.name for p in results.glob("step_*.json")) == ["step_00000010.json", "step_00000020.json"]
+    warned = [ln for ln in console.readouterr().err.splitlines() if "W&B" in ln]
+    assert warned == [f"metalm: warning: W&B logging failed (ConnectionError: connection reset); results go on "
+                      f"being written to {results}"]
 
 
 def test_relative_shards_fall_back_to_the_trainer_state(tmp_path, assets, toy_shards, caplog, monkeypatch):

@@ -167,7 +167,8 @@ def test_text_source_of_random_bytes(scratch, data, split):
 
 # ------------------------------------------------------------------------------------------------ shard members
 
-MEMBER_PART = st.one_of(st.sampled_from(["", ".", "..", "...", "000000", "000000.npy", "__meta__.json", "etc", "x.npy"]),
+MEMBER_PART = st.one_of(st.sampled_from(["", ".", "..", "...", "000000", "000000.npy", "__meta__.json", "etc",
+                                         "x.npy"]),
                         st.text(alphabet="./ab0_", max_size=6))
 MEMBER_NAME = st.lists(MEMBER_PART, min_size=1, max_size=4).map("/".join).filter(lambda n: 0 < len(n.encode()) < 99)
 

@@ -19,7 +19,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import kernel_cases
 import kernels
+from kernel_cases import BF16, F16, F32, run_both
 from kernels import reference as ref
 from kernels.tolerance import assert_close
 
@@ -34,32 +36,9 @@ rms_mod = importlib.import_module("kernels.rmsnorm")
 ce_mod = importlib.import_module("kernels.masked_ce")
 lce_mod = importlib.import_module("kernels.linear_ce")
 
-F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-
-
-def run_both(fn_kernel, fn_ref, inputs, grad_seed=0, kernel_kw=None, **kw):
-    """Value and gradients wrt every floating input, for the kernel and the reference called with the
-    same keyword arguments (plus kernel-only `kernel_kw`) and the same random upstream gradient (so the
-    per-row scaling of reduction="none" is exercised)."""
-    results = []
-    for fn in (functools.partial(fn_kernel, **kw, **(kernel_kw or {})), functools.partial(fn_ref, **kw)):
-        leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
-        out = fn(*leaves)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out)
-        grads = torch.autograd.grad(out, [x for x in leaves if x.requires_grad], g)
-        results.append((out.detach(), grads))
-    return results
-
-
-def make_targets(lead, vocab, ignore_index=-100, ignore_frac=0.3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, vocab, lead, generator=gen)
-    t[torch.rand(lead, generator=gen) < ignore_frac] = ignore_index
-    return t.to(DEVICE)
-
-
-def randn(*shape, dtype=F32, scale=1.0, seed=0):
-    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(DEVICE, dtype)
+# the inputs on the kernels' device
+randn = functools.partial(kernel_cases.randn, device=DEVICE)
+make_targets = functools.partial(kernel_cases.make_targets, device=DEVICE)
 
 
 # ----------------------------------------------------------------------------------------- RMSNorm
@@ -71,7 +50,7 @@ def randn(*shape, dtype=F32, scale=1.0, seed=0):
 def test_rmsnorm_matches_reference(shape, dtype, w_dtype, launch):
     x = randn(*shape, dtype=dtype, scale=2.0)
     w = 1.0 + randn(shape[-1], dtype=w_dtype, scale=0.2, seed=1)
-    (y, (dx, dw)), (y_ref, (dx_ref, dw_ref)) = run_both(rms_mod.rmsnorm, ref.rmsnorm, [x, w], kernel_kw=launch)
+    (y, (dx, dw)), (y_ref, (dx_ref, dw_ref)) = run_both(rms_mod.rmsnorm, ref.rmsnorm, [x, w], new_kw=launch)
     assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == w_dtype
     assert_close(y, y_ref, dtype)
     assert_close(dx, dx_ref, dtype)
@@ -106,7 +85,7 @@ def ce_case(lead, vocab, block_v, dtype, reduction, ls=0.0, zl=0.0, ignore_index
     logits = randn(*lead, vocab, dtype=dtype, scale=scale)
     targets = make_targets(lead, vocab, ignore_index)
     return run_both(ce_mod.masked_cross_entropy, ref.masked_cross_entropy, [logits, targets],
-                    kernel_kw={"block_v": block_v}, ignore_index=ignore_index, reduction=reduction,
+                    new_kw={"block_v": block_v}, ignore_index=ignore_index, reduction=reduction,
                     label_smoothing=ls, z_loss=zl)
 
 
@@ -166,7 +145,7 @@ def test_masked_ce_minus_inf_columns():
     logits[2, 16:] -= 1e4  # after an all -inf block: rescaling d=0 by exp(1e4) would give 0 * inf = NaN
     targets = torch.tensor([3, 1, 45, -100], device=DEVICE)
     (loss, (dz,)), (loss_ref, (dz_ref,)) = run_both(ce_mod.masked_cross_entropy, ref.masked_cross_entropy,
-                                                    [logits, targets], kernel_kw={"block_v": 16},
+                                                    [logits, targets], new_kw={"block_v": 16},
                                                     reduction="none", z_loss=1e-3)
     assert loss.isfinite().all() and dz.isfinite().all()
     assert_close(loss, loss_ref)
@@ -184,7 +163,7 @@ def test_masked_ce_non_finite_propagate_like_reference(reduction, ls, zl):
     logits[1, 30] = float("inf")         # +inf: lse = inf, like torch.logsumexp
     logits[2, :] = float("-inf")         # all -inf: lse = -inf, loss NaN
     (loss, (dz,)), (loss_ref, (dz_ref,)) = run_both(ce_mod.masked_cross_entropy, ref.masked_cross_entropy,
-                                                    [logits, targets], kernel_kw={"block_v": 16},
+                                                    [logits, targets], new_kw={"block_v": 16},
                                                     reduction=reduction, label_smoothing=ls, z_loss=zl)
     assert_close(loss, loss_ref, equal_nan=True)
     assert_close(dz, dz_ref, equal_nan=True)
@@ -207,7 +186,7 @@ def test_masked_ce_property(rows, vocab, block_v, ls, zl, reduction, seed):
     targets = make_targets((rows,), vocab, ignore_frac=0.4, seed=seed)
     (loss, (dz,)), (loss_ref, (dz_ref,)) = run_both(
         ce_mod.masked_cross_entropy, ref.masked_cross_entropy, [logits, targets], seed,
-        kernel_kw={"block_v": block_v}, reduction=reduction, label_smoothing=ls, z_loss=zl)
+        new_kw={"block_v": block_v}, reduction=reduction, label_smoothing=ls, z_loss=zl)
     assert_close(loss, loss_ref)
     assert_close(dz, dz_ref)
 
@@ -231,7 +210,7 @@ def lce_case(lead, hidden, vocab, chunk, dtype, reduction, ls=0.0, zl=0.0, h_sca
     w = randn(vocab, hidden, dtype=dtype, scale=hidden ** -0.5 * 2, seed=1)
     t = make_targets(lead, vocab)
     return run_both(lce_mod.linear_cross_entropy, ref.linear_cross_entropy, [h, w, t],
-                    kernel_kw={"chunk_size": chunk, "block_v": 32}, reduction=reduction, label_smoothing=ls,
+                    new_kw={"chunk_size": chunk, "block_v": 32}, reduction=reduction, label_smoothing=ls,
                     z_loss=zl)
 
 
@@ -263,7 +242,7 @@ def test_linear_ce_all_or_all_but_one_ignored(reduction, n_valid):
     t = torch.full((2, 3), -100, device=DEVICE)
     t[1, 2] = 7 if n_valid else -100
     (loss, (dh, dw)), (loss_ref, (dh_ref, dw_ref)) = run_both(
-        lce_mod.linear_cross_entropy, ref.linear_cross_entropy, [h, w, t], kernel_kw={"chunk_size": 4},
+        lce_mod.linear_cross_entropy, ref.linear_cross_entropy, [h, w, t], new_kw={"chunk_size": 4},
         reduction=reduction)
     if n_valid == 0:
         assert torch.equal(loss, torch.zeros_like(loss_ref))
@@ -278,7 +257,7 @@ def test_linear_ce_nan_hidden_propagates_like_reference():
     h[2, 3] = float("nan")
     t = torch.tensor([1, 2, 3, -100, 4], device=DEVICE)
     (loss, grads), (loss_ref, grads_ref) = run_both(
-        lce_mod.linear_cross_entropy, ref.linear_cross_entropy, [h, w, t], kernel_kw={"chunk_size": 2},
+        lce_mod.linear_cross_entropy, ref.linear_cross_entropy, [h, w, t], new_kw={"chunk_size": 2},
         reduction="none")
     assert_close(loss, loss_ref, equal_nan=True)
     for g, g_ref in zip(grads, grads_ref):

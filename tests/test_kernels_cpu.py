@@ -9,36 +9,10 @@ import pytest
 import torch
 
 import kernels
+from kernel_cases import BF16, F32, make_targets, randn, run_both
 from kernels import cpu
 from kernels import reference as ref
 from kernels.tolerance import assert_close
-
-F32, BF16 = torch.float32, torch.bfloat16
-
-
-def randn(*shape, dtype=F32, scale=1.0, seed=0):
-    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
-
-
-def make_targets(lead, vocab, ignore_index=-100, ignore_frac=0.3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, vocab, lead, generator=gen)
-    t[torch.rand(lead, generator=gen) < ignore_frac] = ignore_index
-    return t
-
-
-def run_both(fn_new, fn_ref, inputs, grad_seed=0, new_kw=None, **kw):
-    """Value and gradients wrt every floating input for both functions, the same random upstream gradient
-    (per row for reduction="none", a scalar other than 1 otherwise)."""
-    results = []
-    for fn in (functools.partial(fn_new, **kw, **(new_kw or {})), functools.partial(fn_ref, **kw)):
-        leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
-        out = fn(*leaves)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out)
-        grads = torch.autograd.grad(out, [x for x in leaves if x.requires_grad], g)
-        results.append((out.detach(), grads))
-    return results
-
 
 def ce_chunk(rows, vocab):
     """chunk_bytes giving `rows` rows per chunk"""
@@ -324,13 +298,10 @@ def test_linear_ce_workspace_is_reused_across_calls():
 # ------------------------------------------------------------------------------- system time (issue #17)
 
 _FAULTS_PER_STEP = """
-import importlib.util, resource, sys, torch
-sys.path.insert(0, {launchers!r})
-spec = importlib.util.spec_from_file_location("launcher", {launcher!r})
-launcher = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(launcher)
+import resource, torch
+from metalm.cli.train import keep_freed_memory
 if {keep}:
-    launcher.keep_freed_memory()
+    keep_freed_memory()
 from metalm.config import load_config
 from metalm.train.module import PretrainModule
 torch.set_num_threads(1)
@@ -355,28 +326,12 @@ print(sorted(faults)[2])  # the median step: a rare spike (the kernel reclaiming
 """
 
 
-def _launcher():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(repo / "launchers"))  # the launcher imports dist_env from its own folder
-    try:
-        path = repo / "launchers" / "pretrain.py"
-        spec = importlib.util.spec_from_file_location("metalm_pretrain_launcher_cpu", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(repo / "launchers"))
-    return module
-
-
 def test_keep_freed_memory_sets_glibc_thresholds_unless_the_user_did(monkeypatch):
     import ctypes
     import sys
 
-    launcher = _launcher()
+    from metalm.cli.train import keep_freed_memory
+
     calls = []
 
     class FakeLibc:
@@ -388,17 +343,17 @@ def test_keep_freed_memory_sets_glibc_thresholds_unless_the_user_did(monkeypatch
     monkeypatch.setattr(sys, "platform", "linux")
     for k in [k for k in __import__("os").environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
         monkeypatch.delenv(k)
-    launcher.keep_freed_memory()
+    keep_freed_memory()
     assert calls == [(-3, 32 << 20), (-1, 1 << 30)]  # M_MMAP_THRESHOLD 32 MB, M_TRIM_THRESHOLD 1 GB
     calls.clear()
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
-    launcher.keep_freed_memory()
+    keep_freed_memory()
     assert calls == []
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's allocator")
 def test_cpu_tiny_ar_step_page_faults_nothing_under_the_launcher_allocator_setting():
-    """The shipped cpu-tiny AR step (fused CPU linear CE) with launchers/pretrain.py's keep_freed_memory():
+    """The shipped cpu-tiny AR step (fused CPU linear CE) with the entry point's keep_freed_memory():
     after warm-up the median step faults in no new pages. (Without the setting it depends on the heap's
     layout: in some processes glibc trims and re-faults thousands of pages every step, in others not.)"""
     import os
@@ -409,9 +364,7 @@ def test_cpu_tiny_ar_step_page_faults_nothing_under_the_launcher_allocator_setti
     repo = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     env["OMP_NUM_THREADS"] = "1"
-    code = _FAULTS_PER_STEP.format(launchers=str(repo / "launchers"), keep=True,
-                                   launcher=str(repo / "launchers" / "pretrain.py"),
-                                   config=str(repo / "configs" / "cpu-tiny.yaml"))
+    code = _FAULTS_PER_STEP.format(keep=True, config=str(repo / "configs" / "cpu-tiny.yaml"))
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -132,7 +132,6 @@ def _engine_meta_step(ratio: float, start: int, project: bool = False):
     from metalm.train.engine import Engine, init_distributed
     from metalm.train.module import PretrainModule
     from metalm.train.step import HybridStep
-    from metalm.config import deepspeed_config
 
     cfg = load_config(None, [*TINY, "train.zero_stage=0", "meta.hybrid_ratio=1.0", "optim.grad_clip=0",
                              f"meta.grad_ratio={ratio}", f"meta.grad_ratio_start={start}",
@@ -140,7 +139,7 @@ def _engine_meta_step(ratio: float, start: int, project: bool = False):
     dist = init_distributed(cfg.train)  # a process group of one (plain python), as the launcher makes it
     torch.manual_seed(0)
     module = PretrainModule(cfg)
-    engine = Engine(module, cfg.optim, cfg.train, deepspeed_config(cfg, 1), dist)
+    engine = Engine(module, cfg.optim, cfg.train, dist)
     meta = MetaStep(cfg.meta, 0, {"mask": MASK}, cfg.model.vocab_size)
     captured = {}
 

@@ -77,7 +77,7 @@ class Run:
         self.run_dir = run_dir
         self.log = run_dir.parent / f"{run_dir.name}.log"
         self.run_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.log, "w")
+        self._f = open(self.log, "w")  # noqa: SIM115 (the process's output file, open as long as it runs)
         self.proc = subprocess.Popen(_cmd(run_dir, shards, *extra, worker=worker), cwd=REPO, env=cpu_run_env(),
                                      stdout=self._f, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -209,7 +209,7 @@ def test_kill_9_of_torchrun_alone_stops_the_ranks_cleanly(tmp_path, shards, refe
     ranks = [psutil.Process(pid) for pid in r.ranks().values()]
     os.killpg(r.proc.pid, signal.SIGKILL)  # torchrun's own process group: the ranks are not in it
     r.wait()
-    gone, alive = psutil.wait_procs(ranks, timeout=60)
+    _, alive = psutil.wait_procs(ranks, timeout=60)
     assert not alive, "ranks kept running after torchrun died"
     out = r.output()
     assert "SIGTERM received" in out and "metalm: stopped by SIGTERM at step" in out, out[-3000:]
@@ -416,15 +416,15 @@ def test_resume_with_shards_of_another_tokenizer_is_refused(tmp_path, shards, re
     from metalm.data.prepare import prepare
 
     tok = json.loads((shared_data / "tokenizers" / "olmo-gpt-neox-dolma-v1_5.json").read_text())
-    tok["added_tokens"].append({"id": len(tok["model"]["vocab"]), "content": "<|extra|>", "single_word": False, "lstrip": False,
-                                "rstrip": False, "normalized": False, "special": True})
+    tok["added_tokens"].append({"id": len(tok["model"]["vocab"]), "content": "<|extra|>", "single_word": False,
+                                "lstrip": False, "rstrip": False, "normalized": False, "special": True})
     (tmp_path / "tok.json").write_text(json.dumps(tok))
     prepare(str(shards.parent / "slice.jsonl"), str(tmp_path / "tok.json"), str(tmp_path / "shards"), 64,
             val_fraction=0.05, samples_per_shard=256, num_proc=1, text_field="text", seed=0)
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
-    out = run(run_dir, tmp_path / "shards", f"data.tokenizer={tmp_path / 'tok.json'}", f"train.max_steps={MAX_STEPS + 2}",
-              ok=False)
+    out = run(run_dir, tmp_path / "shards", f"data.tokenizer={tmp_path / 'tok.json'}",
+              f"train.max_steps={MAX_STEPS + 2}", ok=False)
     assert out.returncode != 0
     assert "cannot resume from" in out.stderr and "tokenizer mismatch" in out.stderr, out.stderr[-3000:]
 

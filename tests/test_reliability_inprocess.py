@@ -67,7 +67,7 @@ def _snapshot(trainer) -> list:
     for group in opt.param_groups:
         for p in group["params"]:
             out.append(p.detach().clone())  # what AdamW updates: the (flat, fp32) master partitions
-            for k, v in sorted(opt.state.get(p, {}).items()):
+            for _, v in sorted(opt.state.get(p, {}).items()):
                 out.append(torch.as_tensor(v).detach().clone())  # exp_avg, exp_avg_sq, step
     params = list(engine.module.parameters())
     if trainer.cfg.train.zero_stage == 3:

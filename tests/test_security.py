@@ -65,7 +65,9 @@ def unsafe_calls(source: str, name: str = "<string>") -> list[str]:
         where = f"{name}:{node.lineno}: {q}"
         if q in ("torch.load", "torch.serialization.load") and kw(node, "weights_only") is not True:
             bad.append(where + " without weights_only=True")
-        elif (q.split(".")[0] in ("pickle", "dill", "cloudpickle", "joblib", "_pickle") and q.endswith(("load", "loads"))) or q in ("yaml.load", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all"):
+        elif (q.split(".")[0] in ("pickle", "dill", "cloudpickle", "joblib", "_pickle")
+              and q.endswith(("load", "loads"))) or q in ("yaml.load", "yaml.unsafe_load", "yaml.full_load",
+                                                          "yaml.load_all"):
             bad.append(where)
         elif q in ("numpy.load", "np.load") and kw(node, "allow_pickle") not in (None, False):
             bad.append(where + " with allow_pickle")
@@ -114,9 +116,9 @@ def test_resume_refuses_a_tampered_deepspeed_file_that_deepspeed_would_run(tmp_p
     evil = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": Payload(sentinel)}, evil)
     engine = SimpleNamespace(checkpoint_engine=TorchCheckpointEngine())
-    with safe_deepspeed_load(engine):
-        with pytest.raises(ckpt.CheckpointError, match="refusing to unpickle it.*posix.system|refusing to unpickle"):
-            engine.checkpoint_engine.load(str(evil))
+    with safe_deepspeed_load(engine), \
+            pytest.raises(ckpt.CheckpointError, match="refusing to unpickle it.*posix.system|refusing to unpickle"):
+        engine.checkpoint_engine.load(str(evil))
     assert not sentinel.exists()
     # a genuine DeepSpeed-style file still loads, and outside the block DeepSpeed's own loader is back ...
     from deepspeed.runtime.zero.config import ZeroStageEnum

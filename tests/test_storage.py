@@ -77,7 +77,8 @@ def test_local_store_writes_atomically(tmp_path):
     src = tmp_path / "src.bin"
     src.write_bytes(b"y" * 5)
     st.put_file("sub/b.bin", src)
-    assert st.read_bytes("sub/a.bin") == b"x" * 10 and st.size("sub/b.bin") == 5 and st.list("sub") == ["a.bin", "b.bin"]
+    assert st.read_bytes("sub/a.bin") == b"x" * 10 and st.size("sub/b.bin") == 5
+    assert st.list("sub") == ["a.bin", "b.bin"]
     st.get_file("sub/b.bin", tmp_path / "c.bin")
     assert (tmp_path / "c.bin").read_bytes() == b"y" * 5
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]

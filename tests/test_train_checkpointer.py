@@ -88,12 +88,12 @@ def test_a_save_writes_every_part_records_it_and_prunes(tmp_path):
     assert ckpt.load_rank_state(latest, 0)["data"] == {"position": loader.position, "data_hash": loader.data_hash}
 
 
-def test_a_failed_save_is_retried_then_stops_the_run(tmp_path, capsys):
+def test_a_failed_save_is_retried_then_stops_the_run(tmp_path, console):
     c, engine, _, logged = make(tmp_path, "checkpoint.max_failed_saves=1")
     assert c.save(state(3), final=False)
     engine.fail = True
     assert c.save(state(6), final=False) is False
-    assert "training goes on and retries at the next checkpoint" in capsys.readouterr().err
+    assert "training goes on and retries at the next checkpoint" in console.readouterr().err
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # the partial directory is gone
     with pytest.raises(TrainingError) as e:
         c.save(state(9), final=False)

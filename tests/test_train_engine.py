@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from metalm.config import load_config
 from metalm.train import engine as ds_engine
 
 def test_update_suppressed_restores_the_schedulers_step_wrapper():
@@ -66,3 +67,11 @@ def test_deepspeed_write_errors_are_recorded_and_every_collective_still_runs():
         engine.checkpoint_engine.save({}, "a")  # outside the block errors raise again
 
 
+def test_deepspeed_config_is_derived_from_the_optim_and_train_sections():
+    cfg = load_config(None, ["train.global_batch=64", "train.micro_batch=4", "train.zero_stage=3",
+                             "train.precision=bf16", "optim.grad_clip=0.5"], world_size=2)
+    ds = ds_engine.deepspeed_config(cfg.optim, cfg.train, 2)
+    assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 8
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": True}
+    assert ds["gradient_clipping"] == 0.5 and "fp16" not in ds

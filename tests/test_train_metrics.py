@@ -7,6 +7,7 @@ import pytest
 
 from metalm.config import load_config
 from metalm.train.metrics import MetricsLogger
+from metalm.wandb_run import wandb_mode
 
 
 def _logger(tmp_path, *overrides: str) -> MetricsLogger:
@@ -35,18 +36,18 @@ def test_a_restart_drops_every_record_after_the_step_it_starts_from(tmp_path):
     assert _steps(tmp_path) == [1, 2, 3]
 
 
-def test_auto_mode_respects_wandb_mode_from_the_environment(tmp_path, monkeypatch):
+def test_auto_mode_respects_wandb_mode_from_the_environment(monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert _logger(tmp_path).wandb_mode() == "offline"
+    assert wandb_mode("auto") == "offline"
     monkeypatch.delenv("WANDB_MODE")
-    assert _logger(tmp_path).wandb_mode() == "online"
+    assert wandb_mode("auto") == "online"
     monkeypatch.delenv("WANDB_API_KEY")
-    assert _logger(tmp_path).wandb_mode() == "offline"
-    assert _logger(tmp_path, "logging.mode=online").wandb_mode() == "online"
+    assert wandb_mode("auto") == "offline"
+    assert wandb_mode("online") == "online"
 
 
-def test_wandb_that_cannot_start_or_log_is_one_warning_and_training_logs_on(tmp_path, monkeypatch, capsys):
+def test_wandb_that_cannot_start_or_log_is_one_warning_and_training_logs_on(tmp_path, monkeypatch, console):
     import wandb
     from wandb.errors import CommError
 
@@ -58,7 +59,7 @@ def test_wandb_that_cannot_start_or_log_is_one_warning_and_training_logs_on(tmp_
     m.begin(0)
     m.log({"step": 1, "ar_loss": 2.0})
     m.close()
-    err = capsys.readouterr().err
+    err = console.readouterr().err
     assert err.count("metalm: warning: W&B could not start (CommError: Network error") == 1
     assert f"logging to {tmp_path / 'metrics.jsonl'} only" in err
     assert _steps(tmp_path) == [1]
@@ -75,8 +76,34 @@ def test_wandb_that_cannot_start_or_log_is_one_warning_and_training_logs_on(tmp_
     m.begin(1)
     m.log({"step": 2})
     m.log({"step": 3})
-    assert capsys.readouterr().err.count("W&B logging failed (CommError: connection reset)") == 1
-    assert _steps(tmp_path) == [1, 2, 3] and m.wandb is None
+    assert console.readouterr().err.count("W&B logging failed (CommError: connection reset)") == 1
+    assert _steps(tmp_path) == [1, 2, 3] and m.wandb.run is None
+
+
+def test_event_records_without_a_step_reach_the_file_and_wandb(tmp_path, monkeypatch):
+    """The checkpointer logs upload events ({"checkpoint_uploaded": ...}) that carry no step."""
+    import wandb
+
+    logged = []
+
+    class Run:
+        def log(self, data, step=None):
+            logged.append((data, step))
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: Run())
+    for wandb_on in ("false", "true"):
+        run_dir = tmp_path / f"wandb-{wandb_on}"
+        m = _logger(run_dir, f"logging.wandb={wandb_on}", "logging.mode=offline")
+        m.begin(0)
+        m.log({"step": 1, "ar_loss": 2.0})
+        m.log({"checkpoint_uploaded": "s3://b/run/checkpoints/step_00000001"})
+        m.close()
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert lines == [{"step": 1, "ar_loss": 2.0}, {"checkpoint_uploaded": "s3://b/run/checkpoints/step_00000001"}]
+    assert logged == [({"ar_loss": 2.0}, 1), ({"checkpoint_uploaded": "s3://b/run/checkpoints/step_00000001"}, None)]
 
 
 @pytest.mark.parametrize("rank", [1, 3])

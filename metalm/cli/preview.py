@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from metalm.config import Config, deepspeed_config, grad_accum, to_yaml
+from metalm.config import Config, grad_accum, to_yaml
 
 
 def _size(n: float) -> str:
@@ -24,15 +24,17 @@ def print_config(cfg: Config, world: int, source: str, origin: str) -> None:
     """The resolved YAML, the world geometry (`origin`: where the world size came from) and the DeepSpeed JSON,
     on stdout."""
     t = cfg.train
-    accum = grad_accum(cfg, world)
+    accum = grad_accum(t, world)
     _say(f"resolved config: {source}")
     print(to_yaml(cfg), end="", flush=True)
     _say(f"world: {world} process{'es' if world != 1 else ''} ({origin})")
     _say(f"batch: micro_batch {t.micro_batch} x grad_accum {accum} x world {world} = global_batch "
          f"{t.micro_batch * accum * world} sequences of {t.seq_len} tokens "
          f"({t.micro_batch * accum * world * t.seq_len:,} tokens per optimizer step)")
-    _say("DeepSpeed config (derived from the above by metalm.config.deepspeed_config):")
-    print(json.dumps(deepspeed_config(cfg, world), indent=2), flush=True)
+    from metalm.train.engine import deepspeed_config
+
+    _say("DeepSpeed config (derived from the above by metalm.train.engine.deepspeed_config):")
+    print(json.dumps(deepspeed_config(cfg.optim, cfg.train, world), indent=2), flush=True)
 
 
 def dry_run(cfg: Config, world: int) -> None:
@@ -40,7 +42,7 @@ def dry_run(cfg: Config, world: int) -> None:
     the data the run would read; every line starts with '# '."""
     import torch
 
-    from metalm.train.engine import DeviceError, resolve_device
+    from metalm.device import DeviceError, resolve_device
     from metalm.train.errors import TrainingError
     from metalm.train.module import PretrainModule
     from metalm.train.preflight import check_step_memory, step_memory_bytes
@@ -62,12 +64,12 @@ def dry_run(cfg: Config, world: int) -> None:
     _say(f"memory per rank, one step (estimate, {t.precision}, ZeRO-{t.zero_stage}, world {world}): "
          f"{_size(sum(parts.values()))} ({detail})")
     try:
-        device = resolve_device(t.device)
+        device = resolve_device(t.device, "train.device")
     except DeviceError as e:
         _say(f"device: the run would stop here: {e}")
     else:
         try:
-            warnings = check_step_memory(parts, device, grad_accum(cfg, world))
+            warnings = check_step_memory(parts, device, grad_accum(cfg.train, world))
             _say(f"memory check on this machine ({device}): fits" + ("" if t.check_memory else
                  " (train.check_memory=false: the run does not check)"))
         except TrainingError as e:

@@ -9,6 +9,9 @@
 Without --config the built-in defaults of configs/cpu-tiny.yaml are used (in a source checkout). Re-running
 the same command resumes from the run directory's latest complete checkpoint.
 
+Both entry points (this console script and launchers/pretrain.py) first apply `keep_freed_memory`, the glibc
+allocator setting that keeps a CPU step's temporaries from being page-faulted in anew every micro-batch.
+
 Console output: an upstream deprecation warning that DeepSpeed's communication layer triggers on every
 collective (torch's `all_gather_into_tensor` / `reduce_scatter_tensor`) is filtered by its message, and W&B's
 own console lines are off (WANDB_SILENT=true) unless you set WANDB_SILENT yourself.
@@ -183,7 +186,8 @@ def _train(cfg) -> int:
     from metalm.checkpoint import CheckpointError
     from metalm.config import ConfigError
     from metalm.data.errors import DataError
-    from metalm.train.engine import DeviceError, init_distributed
+    from metalm.device import DeviceError
+    from metalm.train.engine import init_distributed
     from metalm.train.errors import TrainingError
     from metalm.train.loop import Trainer
 
@@ -200,7 +204,7 @@ def _train(cfg) -> int:
         rank = os.environ.get("RANK", "0")
         sys.stderr.write(f"metalm: error (rank {rank}): {rendezvous_error(e, dict(os.environ))}\n")
         return 1
-    _log_warnings(dist.rank)
+    _log_warnings(dist.rank if dist.world_size > 1 else None)
     try:
         return Trainer(cfg, dist).run()
     except (DataError, CheckpointError, ConfigError, TrainingError) as e:
@@ -219,13 +223,14 @@ def _close_process_group() -> None:
         tdist.destroy_process_group()
 
 
-def _log_warnings(rank: int) -> None:
-    """metalm's warnings (an ignored incomplete checkpoint, a skipped episode, ...) as one stderr line each."""
-    logger = logging.getLogger("metalm")
+def _log_warnings(rank: int | None) -> None:
+    """metalm's warnings (an ignored incomplete checkpoint, a skipped episode, ...) as one stderr line each, in the
+    console format (`metalm: warning (rank N): ...`; without the rank in a single-process run)."""
+    from metalm.console import LOGGER, console_handler
+
+    logger = logging.getLogger(LOGGER)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"metalm: %(levelname)s (rank {rank}): %(message)s"))
-        logger.addHandler(handler)
+        logger.addHandler(console_handler("metalm", rank))
         logger.setLevel(logging.WARNING)
         logger.propagate = False
 
@@ -242,8 +247,27 @@ def exit_now(status: int) -> None:
     os._exit(status)
 
 
+def keep_freed_memory() -> None:
+    """glibc gives blocks above its (adaptive) mmap threshold back to the kernel at free() and trims the heap
+    top, so a CPU step's gradient- and optimizer-sized temporaries were page-faulted in (zeroed by the kernel)
+    anew every micro-batch: system time. Keep blocks up to 32 MB (glibc's maximum threshold) in the heap and
+    the heap untrimmed below 1 GB free. MALLOC_* variables or GLIBC_TUNABLES set by the user win."""
+    if not sys.platform.startswith("linux") or "GLIBC_TUNABLES" in os.environ or any(
+            k.startswith("MALLOC_") for k in os.environ):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def console_main() -> None:
-    """The `metalm-train` console script."""
+    """The `metalm-train` console script and `python launchers/pretrain.py`: the allocator setting, then the run."""
+    keep_freed_memory()
     exit_now(main())
 
 

@@ -45,6 +45,7 @@ import logging
 import os
 import tarfile
 import threading
+import tokenize
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
@@ -393,11 +394,8 @@ class _ShardReader:
                     and raw.startswith(header):
                 block = np.frombuffer(raw, dtype=self.dtype, offset=len(header)).reshape(expect, self.sample_len)
             else:
-                try:
-                    arr = np.load(io.BytesIO(raw), allow_pickle=False)
-                except Exception as e:  # numpy raises ValueError/EOFError/OSError for malformed .npy bytes
-                    why = f"not a valid .npy array ({type(e).__name__}: {e})"
-                else:
+                arr, why = _load_npy(raw)
+                if arr is not None:
                     if arr.dtype != self.dtype:
                         why = f"dtype {arr.dtype}, expected {self.dtype}"
                     elif arr.ndim != 2 or arr.shape[1] != self.sample_len:
@@ -435,10 +433,9 @@ class _ShardReader:
         elif len(raw) == self.expected_bytes and raw.startswith(self.header):
             arr = np.frombuffer(raw, dtype=self.dtype, offset=len(self.header))
         else:
-            try:
-                arr = np.load(io.BytesIO(raw), allow_pickle=False)
-            except Exception as e:  # numpy raises ValueError/EOFError/OSError for malformed .npy bytes
-                return self._bad(shard, r, f"not a valid .npy array ({type(e).__name__}: {e})")
+            arr, why = _load_npy(raw)
+            if arr is None:
+                return self._bad(shard, r, why)
             if arr.dtype != self.dtype:
                 return self._bad(shard, r, f"dtype {arr.dtype}, expected {self.dtype}")
             if arr.shape != (self.sample_len,):
@@ -455,6 +452,19 @@ class _ShardReader:
             raise DataError(msg)
         log.warning("skipping bad sample: %s", msg)
         return None
+
+
+# What np.load raises for malformed .npy bytes: a bad magic, version or length (ValueError), a header that does
+# not parse as a literal (SyntaxError, TokenError) or compares badly (TypeError), truncated data (EOFError, OSError).
+_NPY_ERRORS = (ValueError, TypeError, SyntaxError, tokenize.TokenError, EOFError, OSError)
+
+
+def _load_npy(raw: bytes) -> tuple[np.ndarray | None, str | None]:
+    """The array in .npy bytes, or None and why they are not one."""
+    try:
+        return np.load(io.BytesIO(raw), allow_pickle=False), None
+    except _NPY_ERRORS as e:
+        return None, f"not a valid .npy array ({type(e).__name__}: {e})"
 
 
 def _check_member_name(shard: Path, name: str) -> None:
@@ -596,7 +606,8 @@ class ShardLoader:
         copy (in cache_dir, else in the temporary directory), named by its sha256."""
         if isinstance(self.store, LocalStore):
             return self.store.path(self.manifest["tokenizer_file"])
-        base = Path(self.cache_dir) if self.cache_dir else Path(os.environ.get("TMPDIR", "/tmp")) / f"metalm-{os.getuid()}"
+        base = (Path(self.cache_dir) if self.cache_dir
+                else Path(os.environ.get("TMPDIR", "/tmp")) / f"metalm-{os.getuid()}")
         path = base / "tokenizers" / f"{self.manifest['tokenizer_hash']}.json"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -627,11 +638,6 @@ class ShardLoader:
     def num_samples(self) -> int:
         """Samples in the split (all ranks)."""
         return self.plan.num_samples
-
-    @property
-    def samples_per_epoch(self) -> int:
-        """Samples this rank reads per epoch (all its workers)."""
-        return sum(self._sizes)
 
     @property
     def worker_sizes(self) -> list[int]:

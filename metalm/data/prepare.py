@@ -9,9 +9,9 @@ shorter than one sample is dropped and counted) -> shards of `samples_per_shard`
 
 The output is a local directory or a writable URL (s3://, gs://, ...; `metalm.storage`). Each shard is written
 atomically (a temporary name and a rename locally; one complete object in a bucket), then its record
-``shard-NNNNNN.json`` (samples, bytes, sha256, and the stream cursor where it starts and ends). Re-running with the same arguments reuses
-every shard whose record and bytes check out and only tokenizes documents past the last finished shard of
-each split; a directory prepared with another tokenizer, seq_len, source or split setting is refused.
+``shard-NNNNNN.json`` (samples, bytes, sha256, and the stream cursor where it starts and ends). Re-running with the
+same arguments reuses every shard whose record and bytes check out and only tokenizes documents past the last
+finished shard of each split; a directory prepared with another tokenizer, seq_len, source or split setting is refused.
 ``manifest.json`` is written last, atomically: the directory is complete iff it exists.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from metalm.clock import hms
+from metalm.console import console_handler
 from metalm.data.errors import DataError, UnsafePathError
 from metalm.data.manifest import (FORMAT, MANIFEST, PREPARE_STATE, SPLITS, TOKENIZER_FILE, VERSION, load_manifest,
                                   samples_per_member as default_samples_per_member,
@@ -645,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = (f"; to give a glob, quote it (--source '{glob}'), so that metalm-prepare expands it, not the "
                 f"shell" if args.source and not extra[0].startswith("-") else "")
         parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    logging.basicConfig(level=logging.WARNING, handlers=[console_handler("metalm-prepare")])
     if args.config:
         from metalm.config import ConfigError, load_config
 

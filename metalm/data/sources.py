@@ -41,14 +41,13 @@ import zlib
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Union
 from collections.abc import Callable, Iterator
 
 from metalm.config import TEXT_SPLITS
 from metalm.data.errors import DataError, parse_json
 from metalm.storage import FsspecStore, StorePath, describe, is_pipe, is_url, scheme
 
-Document = Union[str, list]  # text, or token ids for pretokenized sources
+Document = str | list  # text, or token ids for pretokenized sources
 
 
 @dataclass(frozen=True)
@@ -396,6 +395,7 @@ def _iter_column_batches(batches, column: str, kind: str, where: str,
 def iter_parquet(path: str | os.PathLike, *, text_field: str = "text", batch_rows: int = 1024,
                  rules: TokenRules | None = None) -> Iterator[Document]:
     """Documents of a parquet file: a text column, or token lists from an integer-list column."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = _as_path(path)
@@ -403,7 +403,7 @@ def iter_parquet(path: str | os.PathLike, *, text_field: str = "text", batch_row
         pf = pq.ParquetFile(path.open("rb") if isinstance(path, StorePath) else path)
     except OSError as e:
         raise DataError(f"{path}: cannot read as parquet: {e}") from None
-    except Exception as e:  # pyarrow raises ArrowInvalid (a ValueError) for non-parquet bytes
+    except (ValueError, pa.ArrowException) as e:  # ArrowInvalid (a ValueError) for non-parquet bytes
         raise DataError(f"{path}: not a valid parquet file: {e}") from None
     column, kind = _pick_column(pf.schema_arrow, text_field, str(path))
     try:
@@ -411,7 +411,7 @@ def iter_parquet(path: str | os.PathLike, *, text_field: str = "text", batch_row
                                         str(path), rules)
     except DataError:
         raise
-    except Exception as e:
+    except (OSError, ValueError, pa.ArrowException) as e:  # a corrupt page or column chunk
         raise DataError(f"{path}: parquet read failed: {e}") from None
 
 
@@ -437,6 +437,8 @@ def _arrow_batches(path: Path):
 def iter_hf_dataset(path: str | os.PathLike, *, text_field: str = "text",
                     rules: TokenRules | None = None) -> Iterator[Document]:
     """Documents of a `datasets` folder saved with save_to_disk, read through pyarrow."""
+    import pyarrow as pa
+
     path = _as_path(path)
     if (path / "dataset_dict.json").is_file():
         try:
@@ -462,5 +464,5 @@ def iter_hf_dataset(path: str | os.PathLike, *, text_field: str = "text",
             yield from _iter_column_batches(batches, column, kind, str(file), rules)
         except DataError:
             raise
-        except Exception as e:
+        except (OSError, ValueError, pa.ArrowException) as e:  # a corrupt record batch
             raise DataError(f"{file}: Arrow read failed: {e}") from None

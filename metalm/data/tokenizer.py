@@ -129,7 +129,7 @@ class Tokenizer:
     def from_json(cls, text: str, spec: str = "") -> Tokenizer:
         try:
             backend = _BackendTokenizer.from_str(text)
-        except Exception as e:  # the Rust side raises a plain Exception for malformed JSON
+        except Exception as e:  # noqa: BLE001 (the Rust side raises a plain Exception for malformed JSON)
             raise DataError(f"tokenizer {spec or '<json>'}: not a valid tokenizers JSON ({e})") from None
         return cls(backend, spec)
 
@@ -201,7 +201,7 @@ def _from_transformers(name: str, spec: str, *, local: bool) -> Tokenizer:
         raise DataError(f"tokenizer {spec!r}: loading it needs the transformers package") from None
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=local, use_fast=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (OSError, ValueError, KeyError, or tokenizers' plain Exception)
         where = "folder" if local else "hub name"
         raise DataError(f"tokenizer {spec!r}: transformers could not load this {where}: "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

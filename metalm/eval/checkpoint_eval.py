@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from collections.abc import Callable
@@ -29,10 +28,6 @@ RESULT_VERSION = 1
 # the small files checked (sha256 included) before they are read; config.yaml and model.safetensors are
 # checked by load_model itself
 SMALL_FILES = (STATE_FILE, CONFIG_FILE, TOKENIZER_FILE)
-
-
-class DeviceError(ValueError):
-    """The requested device cannot be used here (checked before any checkpoint is touched)."""
 
 
 class OverrideError(ValueError):
@@ -62,34 +57,10 @@ def input_problems(cfg) -> list[str]:
 
 
 def pick_device(spec: str) -> str:
-    """`spec` (auto | cpu | cuda | cuda:N | mps) as a torch device string, or DeviceError saying why it cannot be
-    used on this machine. auto is cuda when a CUDA device is visible, else cpu."""
-    import torch
+    """The evaluator's --device as a torch device string, or DeviceError saying why it cannot be used here."""
+    from metalm.device import resolve_device
 
-    spec = str(spec).strip()
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", spec)
-    if m is None or (m.group(1) != "cuda" and m.group(2) is not None):
-        raise DeviceError(f"--device {spec}: not a device; expected auto, cpu, cuda or cuda:N")
-    kind, index = m.group(1), m.group(2)
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            if torch.version.cuda is None:
-                why = "this PyTorch build has no CUDA support"
-            elif os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
-                why = f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r}"
-            else:
-                why = "torch.cuda.is_available() is False: no GPU or no working driver"
-            raise DeviceError(f"--device {spec}: no CUDA device is visible ({why}); use --device cpu, or run "
-                              f"where a GPU is visible")
-        n = torch.cuda.device_count()
-        if index is not None and int(index) >= n:
-            raise DeviceError(f"--device {spec}: only {n} CUDA device{'s are' if n != 1 else ' is'} visible "
-                              f"(cuda:0 to cuda:{n - 1})")
-    elif kind == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError(f"--device {spec}: MPS is not available on this machine; use --device cpu")
-    return spec
+    return resolve_device(spec, "--device")
 
 
 def resolve_shards(cfg, state, shards: str | None = None, from_overrides: bool = False) -> tuple[str, str]:
@@ -155,6 +126,7 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
 
     from metalm.checkpoint import CheckpointError, checkpoint_problem, load_model, read_state
     from metalm.config import ConfigError, load_config
+    from metalm.data.errors import DataError
 
     t_start = time.time()
     ckpt_dir = Path(ckpt_dir)
@@ -222,7 +194,7 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
     if "rank" in wanted or "entropy" in wanted:
         try:
             probe, src = _probe_batch(cfg, model, ckpt_dir, text_encoder)
-        except Exception as e:  # noqa: BLE001
+        except (DataError, OSError) as e:  # unreadable shards, probe text or tokenizer; a bug propagates
             probe, src = None, f"no probe batch: {type(e).__name__}: {e}"
         if probe is not None:
             probe = probe.to(device)
@@ -274,7 +246,7 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
                 return
             try:
                 enc = ner.word_encoder(tokenizer(), nc.word_sep)
-            except Exception as e:  # noqa: BLE001
+            except (DataError, OSError) as e:  # no readable tokenizer; a bug propagates
                 skip(("ner",), f"no tokenizer: {e}", NER_TOKENIZER_FIX)
                 return
             r = ner.run_ner(model, enc, nc, device, progress)
@@ -299,5 +271,5 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
         "tokens": state.tokens, "metrics": metrics, "skipped": skipped, "failed": failed, "timing": timing,
         "seconds": round(time.time() - t_start, 3), "device": device, "details": details,
         "run": {"wandb": bool(cfg.logging.wandb), "project": cfg.logging.project, "entity": cfg.logging.entity,
-                "name": cfg.logging.run_name},
+                "name": cfg.logging.run_name, "mode": cfg.logging.mode},
     }

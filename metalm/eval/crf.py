@@ -33,7 +33,7 @@ class LinearChainCRF(nn.Module):
     def score(self, emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """s(y) per sequence, (B,)."""
         self._check(emissions, mask)
-        B, T, _ = emissions.shape
+        T = emissions.shape[1]
         m = mask.to(emissions.dtype)
         tags = tags.clamp(min=0)  # padded positions may carry -100; they are masked out below
         emit = emissions.gather(-1, tags.unsqueeze(-1)).squeeze(-1)  # (B,T)

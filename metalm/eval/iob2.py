@@ -115,8 +115,3 @@ def parse_iob2(text: str, name: str = "<string>", token_col: int = 1, tag_col: i
         cur.tags.append(tag)
     close()
     return sentences
-
-
-def tag_types(sentences: list[Sentence]) -> list[str]:
-    """Sorted entity types (PER, LOC, ...) present in the tags."""
-    return sorted({t[2:] for s in sentences for t in s.tags if t != "O"})

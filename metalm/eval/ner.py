@@ -35,13 +35,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from metalm.checkpoint import TOKENIZER_FILE
+from metalm.data.errors import DataError
 from metalm.eval.crf import LinearChainCRF
 from metalm.eval.iob2 import Sentence, read_iob2
 from metalm.eval.ner_metrics import initial_slope, loss_auc, span_metrics, t90
 
 log = logging.getLogger("metalm.eval.ner")
 
-IGNORE = -100
 WordEncoder = Callable[[str, int], list]  # (word, index in sentence) -> sub-token ids
 
 
@@ -80,7 +80,11 @@ def load_tokenizer_for(ckpt_dir: Path | None, cfg) -> object:
     if ckpt_dir is not None and (Path(ckpt_dir) / TOKENIZER_FILE).is_file():
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(Path(ckpt_dir) / TOKENIZER_FILE))
+        path = Path(ckpt_dir) / TOKENIZER_FILE
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 (the Rust side raises a plain Exception for a malformed file)
+            raise DataError(f"{path}: not a valid tokenizers JSON ({e})") from None
     from metalm.data.tokenizer import load_tokenizer
 
     return load_tokenizer(cfg.data.tokenizer)
@@ -114,14 +118,6 @@ def encode_sentence(words: Sequence[str], encode_word: WordEncoder, max_len: int
         pos.append(p)
         ids.extend(sub)
     return ids[:max_len], pos
-
-
-def token_labels(n_tokens: int, word_pos: list[int], labels: list[int]) -> list[int]:
-    """Per-token labels: the word's label at its labelled sub-token, IGNORE everywhere else."""
-    out = [IGNORE] * n_tokens
-    for p, y in zip(word_pos, labels):
-        out[p] = y
-    return out
 
 
 def build_label_list(*sentence_sets: Sequence[Sentence]) -> list[str]:
@@ -227,7 +223,7 @@ def _head_mode_cache(model: TokenClassifier, examples: list[Example], device, ba
     with _eval_mode(model.backbone), torch.no_grad():
         for i in range(0, len(examples), batch_size):
             chunk = examples[i: i + batch_size]
-            ids, pos, _, _mask = _collate(chunk)
+            ids, pos, _, _ = _collate(chunk)
             f = model.word_features(ids.to(device), pos.to(device)).float()
             for b, e in enumerate(chunk):
                 feats.append(f[b, : len(e.word_pos)].cpu())

@@ -53,12 +53,8 @@ def effective_rank(matrix: torch.Tensor) -> float:
     return effective_rank_from_singular_values(singular_values(matrix))
 
 
-def proportional_effective_rank(matrix: torch.Tensor) -> float:
-    """effective_rank / min(m, n)."""
-    return effective_rank(matrix) / min(matrix.shape)
-
-
-def _er_per(matrix: torch.Tensor) -> dict:
+def er_and_per(matrix: torch.Tensor) -> dict:
+    """{"er": the effective rank, "per": the proportional effective rank ER / min(m, n)}."""
     er = effective_rank(matrix)
     return {"er": er, "per": er / min(matrix.shape)}
 
@@ -94,7 +90,7 @@ def weight_ranks(model) -> dict:
     """ER/PER of every q/k/v/o/gate/up/down weight, per layer, plus the paper's attention mean."""
     layers = []
     for i in range(len(model.model.layers)):
-        layers.append({k: _er_per(w) for k, w in _block_matrices(model, i).items()})
+        layers.append({k: er_and_per(w) for k, w in _block_matrices(model, i).items()})
     return _summarise(layers)
 
 
@@ -109,7 +105,7 @@ def activation_ranks(model, input_ids: torch.Tensor) -> dict:
         model.train(was_training)
     layers = []
     for h in per_layer:
-        layers.append(_er_per(h.reshape(-1, h.shape[-1]).float()))
+        layers.append(er_and_per(h.reshape(-1, h.shape[-1]).float()))
     return {
         "layers": layers,
         "mean_er": sum(x["er"] for x in layers) / len(layers),
@@ -153,7 +149,7 @@ def gradient_ranks(model, batch: torch.Tensor) -> dict:
         model.train(was_training)
     layers: list[dict] = [dict() for _ in range(len(model.model.layers))]
     for (i, k), g in zip(names, grads):
-        layers[i][k] = _er_per(g)
+        layers[i][k] = er_and_per(g)
     out = _summarise(layers)
     out["loss"] = float(loss.detach())
     return out

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Sequence
 
+from metalm.console import console_handler
+
 log = logging.getLogger("metalm.eval.report")
 
 LOSS_KEYS = ("ar_loss", "meta_loss", "val_loss")
@@ -310,6 +312,17 @@ def _fmt(v, nd=4) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def _last_loss(r: Run, key: str, window: int):
+    """The last value of `key`'s trailing mean over `window` logged values, or None if it was never logged."""
+    s, v = r.loss(key, window)
+    return v[-1] if s else None
+
+
+def _last_eval(r: Run, key: str):
+    s = series(r.evals, key)
+    return s.values[-1] if s else None
+
+
 def markdown(runs: Sequence[Run], window: int, plots: dict[str, Path | None]) -> str:
     lines = ["# metalm report", "", f"Runs: {', '.join(f'`{r.path}`' for r in runs)}", "",
              "## Runs", "",
@@ -317,22 +330,14 @@ def markdown(runs: Sequence[Run], window: int, plots: dict[str, Path | None]) ->
              "entropy (norm.) | NER F1 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        def last(key: str, smoothed: bool = True, r: Run = r):
-            s, v = r.loss(key, window if smoothed else 1)
-            return v[-1] if s else None
-
         steps = [x for x in (_num(m.get("step")) for m in r.metrics) if x is not None]
         toks = [x for x in (_num(m.get("tokens")) for m in r.metrics) if x is not None]
-
-        def last_eval(key: str, r: Run = r):
-            s = series(r.evals, key)
-            return s.values[-1] if s else None
-
         lines.append(
             f"| {r.name} | {_fmt(int(max(steps)) if steps else None)} | {_fmt(int(max(toks)) if toks else None)} | "
-            f"{_fmt(last('ar_loss'))} | {_fmt(last('val_loss', False))} | {_fmt(last('meta_loss'))} | "
-            f"{_fmt(last_eval('rank/weight/attn_mean_er'), 2)} | {_fmt(last_eval('entropy/norm_mean'), 3)} | "
-            f"{_fmt(last_eval('ner/f1'), 3)} |")
+            f"{_fmt(_last_loss(r, 'ar_loss', window))} | {_fmt(_last_loss(r, 'val_loss', 1))} | "
+            f"{_fmt(_last_loss(r, 'meta_loss', window))} | "
+            f"{_fmt(_last_eval(r, 'rank/weight/attn_mean_er'), 2)} | {_fmt(_last_eval(r, 'entropy/norm_mean'), 3)} | "
+            f"{_fmt(_last_eval(r, 'ner/f1'), 3)} |")
     lines += ["", "## Time to reach another run's final loss", "",
               f"Loss: val_loss when both runs log it, else ar_loss (trailing mean over {window} logged values). "
               "N = A's final step (tokens) / the first step (tokens) at which B's loss is <= A's final loss.", "",
@@ -380,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--smooth", type=int, default=10, help="trailing-mean window over logged training losses")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, handlers=[console_handler("metalm-report")])
     if args.smooth < 1:
         p.error("--smooth must be >= 1")
     try:

@@ -5,7 +5,6 @@ batches; val_ppl = exp(val_loss).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from metalm.storage import is_url
+from metalm.data.errors import DataError, parse_json
 
 log = logging.getLogger("metalm.eval.valloss")
 
@@ -56,7 +56,8 @@ def validation_loss(model, batches: Iterable, max_batches: int | None = None, de
 
 def val_batches_from_config(cfg, batch_size: int):
     """(iterator of (B, T+1) validation batches, None) from the data loader, or (None, reason) when there is
-    no validation data. T is the shards' packed length; the batch size is set to `batch_size`, no shuffling."""
+    no validation data. T is the shards' packed length; the batch size is set to `batch_size`, no shuffling.
+    Missing or unreadable shards (DataError, OSError) are a reason; any other exception is a bug and propagates."""
     from metalm.data.loader import build_loader
 
     shards = cfg.data.shards
@@ -66,17 +67,28 @@ def val_batches_from_config(cfg, batch_size: int):
         loader = build_loader(cfg.data, split="val", seq_len=cfg.train.seq_len, micro_batch=batch_size,
                               seed=cfg.train.seed, shuffle=False)
         return iter(loader), None
-    except Exception as e:  # noqa: BLE001 - a broken/missing val split is reported, not fatal to the watcher
+    except (DataError, OSError) as e:  # a broken or missing val split (StorageError is an OSError)
         return None, f"cannot build the validation loader: {type(e).__name__}: {e}"
 
 
 def probe_batch_from_text(path: str, encode, batch_size: int, seq_len: int, text_field: str = "text") -> torch.Tensor:
     """A fixed (B, T+1) batch: the file's documents (txt: blank-line separated; jsonl: `text_field`) tokenized,
-    concatenated in file order and cut into B rows of T+1 tokens. Deterministic for a given file."""
+    concatenated in file order and cut into B rows of T+1 tokens. Deterministic for a given file. A file that is
+    not UTF-8, a jsonl line without a string `text_field`, or too few tokens is a DataError naming the file."""
     p = Path(path)
-    raw = p.read_text(encoding="utf-8")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
     if p.suffix == ".jsonl":
-        docs = [json.loads(line)[text_field] for line in raw.splitlines() if line.strip()]
+        docs = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            record = parse_json(line, f"{path}:{n}")
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise DataError(f"{path}:{n}: expected an object with a string {text_field!r} field")
+            docs.append(record[text_field])
     else:
         docs = [d for d in raw.split("\n\n") if d.strip()]
     need = batch_size * (seq_len + 1)
@@ -86,5 +98,5 @@ def probe_batch_from_text(path: str, encode, batch_size: int, seq_len: int, text
         if len(ids) >= need:
             break
     if len(ids) < need:
-        raise ValueError(f"{path}: only {len(ids)} tokens, need {need} for a {batch_size} x {seq_len + 1} batch")
+        raise DataError(f"{path}: only {len(ids)} tokens, need {need} for a {batch_size} x {seq_len + 1} batch")
     return torch.tensor(ids[:need], dtype=torch.long).view(batch_size, seq_len + 1)

@@ -36,7 +36,6 @@ for a watcher started before the trainer). --once exits with status 1 when an ev
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -53,11 +52,14 @@ from pathlib import Path
 
 from metalm.checkpoint import MARKER, STEP_RE, CheckpointError, locate
 from metalm.config import ConfigError, load_config
-from metalm.eval.checkpoint_eval import DeviceError, OverrideError, evaluate_checkpoint, input_problems, pick_device
+from metalm.console import console_handler
+from metalm.device import DeviceError
+from metalm.eval.checkpoint_eval import OverrideError, evaluate_checkpoint, input_problems, pick_device
 from metalm.eval.sources import Ref, Source, Vanished
 from metalm.fsutil import write_atomic, write_json_atomic
 from metalm.locks import HeldLock
 from metalm.storage import is_url
+from metalm.wandb_run import WandbRun, wandb_mode
 
 log = logging.getLogger("metalm.eval.watcher")
 
@@ -111,7 +113,7 @@ class Watcher:
         self.shards = check_shards(shards)
         self.wait_for_dir = wait_for_dir
         self.wandb_enabled = wandb
-        self._wandb = None
+        self._wandb = WandbRun(f"results go on being written to {self.results}")
         self._lock = HeldLock(self.results / ".lock", lambda holder: (
             f"another evaluator holds {self.results / '.lock'} ({holder}); stop it, or give this one another "
             f"--results directory"))
@@ -140,10 +142,7 @@ class Watcher:
 
     def release(self) -> None:
         self._lock.release()
-        if self._wandb is not None:
-            with contextlib.suppress(Exception):
-                self._wandb.finish()
-            self._wandb = None
+        self._wandb.finish()
 
     def _results(self) -> list[dict]:
         out = []
@@ -308,25 +307,17 @@ class Watcher:
         run = rec.get("run", {})
         if not self.wandb_enabled or not run.get("wandb", True):
             return
-        try:
-            if self._wandb is None:
-                import wandb
-
-                mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-                run_id = "eval-" + hashlib.sha1(str(self.results.resolve()).encode()).hexdigest()[:12]
-                name = run.get("name") or self.results.parent.name
-                self._wandb = wandb.init(project=run.get("project") or "metalm", entity=run.get("entity"),
-                                         id=run_id, resume="allow", mode=mode, job_type="eval",
-                                         name=f"{name}-eval", dir=str(self.results))
-                self._wandb.define_metric("eval/step")
-                self._wandb.define_metric("eval/*", step_metric="eval/step")
-            payload = {f"eval/{k}": v for k, v in rec["metrics"].items()}
-            payload["eval/step"] = rec["step"]
-            payload["eval/tokens"] = rec["tokens"]
-            self._wandb.log(payload)
-        except Exception as e:  # noqa: BLE001 - logging must never stop evaluation
-            log.warning("W&B logging disabled: %s", e)
-            self.wandb_enabled = False
+        run_id = "eval-" + hashlib.sha1(str(self.results.resolve()).encode()).hexdigest()[:12]
+        name = run.get("name") or self.results.parent.name
+        if not self._wandb.start({"eval/step": None, "eval/*": "eval/step"}, project=run.get("project") or "metalm",
+                                 entity=run.get("entity"), id=run_id, resume="allow",
+                                 mode=wandb_mode(run.get("mode", "auto")), job_type="eval", name=f"{name}-eval",
+                                 dir=str(self.results)):
+            return
+        payload = {f"eval/{k}": v for k, v in rec["metrics"].items()}
+        payload["eval/step"] = rec["step"]
+        payload["eval/tokens"] = rec["tokens"]
+        self._wandb.log(payload)
 
     # -- loops
     def poll(self) -> int:
@@ -481,8 +472,7 @@ def _one_line(e: BaseException) -> str:
 def configure_logging(level: str) -> None:
     """metalm's own messages at `level` on stderr; other libraries' (boto, s3fs, urllib3, ...) at WARNING and
     above only; W&B's console lines (banner, run summary) off unless the user set WANDB_SILENT."""
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, handlers=[console_handler("metalm-evaluate", timestamps=True)])
     logging.getLogger("metalm").setLevel(level.upper())
     os.environ.setdefault("WANDB_SILENT", "true")
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import shutil
 import signal
-import sys
 import threading
 from pathlib import Path
 from collections.abc import Callable
@@ -34,6 +33,7 @@ import yaml
 from metalm import checkpoint as ckpt
 from metalm.checkpoint import CheckpointError, CheckpointStore, TrainerState, compat
 from metalm.config import CheckpointConfig, ConfigError, load_config, to_dict
+from metalm.console import warn
 from metalm.fsutil import write_atomic
 from metalm.storage import Limits, describe, is_url
 from metalm.train.dist import Collectives
@@ -45,10 +45,6 @@ from metalm.train.uploader import Uploader
 
 class SaveFailed(Exception):
     """A checkpoint save failed on at least one rank (raised on every rank alike, with the same message)."""
-
-
-def _warn(text: str) -> None:
-    print(f"metalm: warning: {text}", file=sys.stderr, flush=True)
 
 
 class Checkpointer:
@@ -79,7 +75,7 @@ class Checkpointer:
             if self.cfg.check_free_space:
                 try:
                     for warning in check_free_space(self.root, self.estimate_bytes, self.cfg.keep_last_k):
-                        _warn(warning)
+                        warn(warning)
                 except TrainingError as e:
                     err = str(e)
             if err is None and self.remote_url:
@@ -190,23 +186,23 @@ class Checkpointer:
         try:
             saved = to_dict(load_config(path / "config.yaml"))
         except ConfigError as e:
-            _warn(f"{path}/config.yaml cannot be compared with this run's config ({e}); resuming unchecked")
+            warn(f"{path}/config.yaml cannot be compared with this run's config ({e}); resuming unchecked")
         else:
             refused, warned = compat.config_changes(saved, now)
             if refused:
                 raise CheckpointError(compat.refusal(str(path), refused))
             if warned:
-                _warn(compat.change_warning(str(path), warned))
+                warn(compat.change_warning(str(path), warned))
         saved_hash = ckpt.load_rank_state(path, 0)["data"].get("data_hash")
         now_hash = self.loader.data_hash
         if saved_hash is None:
-            _warn(f"{path} does not record its data's fingerprint (written by an older metalm): the shards are "
+            warn(f"{path} does not record its data's fingerprint (written by an older metalm): the shards are "
                   f"checked by sample count and tokenizer only")
         elif saved_hash != now_hash:
             change = compat.data_difference(saved_hash, now_hash, state.data_shards, now["data"]["shards"])
             if not self.cfg.allow_data_change:
                 raise CheckpointError(compat.data_refusal(str(path), change))
-            _warn(compat.data_warning(str(path), change))
+            warn(compat.data_warning(str(path), change))
 
     def _remote_latest(self) -> str | None:
         if self.remote is None:
@@ -293,8 +289,8 @@ class Checkpointer:
                     "a rerun starts from step 0"
                 raise TrainingError(f"{e}; stopping after {why}; {latest}, {resume}") from None
             if self.rank == 0:
-                _warn(f"{e}; training goes on and retries at the next checkpoint ({self.failed_saves} of {limit} "
-                      f"tolerated failure(s)); {latest}")
+                warn(f"{e}; training goes on and retries at the next checkpoint ({self.failed_saves} of {limit} "
+                     f"tolerated failure(s)); {latest}")
             return False
         self.failed_saves = 0
         if self.uploader is not None:  # rank 0

@@ -18,13 +18,10 @@ from collections.abc import Iterator
 import torch
 
 from metalm.checkpoint import DS_DIR, CheckpointError
-from metalm.config import OptimConfig, TrainConfig
+from metalm.config import OptimConfig, TrainConfig, grad_accum
+from metalm.device import resolve_device
 from metalm.train.dist import Dist
 from metalm.train.lr_schedule import lr_lambda
-
-
-class DeviceError(RuntimeError):
-    """The configured device cannot be used on this machine."""
 
 
 def _free_port() -> int:
@@ -43,18 +40,9 @@ def _skip_cpu_shm_build() -> None:
     ds_torch.build_shm_op = lambda: None
 
 
-def resolve_device(want: str) -> str:
-    if want == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("train.device=cuda but no CUDA device is visible (torch "
-                          f"{torch.__version__}); set train.device=cpu or auto, or run on a GPU machine")
-    return want
-
-
 def init_distributed(train: TrainConfig) -> Dist:
     """Initialise torch.distributed through DeepSpeed (works under deepspeed, torchrun and plain python)."""
-    device_type = resolve_device(train.device)
+    device_type = resolve_device(train.device, "train.device")
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _skip_cpu_shm_build()
@@ -74,6 +62,31 @@ def init_distributed(train: TrainConfig) -> Dist:
     else:
         device = torch.device("cpu")
     return Dist(rank, world, local_rank, device)
+
+
+def deepspeed_config(optim: OptimConfig, train: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON config, derived from the optim and train sections and the world size (never written by
+    hand)."""
+    accum = grad_accum(train, world_size)
+    ds: dict[str, Any] = {
+        "train_batch_size": train.micro_batch * accum * world_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": float(optim.grad_clip),
+        "zero_optimization": {"stage": int(train.zero_stage)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train.zero_stage >= 2:
+        ds["zero_optimization"].update({"overlap_comm": False, "contiguous_gradients": True})
+    if train.zero_stage == 3:
+        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
+    if train.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif train.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000}
+    return ds
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -181,12 +194,13 @@ def safe_deepspeed_load(ds_engine) -> Iterator[None]:
 
 class Engine:
     """One DeepSpeed engine around the PretrainModule, with a client AdamW and LambdaLR (both in its
-    checkpoints). `module` is the wrapped PretrainModule (its parameters are ZeRO-3 partitions at stage 3)."""
+    checkpoints), built from the optim and train sections and the process group (its DeepSpeed JSON is
+    `deepspeed_config(optim, train, dist.world_size)`). `module` is the wrapped PretrainModule (its parameters
+    are ZeRO-3 partitions at stage 3)."""
 
     TAG = DS_DIR  # the DeepSpeed state's subdirectory in a checkpoint
 
-    def __init__(self, module: torch.nn.Module, optim: OptimConfig, train: TrainConfig, ds_config: dict,
-                 dist: Dist):
+    def __init__(self, module: torch.nn.Module, optim: OptimConfig, train: TrainConfig, dist: Dist):
         import deepspeed
 
         self.zero_stage = train.zero_stage
@@ -196,7 +210,7 @@ class Engine:
                                       fused=(dist.device.type == "cuda") or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, train.max_steps))
         self.ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                                config=ds_config)
+                                                config=deepspeed_config(optim, train, dist.world_size))
         head = getattr(module, "head", None)
         if self.zero_stage == 3 and head is not None:
             # The meta step reads the head's parameters directly (functional inner loop), outside the head

@@ -7,7 +7,6 @@ to save.
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
@@ -15,7 +14,8 @@ import torch
 from metalm.checkpoint import TrainerState
 from metalm.clock import hms
 from metalm.data.manifest import check_validation_split
-from metalm.config import Config, deepspeed_config, grad_accum, run_locations, to_dict, to_yaml
+from metalm.console import warn
+from metalm.config import Config, grad_accum, run_locations, to_dict, to_yaml
 from metalm.meta.step import MetaStep, inert_warnings, word_start_ids
 from metalm.model import num_params
 from metalm.storage import absolute
@@ -41,17 +41,13 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def _warn(text: str) -> None:
-    print(f"metalm: warning: {text}", file=sys.stderr, flush=True)
-
-
 class Trainer:
     def __init__(self, cfg: Config, dist: Dist):
         from metalm.data import build_loader, ensure_prepared
 
         self.cfg, self.dist, self.comm = cfg, dist, Collectives(dist)
         self.run_dir, self.remote = run_locations(cfg)  # a URL run_dir: a local directory + uploads to the URL
-        self.accum = grad_accum(cfg, dist.world_size)
+        self.accum = grad_accum(cfg.train, dist.world_size)
         self.step, self.tokens, self.flops = 0, 0, 0.0
         self.lock = RunLock(self.run_dir)
         self._claim_run_dir()
@@ -69,7 +65,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initialisation on every rank
         self.module = PretrainModule(cfg)
         self._check_memory()
-        self.engine = Engine(self.module, cfg.optim, t, deepspeed_config(cfg, d.world_size), d)
+        self.engine = Engine(self.module, cfg.optim, t, d)
         torch.manual_seed(t.seed + 1000 + d.rank)  # dropout differs per rank, reproducibly
         self.loader = build_loader(cfg.data, split="train", seq_len=t.seq_len, micro_batch=t.micro_batch,
                                    seed=t.seed, rank=d.rank, world_size=d.world_size)
@@ -138,7 +134,7 @@ class Trainer:
         self.comm.raise_agreed(err, TrainingError)
         if self.dist.rank == 0:
             for w in warnings:
-                _warn(w)
+                warn(w)
 
     def _resume(self) -> None:
         t = self.cfg.train
@@ -225,7 +221,7 @@ class Trainer:
             self.metrics.log(rec)
         if self.dist.rank == 0:
             for w in warnings:
-                _warn(w)
+                warn(w)
         return skip
 
     def _new_interval(self) -> None:
@@ -241,7 +237,7 @@ class Trainer:
             for kind, w in inert_warnings(rec, self.cfg.meta.n_way):
                 if self.step - self.warned_at.get(kind, -10**9) >= 100:  # at most once per 100 steps each
                     self.warned_at[kind] = self.step
-                    _warn(w)
+                    warn(w)
 
     def validate(self) -> float:
         """Collective: the mean AR loss over train.val_batches batches of the validation split."""

@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ import torch
 
 from metalm.clock import hms
 from metalm.config import LoggingConfig
+from metalm.console import warn
+from metalm.wandb_run import WandbRun, wandb_mode
 
 
 def _git_commit() -> str | None:
@@ -45,7 +46,8 @@ class MetricsLogger:
         self.cfg, self.rank, self.run_dir, self.run_config = cfg, rank, Path(run_dir), run_config
         self.enabled = rank == 0
         self.path = self.run_dir / "metrics.jsonl"
-        self.wandb = None
+        self.wandb = WandbRun(f"logging to {self.path} only (set WANDB_MODE=offline to keep a local W&B run, or "
+                              f"logging.wandb=false)")
         self.t0 = time.time()
         self.start_step = 0
         self.write_failed = False
@@ -76,38 +78,13 @@ class MetricsLogger:
         tmp.write_text("".join(k + "\n" for k in kept))
         os.replace(tmp, self.path)
 
-    def wandb_mode(self) -> str:
-        """logging.mode, where `auto` defers to a WANDB_MODE the user set, else online with an API key."""
-        if self.cfg.mode != "auto":
-            return self.cfg.mode
-        env = os.environ.get("WANDB_MODE", "").strip().lower()
-        if env in ("online", "offline", "disabled"):
-            return env
-        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
-
     def _init_wandb(self) -> None:
-        """W&B never stops a run: if it cannot start (no package, no network, a bad key), one warning, and the
-        run goes on logging to metrics.jsonl."""
-        try:
-            import wandb
-        except ImportError:
-            self._wandb_failed("wandb is not installed")
-            return
         lg = self.cfg
         config = dict(self.run_config)
         config["_meta"] = {"git_commit": _git_commit(), "hardware": hardware_summary()}
-        try:
-            self.wandb = wandb.init(project=lg.project, entity=lg.entity, name=lg.run_name or self.run_dir.name,
-                                    tags=list(lg.tags), config=config, dir=str(self.run_dir), mode=self.wandb_mode(),
-                                    resume="allow", id=self._run_id(self.run_dir))
-        except Exception as e:  # noqa: BLE001 - wandb raises CommError, UsageError, timeouts, ...
-            first = str(e).splitlines()[0][:200] if str(e) else ""
-            self._wandb_failed(f"W&B could not start ({type(e).__name__}: {first})")
-
-    def _wandb_failed(self, why: str) -> None:
-        self.wandb = None
-        print(f"metalm: warning: {why}; logging to {self.path} only (set WANDB_MODE=offline to keep a local W&B "
-              f"run, or logging.wandb=false)", file=sys.stderr, flush=True)
+        self.wandb.start(project=lg.project, entity=lg.entity, name=lg.run_name or self.run_dir.name,
+                         tags=list(lg.tags), config=config, dir=str(self.run_dir), mode=wandb_mode(lg.mode),
+                         resume="allow", id=self._run_id(self.run_dir))
 
     @staticmethod
     def _run_id(run_dir: Path) -> str:
@@ -131,14 +108,10 @@ class MetricsLogger:
             self.write_failed = False
         except OSError as e:  # a full disk must not stop training: the checkpoints are what matter
             if not self.write_failed:
-                print(f"metalm: warning: cannot append to {self.path} ({e}); metrics records are lost until "
-                      f"it works again", file=sys.stderr, flush=True)
+                warn(f"cannot append to {self.path} ({e}); metrics records are lost until it works again")
             self.write_failed = True
-        if self.wandb is not None:
-            try:
-                self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-            except Exception as e:  # noqa: BLE001 - a W&B failure never stops training
-                self._wandb_failed(f"W&B logging failed ({type(e).__name__}: {e})")
+        # upload events (checkpoint_uploaded, ...) carry no step: W&B puts them at its current one
+        self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record.get("step"))
 
     def progress(self, step: int, max_steps: int, record: dict) -> None:
         if not self.enabled or not self.cfg.progress:
@@ -161,9 +134,4 @@ class MetricsLogger:
         print(" | ".join(parts), flush=True)
 
     def close(self) -> None:
-        if self.wandb is not None:
-            try:
-                self.wandb.finish()
-            except Exception as e:  # noqa: BLE001
-                print(f"metalm: warning: W&B did not finish cleanly ({type(e).__name__}: {e})", file=sys.stderr)
-            self.wandb = None
+        self.wandb.finish()

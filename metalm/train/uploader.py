@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
 from collections.abc import Callable
 
 from metalm.checkpoint import MARKER, STEP_RE, CheckpointStore
+from metalm.console import warn
 from metalm.storage import describe, retry
 
 
@@ -37,16 +37,13 @@ def _say(text: str) -> None:
     print(f"metalm: {text}", flush=True)
 
 
-def _warn(text: str) -> None:
-    sys.stderr.write(f"metalm: warning: {text}\n")
-    sys.stderr.flush()
 
 
 class Uploader:
     """Uploads staged checkpoints in a background thread (see the module doc)."""
 
     def __init__(self, remote: CheckpointStore, staging: Path, keep_last_k: int, queue_size: int = 2,
-                 say: Callable[[str], None] = _say, warn: Callable[[str], None] = _warn):
+                 say: Callable[[str], None] = _say, warn: Callable[[str], None] = warn):
         self.remote, self.staging = remote, Path(staging)
         self.keep_last_k, self.queue_size = keep_last_k, queue_size
         self.say, self.warn = say, warn
