@@ -138,9 +138,8 @@ class MetaConfig:
     # an absolute cap for the weighted path (meta.grad_ratio=0), refused with grad_ratio (whose rescaling undoes it)
     objective: str = "add"  # add (AR loss + loss_weight x meta loss) | replace (paper: a meta step replaces an AR step)
     loss_weight: float = 1.0  # objective=add with grad_ratio=0: weight of the query loss
-    # The meta-gradient budget (objective=add): on each meta micro-batch the meta loss's gradient on the backbone is
-    # rescaled to grad_ratio x the norm of that micro-batch's AR gradient (0: off, the weighted path above).
-    grad_ratio: float = 0.1
+    # The meta-gradient budget (objective=add, ZeRO 0-2): docs/meta-learning.md
+    grad_ratio: float = 0.1  # meta part of the backbone gradient = this x the AR part's norm, per micro-batch (0: off)
     grad_ratio_start: int = 0  # optimizer steps before the meta gradient reaches the backbone at all
     grad_ratio_warmup: int = 0  # then a linear ramp from 0 to grad_ratio over this many steps
     grad_ratio_final: float = 1.0  # then a cosine anneal to this fraction of grad_ratio at train.max_steps (1: none)
