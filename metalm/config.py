@@ -504,14 +504,14 @@ def _validate_meta_budget(me: MetaConfig) -> None:
              "needs meta.objective=add (the budget and the projection are relative to the meta micro-batch's own AR "
              "gradient); set meta.grad_ratio=0 and meta.project=false for objective=replace")
     if budget and me.loss_weight != 1.0:
-        _bad("meta.loss_weight", me.loss_weight, f"is inert with meta.grad_ratio={me.grad_ratio} (the budget sets "
-                                                 f"the meta gradient's norm; Adam ignores the scale of the head's "
-                                                 f"gradient): leave it at 1.0, or set meta.grad_ratio=0 to weight "
-                                                 f"the loss instead")
+        _bad("meta.loss_weight", me.loss_weight, f"expected 1.0 with meta.grad_ratio={me.grad_ratio}, where it is "
+                                                 f"inert (the budget sets the meta gradient's norm; Adam ignores the "
+                                                 f"scale of the head's gradient); or meta.grad_ratio=0 to weight the "
+                                                 f"loss")
     if budget and me.feature_grad_clip > 0:
-        _bad("meta.feature_grad_clip", me.feature_grad_clip, f"is inert with meta.grad_ratio={me.grad_ratio} (the "
-                                                             f"budget rescales the clipped gradient back): set it to "
-                                                             f"0, or meta.grad_ratio=0 for an absolute clip")
+        _bad("meta.feature_grad_clip", me.feature_grad_clip, f"expected 0 with meta.grad_ratio={me.grad_ratio}, where "
+                                                             f"it is inert (the budget rescales the clipped gradient "
+                                                             f"back); or meta.grad_ratio=0 for an absolute clip")
     for key in ("grad_ratio_start", "grad_ratio_warmup"):
         if getattr(me, key) < 0:
             _bad(f"meta.{key}", getattr(me, key), "expected >= 0 optimizer steps")

@@ -69,7 +69,7 @@ def test_deepspeed_write_errors_are_recorded_and_every_collective_still_runs():
 
 def test_deepspeed_config_is_derived_from_the_optim_and_train_sections():
     cfg = load_config(None, ["train.global_batch=64", "train.micro_batch=4", "train.zero_stage=3",
-                             "train.precision=bf16", "optim.grad_clip=0.5"], world_size=2)
+                             "train.precision=bf16", "optim.grad_clip=0.5", "meta.grad_ratio=0"], world_size=2)
     ds = ds_engine.deepspeed_config(cfg.optim, cfg.train, 2)
     assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 8
     assert ds["train_micro_batch_size_per_gpu"] == 4
