@@ -8,7 +8,7 @@ Every run trains with the same config, seed and data order as vanilla (benchmark
 process each, `--jobs` at a time; re-running resumes or skips finished runs). Per run and seed, against the
 same-seed vanilla run:
   * held-out AR validation loss at the last step (equal optimizer steps = equal data tokens), its gap to vanilla,
-    and the gap at equal model FLOPs (vanilla's curve interpolated at the run's FLOPs);
+    and the gap at equal model FLOPs (both curves interpolated at the smaller of the two runs' final FLOPs);
   * the meta objective's query accuracy over the last third of the run and over the middle third (rising?);
   * the budget's achieved meta/AR gradient ratio next to its target (the mean of the per-record values);
   * the few-shot gain at matched validation loss (benchmarks/fewshot.py: the run's last checkpoint against the
@@ -95,8 +95,9 @@ def analyze_run(args, variant: str, seed: int) -> dict | None:
            "tokens": val[-1]["tokens"]}
     if van and van[-1]["step"] >= args.steps:
         out["gap_equal_steps"] = val[-1]["val_loss"] - van[-1]["val_loss"]
-        v = at_flops(van, val[-1]["flops"])
-        out["gap_equal_flops"] = val[-1]["val_loss"] - v if v is not None else None
+        budget = min(val[-1]["flops"], van[-1]["flops"])  # the smaller of the two runs' budgets
+        out["gap_equal_flops"] = at_flops(val, budget) - at_flops(van, budget)
+        out["flops_over_vanilla"] = val[-1]["flops"] / van[-1]["flops"]
     third = args.steps / 3
     out["query_acc_last_third"] = mean_of(rows, "meta/query_acc", 2 * third, args.steps)
     out["query_acc_middle_third"] = mean_of(rows, "meta/query_acc", third, 2 * third)
@@ -133,7 +134,7 @@ def summarize(runs: list[dict]) -> dict:
     table = {}
     for variant, rs in by.items():
         row = {"seeds": [r["seed"] for r in rs]}
-        for key in ("final_val", "gap_equal_steps", "gap_equal_flops", "query_acc_last_third",
+        for key in ("final_val", "gap_equal_steps", "gap_equal_flops", "flops_over_vanilla", "query_acc_last_third",
                     "query_acc_middle_third", "grad_ratio_achieved", "grad_ratio_target", "grad_ratio_raw",
                     "grad_cos"):
             vals = [r[key] for r in rs if r.get(key) is not None]
@@ -168,12 +169,14 @@ def write_outputs(args, runs: list[dict], table: dict, out: Path) -> None:
                                                    "runs": runs, "variants": table}, indent=1))
     lines = [f"# Meta-gradient trade-off map: `{reproduce.shown(args.config)}`, {args.steps} steps", "",
              "| variant | seeds | val loss | gap to vanilla, equal steps (mean / worst) | gap, equal FLOPs | "
-             "query acc, middle → last third | meta/AR grad ratio: target / achieved (raw) | cos(meta, AR) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "FLOPs / vanilla | query acc, middle → last third | meta/AR grad ratio: target / achieved (raw) | "
+             "cos(meta, AR) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for variant, r in table.items():
         lines.append(
             f"| {variant} | {','.join(map(str, r['seeds']))} | {fmt(r['final_val'], '.4f')} | "
             f"{fmt(r['gap_equal_steps'])} / {fmt(r.get('gap_equal_steps_max'))} | {fmt(r['gap_equal_flops'])} | "
+            f"{fmt(r['flops_over_vanilla'], '.2f')} | "
             f"{fmt(r['query_acc_middle_third'], '.3f')} → {fmt(r['query_acc_last_third'], '.3f')} | "
             f"{fmt(r['grad_ratio_target'], '.3f')} / {fmt(r['grad_ratio_achieved'], '.3f')} "
             f"({fmt(r['grad_ratio_raw'], '.2f')}) | {fmt(r['grad_cos'], '+.3f')} |")
