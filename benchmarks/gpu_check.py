@@ -465,7 +465,7 @@ def memory_estimate(cfg, world: int = 1) -> dict:
 
     m, t = cfg.model, cfg.train
     with torch.device("meta"):
-        module = PretrainModule(cfg)
+        module = PretrainModule.from_config(cfg)
     n = sum(p.numel() for p in module.parameters())
     return step_memory_bytes(n, d_model=m.d_model, n_layers=m.n_layers, ffn_hidden=m.ffn_hidden,
                              vocab_size=m.vocab_size, micro_batch=t.micro_batch, seq_len=t.seq_len,

@@ -165,7 +165,7 @@ def shipped_step(name: str, batch: torch.Tensor):
         f"meta.q_queries={m['q_queries']}", f"meta.head.hidden={m['hidden']}", "meta.hybrid_ratio=1.0",
         "model.kernels=torch"])
     torch.manual_seed(0)
-    module = PretrainModule(cfg)
+    module = PretrainModule.from_config(cfg)
     meta = MetaStep(cfg.meta, 0, {"mask": MASK, "eos": EOS, "pad": PAD}, VOCAB)
     comm = Collectives(Dist(0, 1, 0, torch.device("cpu")))  # one process: no process group needed
     return HybridStep(cfg, EagerEngine(module), comm, meta, 1), meta.episode(batch, 0, 0, 0), module

@@ -5,7 +5,7 @@
 Per shape, in one process, on the same weights and the same batch, steps interleaved (each repeat runs every
 variant once, so load changes on a shared machine hit them alike), median wall ms of one optimizer step
 (forward, backward, AdamW step, zero_grad):
-  fused       metalm's real step, PretrainModule(cfg).ar_loss with model.kernels=auto and
+  fused       metalm's real step, PretrainModule.from_config(cfg).ar_loss with model.kernels=auto and
               model.fused_linear_ce=true (on CPU: kernels.cpu.linear_cross_entropy, no full logits), AdamW
               over metalm's parameter groups as the engine builds it;
   unfused     the same with model.fused_linear_ce=false (logits, then kernels.cpu.masked_cross_entropy);
@@ -89,7 +89,7 @@ def make_steps(name: str) -> tuple[dict, dict]:
                          "model_F": [], "hf": []}
     cfgs = {v: load_config(REPO / "configs" / cfg_file, base + o) for v, o in variant_overrides.items()}
     torch.manual_seed(0)
-    template = PretrainModule(shipped)
+    template = PretrainModule.from_config(shipped)
     batch, source = batch_for(B, T, shipped.model.vocab_size)
     inputs, targets = batch[:, :-1], batch[:, 1:]
 
@@ -98,7 +98,7 @@ def make_steps(name: str) -> tuple[dict, dict]:
         if v == "hf":
             mod = hf_model(template.lm).train()
         else:
-            mod = PretrainModule(cfgs[v])
+            mod = PretrainModule.from_config(cfgs[v])
             mod.load_state_dict(template.state_dict())
         modules[v] = mod
     # same weights, same function: metalm's and HF's logits agree before any step

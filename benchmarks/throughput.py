@@ -63,7 +63,7 @@ def bench_one(name: str, zero: int, kernels: str, compile_: bool, args, dist) ->
     if dist.device.type == "cpu" and cfg.train.precision != "fp32":
         cfg.train.precision = "fp32"
     torch.manual_seed(0)
-    module = PretrainModule(cfg)
+    module = PretrainModule.from_config(cfg)
     engine = Engine(module, cfg.optim, cfg.train, dist)
     gen = torch.Generator().manual_seed(0)
     B, T, V = cfg.train.micro_batch, cfg.train.seq_len, cfg.model.vocab_size

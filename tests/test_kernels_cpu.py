@@ -308,7 +308,7 @@ torch.set_num_threads(1)
 cfg = load_config({config!r}, ["meta.enabled=false", "train.device=cpu"])
 assert cfg.model.fused_linear_ce and cfg.model.vocab_size == 50304
 torch.manual_seed(0)
-module = PretrainModule(cfg)
+module = PretrainModule.from_config(cfg)
 opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
 batch = torch.randint(0, 50304, (8, 129))
 def step():

@@ -17,7 +17,7 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_h
 def _train(kernels: str, fused: bool, steps: int = 6) -> list[float]:
     cfg = load_config(None, TINY + [f"model.kernels={kernels}", f"model.fused_linear_ce={str(fused).lower()}"])
     torch.manual_seed(0)
-    module = PretrainModule(cfg)
+    module = PretrainModule.from_config(cfg)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(1)
     losses = []
@@ -56,7 +56,7 @@ def test_cpu_path_gradients_match_reference_in_the_model():
         cfg = load_config(None, TINY + ["model.tie_embeddings=true", f"model.kernels={kernels}",
                                         f"model.fused_linear_ce={str(fused).lower()}"])
         torch.manual_seed(0)
-        module = PretrainModule(cfg)
+        module = PretrainModule.from_config(cfg)
         assert module.lm.lm_head.weight is module.lm.model.embed_tokens.weight
         module(batch)[0].backward()
         grads[kernels, fused] = {n: p.grad.clone() for n, p in module.named_parameters()}

@@ -88,7 +88,7 @@ def test_budgeted_loss_matches_a_plain_two_backward_reference(ratio, project):
 
     cfg = load_config(None, [*TINY, f"meta.grad_ratio={ratio}", f"meta.project={str(project).lower()}"])
     torch.manual_seed(0)
-    module = PretrainModule(cfg).double()
+    module = PretrainModule.from_config(cfg).double()
     batch, ep = _batch(), _episode(_batch())
     losses, _ = module(batch, episode=ep)
     loss, stats = budgeted_loss(losses["ar"], losses["meta"], module.backbone_parameters(),
@@ -98,7 +98,7 @@ def test_budgeted_loss_matches_a_plain_two_backward_reference(ratio, project):
     got = [p.grad.clone() if p.grad is not None else None for p in module.parameters()]
 
     # reference: each loss backward on its own, combined by hand over the whole backbone as one vector
-    ref = PretrainModule(cfg).double()
+    ref = PretrainModule.from_config(cfg).double()
     ref.load_state_dict(module.state_dict())
     ref_losses, _ = ref(batch, episode=ep)
     bb = ref.backbone_parameters()
@@ -138,7 +138,7 @@ def _engine_meta_step(ratio: float, start: int, project: bool = False):
                              f"meta.project={str(project).lower()}", "train.device=cpu"])
     dist = init_distributed(cfg.train)  # a process group of one (plain python), as the launcher makes it
     torch.manual_seed(0)
-    module = PretrainModule(cfg)
+    module = PretrainModule.from_config(cfg)
     engine = Engine(module, cfg.optim, cfg.train, dist)
     meta = MetaStep(cfg.meta, 0, {"mask": MASK}, cfg.model.vocab_size)
     captured = {}

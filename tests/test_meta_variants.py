@@ -232,7 +232,7 @@ def test_objective_add_is_the_ar_loss_plus_the_weighted_query_loss(shards):
                              "meta.grad_ratio=0", "meta.head.dropout=0.0", "train.micro_batch=4",
                              "model.kernels=torch", f"data.shards={shards}"])
     torch.manual_seed(0)
-    module = PretrainModule(cfg)
+    module = PretrainModule.from_config(cfg)
     batch = next(iter(build_loader(cfg.data, split="train", seq_len=64, micro_batch=4, seed=0)))
     ep = sample_episode(batch[:, :-1], n_way=4, k_shot=2, q_queries=2, mask_id=50280, sampler="smlmt",
                         generator=torch.Generator().manual_seed(0))

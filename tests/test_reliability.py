@@ -405,7 +405,7 @@ def test_checkpoint_size_estimate_matches_a_real_checkpoint(reference):
     from metalm.train.module import PretrainModule
 
     cfg = load_config(REPO / "configs" / "cpu-tiny.yaml", [a for a in COMMON if "=" in a])
-    n = sum(p.numel() for p in PretrainModule(cfg).parameters())
+    n = sum(p.numel() for p in PretrainModule.from_config(cfg).parameters())
     newest = latest(reference)
     actual = sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
     estimate = checkpoint_bytes(n, cfg.train.precision, cfg.train.zero_stage)

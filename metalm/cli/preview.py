@@ -49,7 +49,7 @@ def dry_run(cfg: Config, world: int) -> None:
 
     m, t = cfg.model, cfg.train
     with torch.device("meta"):  # shapes only: nothing is allocated, nothing initialised for real
-        module = PretrainModule(cfg)
+        module = PretrainModule.from_config(cfg)
     lm = sum(p.numel() for p in module.lm.parameters())
     head = sum(p.numel() for p in module.head.parameters()) if module.head is not None else 0
     tied = "tied" if m.tie_embeddings else "untied"

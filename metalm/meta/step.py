@@ -118,7 +118,7 @@ def gradient_diagnostics(module, batch: torch.Tensor, episode: Episode, mask_id:
         states.append(h)  # the support states (no grad), then the query states
         return h
 
-    meta_loss, _ = meta_step_loss(module.cfg.meta, hidden_fn, module.head, episode)
+    meta_loss, _ = meta_step_loss(module.meta_cfg, hidden_fn, module.head, episode)
     g_meta = torch.autograd.grad(meta_loss, [*params, states[-1]], allow_unused=True)
     g_feat, g_meta = g_meta[-1], g_meta[:-1]
     g_ar = torch.autograd.grad(module.ar_loss(batch), params, allow_unused=True)

@@ -63,7 +63,7 @@ class Trainer:
         check_validation_split(self.manifest, str(cfg.data.shards), t.val_every, d.world_size)  # before step 1
         self.special = self.manifest["special_ids"]
         torch.manual_seed(t.seed)  # identical initialisation on every rank
-        self.module = PretrainModule(cfg)
+        self.module = PretrainModule.from_config(cfg)
         self._check_memory()
         self.engine = Engine(self.module, cfg.optim, t, d)
         torch.manual_seed(t.seed + 1000 + d.rank)  # dropout differs per rank, reproducibly

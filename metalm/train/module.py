@@ -11,31 +11,38 @@ import torch
 import torch.nn as nn
 
 import kernels
-from metalm.config import Config
+from metalm.config import Config, MetaConfig, ModelConfig
 from metalm.model import build_model
 
 
 class PretrainModule(nn.Module):
-    def __init__(self, cfg: Config):
+    """Built from its sections: the model's, the meta section's (None: no meta head, AR only) and whether the
+    blocks run compiled (train.compile). `from_config(cfg)` is that wiring for a whole config."""
+
+    def __init__(self, model: ModelConfig, meta: MetaConfig | None = None, compile: bool = False):
         super().__init__()
-        self.cfg = cfg
-        self.lm = build_model(cfg.model)
-        if cfg.train.compile:
+        self.model_cfg, self.meta_cfg = model, meta
+        self.lm = build_model(model)
+        if compile:
             # Per-block, in place (state-dict names unchanged): the meta branch's data-dependent episode
             # shapes stay eager, while every block (the bulk of AR and meta FLOPs) runs compiled.
             for block in self.lm.model.layers:
                 block.compile()
         self.head: nn.Module | None = None
-        if cfg.meta.enabled:
+        if meta is not None:
             from metalm.meta.head import build_head
 
-            self.head = build_head(cfg.meta, cfg.model.d_model, cfg.model.vocab_size)
+            self.head = build_head(meta, model.d_model, model.vocab_size)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> PretrainModule:
+        return cls(cfg.model, cfg.meta if cfg.meta.enabled else None, compile=cfg.train.compile)
 
     def ar_loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Next-token CE over a (B, T+1) batch: inputs batch[:, :-1], targets batch[:, 1:]."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        backend = self.cfg.model.kernels
-        if self.cfg.model.fused_linear_ce:
+        backend = self.model_cfg.kernels
+        if self.model_cfg.fused_linear_ce:
             h = self.lm.hidden_states(inputs)
             return kernels.linear_cross_entropy(h, self.lm.lm_head.weight, targets, backend=backend)
         logits = self.lm(inputs)
@@ -49,9 +56,9 @@ class PretrainModule(nn.Module):
             return {"ar": self.ar_loss(batch)}, {}
         from metalm.meta.step import meta_step_loss
 
-        query, stats = meta_step_loss(self.cfg.meta, self.lm.hidden_states, self.head, episode)
+        query, stats = meta_step_loss(self.meta_cfg, self.lm.hidden_states, self.head, episode)
         losses = {"meta": query}
-        if self.cfg.meta.objective == "add":
+        if self.meta_cfg.objective == "add":
             losses["ar"] = self.ar_loss(batch)
         return losses, stats
 
