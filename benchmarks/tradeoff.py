@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import sys
 import types
@@ -153,10 +154,13 @@ def fewshot_gains(run: dict) -> list[dict]:
 
 
 def merge_gains(gains: list[dict]) -> dict:
+    """{reader and shape: [mean difference over seeds, its 95% half-width]}: each seed's mean over its episodes
+    with its own interval, combined as independent estimates (the half-widths add in quadrature, / seeds)."""
     out: dict[str, list] = {}
     for g in gains:
-        out.setdefault(g["reader"], []).append(g["diff"])
-    return {k: statistics.fmean(v) for k, v in out.items()}
+        out.setdefault(g["reader"], []).append((g["diff"], g["ci95"]))
+    return {k: [statistics.fmean(d for d, _ in v), math.sqrt(sum(c * c for _, c in v)) / len(v)]
+            for k, v in out.items()}
 
 
 def fmt(v, spec="+.3f") -> str:
@@ -182,11 +186,11 @@ def write_outputs(args, runs: list[dict], table: dict, out: Path) -> None:
             f"({fmt(r['grad_ratio_raw'], '.2f')}) | {fmt(r['grad_cos'], '+.3f')} |")
     fs_rows = [(v, r["fewshot"]) for v, r in table.items() if r["fewshot"]]
     if fs_rows:
-        lines += ["", "Few-shot gain at matched validation loss (hybrid − vanilla accuracy, mean over seeds; per "
-                      "(N, K) and reader with 95% CIs in each run's fewshot.json):", "",
+        lines += ["", "Few-shot gain at matched validation loss (hybrid − vanilla query accuracy on the same "
+                      "episodes, mean over seeds ± 95% interval; per seed in each run's fewshot.json):", "",
                   "| variant | " + " | ".join(fs_rows[0][1]) + " |", "| --- |" + " --- |" * len(fs_rows[0][1])]
         for v, g in fs_rows:
-            lines.append(f"| {v} | " + " | ".join(fmt(x) for x in g.values()) + " |")
+            lines.append(f"| {v} | " + " | ".join(f"{d:+.3f} ± {c:.3f}" for d, c in g.values()) + " |")
     lines += ["", "![trade-off](tradeoff.png)", ""]
     (out / "tradeoff.md").write_text("\n".join(lines))
     plot(table, runs, out)
@@ -214,7 +218,8 @@ def plot(table: dict, runs: list[dict], out: Path) -> None:
             axes[0].scatter(t["gap_equal_steps"], t["query_acc_last_third"], color=color, marker="*", s=160,
                             label=variant)
         if t["fewshot"]:
-            axes[1].scatter(t["gap_equal_steps"], statistics.fmean(t["fewshot"].values()), color=color, marker="*",
+            axes[1].scatter(t["gap_equal_steps"], statistics.fmean(d for d, _ in t["fewshot"].values()), color=color,
+                            marker="*",
                             s=160, label=variant)
     axes[0].set_ylabel("meta query accuracy, last third")
     axes[1].set_ylabel("few-shot gain at matched loss (mean over readers, N, K)")

@@ -49,3 +49,10 @@ def test_variant_list_keeps_its_order_and_refuses_unknown_names():
                                                                           ("vanilla", 2)]
     with pytest.raises(SystemExit, match="unknown variant 'nope'"):
         tradeoff.parse_variants("nope:0")
+
+
+def test_fewshot_gains_of_seeds_combine_as_independent_estimates():
+    merged = tradeoff.merge_gains([{"reader": "inner 5x1", "diff": 0.1, "ci95": 0.3},
+                                   {"reader": "inner 5x1", "diff": 0.3, "ci95": 0.4}])
+    mean, half = merged["inner 5x1"]
+    assert mean == pytest.approx(0.2) and half == pytest.approx(0.25)  # sqrt(0.09 + 0.16) / 2
