@@ -5,9 +5,12 @@ meta.grad_ratio while the head's gradient does not move."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
+from procs import cpu_run_env
 
 from metalm.config import ConfigError, MetaConfig, load_config
 from metalm.meta.budget import budgeted_loss, combine, ratio_at
@@ -126,7 +129,8 @@ def test_budgeted_loss_matches_a_plain_two_backward_reference(ratio, project):
 
 def _engine_meta_step(ratio: float, start: int, project: bool = False):
     """One meta step through the real DeepSpeed engine (ZeRO 0, one process): the backbone's and the head's
-    gradients as the optimizer would see them (captured by the step's before_update hook)."""
+    gradients as the optimizer would see them (captured by the step's before_update hook). Runs in the worker
+    process (a process group of one there, never in the test process)."""
     from metalm.meta.step import MetaStep
     from metalm.train.dist import Collectives
     from metalm.train.engine import Engine, init_distributed
@@ -150,15 +154,24 @@ def _engine_meta_step(ratio: float, start: int, project: bool = False):
 
     step = HybridStep(cfg, engine, Collectives(dist), meta, 1, before_update=capture)
     out = step(iter([_batch()]), 0)
-    assert out.totals.meta_n == 1 and out.skipped
+    captured["meta_n"], captured["skipped"] = out.totals.meta_n, out.skipped
     engine.destroy()
     return captured
 
 
-def test_backbone_gradient_scales_with_grad_ratio_through_the_engine():
-    pytest.importorskip("deepspeed")
-    ar_only = _engine_meta_step(0.1, start=5)  # before grad_ratio_start the meta part is exactly zero
-    one, two = _engine_meta_step(0.1, start=0), _engine_meta_step(0.2, start=0)
+def _worker(out: str) -> None:
+    torch.save({"ar_only": _engine_meta_step(0.1, start=5), "one": _engine_meta_step(0.1, start=0),
+                "two": _engine_meta_step(0.2, start=0)}, out)
+
+
+def test_backbone_gradient_scales_with_grad_ratio_through_the_engine(tmp_path):
+    out = tmp_path / "grads.pt"
+    res = subprocess.run([sys.executable, __file__, "WORKER", str(out)], env=cpu_run_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    ar_only, one, two = got["ar_only"], got["one"], got["two"]  # before grad_ratio_start the meta part is zero
+    assert all(g["meta_n"] == 1 and g["skipped"] for g in (ar_only, one, two))
     g_ar = ar_only["bb"]
     part1, part2 = one["bb"] - g_ar, two["bb"] - g_ar
     assert float(part1.norm()) == pytest.approx(0.1 * float(g_ar.norm()), rel=1e-4)
@@ -167,3 +180,7 @@ def test_backbone_gradient_scales_with_grad_ratio_through_the_engine():
     for h1, h2, h0 in zip(one["head"], two["head"], ar_only["head"]):  # the head's gradient does not scale
         assert (h1 is None and h2 is None) or (torch.equal(h1, h2) and torch.equal(h1, h0))
     assert math.isfinite(float(g_ar.norm())) and float(g_ar.norm()) > 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["WORKER"]:
+    _worker(sys.argv[2])
