@@ -298,14 +298,18 @@ def test_a_skipped_metric_is_a_warning_saying_how_to_fix_it(tmp_path, assets, ca
 
 
 def test_a_bug_while_making_the_probe_batch_is_raised_not_skipped(tmp_path, assets, monkeypatch):
-    """A missing probe file is a skip with its reason; an exception no input explains (here a TypeError) is a bug
-    and stops the evaluation instead of turning into a "skipped" metric."""
+    """A missing probe file is refused up front, naming it; with the file there, an exception no input explains
+    (here a TypeError) is a bug and stops the evaluation instead of turning into a "skipped" metric."""
     from metalm.eval import checkpoint_eval, valloss
 
-    d = sealed_ckpt(tmp_path / "run", 10, assets,
-                    extra=["eval.metrics=[entropy]", f"eval.probe_text={tmp_path / 'missing.txt'}"])
-    rec = checkpoint_eval.evaluate_checkpoint(d)
-    assert "FileNotFoundError" in rec["skipped"]["entropy"] and "missing.txt" in rec["skipped"]["entropy"]
+    missing = sealed_ckpt(tmp_path / "run", 10, assets,
+                          extra=["eval.metrics=[entropy]", f"eval.probe_text={tmp_path / 'missing.txt'}"])
+    with pytest.raises(checkpoint_eval.InputError, match="missing.txt: no such file"):
+        checkpoint_eval.evaluate_checkpoint(missing)
+
+    probe = tmp_path / "probe.txt"
+    probe.write_text("A sentence to probe the attention heads with.\nAnd a second one.\n")
+    d = sealed_ckpt(tmp_path / "run2", 10, assets, extra=["eval.metrics=[entropy]", f"eval.probe_text={probe}"])
 
     def broken(*args, **kw):
         raise TypeError("a bug in the probe batch")
