@@ -12,8 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _make_test_commands() -> list[str]:
     """The commands of the Makefile's test target, install excluded (make -n prints them without running them)."""
-    out = subprocess.run(["make", "-n", "-o", "install", "test", f"PYTHON={sys.executable}"], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+    # --no-print-directory: under `make test` itself (CI) the nested make would print "make[1]: Entering ..."
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-o", "install", "test", f"PYTHON={sys.executable}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()
 

@@ -139,12 +139,12 @@ def test_prepare_sweeps_what_interrupted_saves_and_prunes_left(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004"]
 
 
-def test_a_failed_save_before_any_checkpoint_says_so_instead_of_none(tmp_path, capsys):
+def test_a_failed_save_before_any_checkpoint_says_so_instead_of_none(tmp_path, console):
     """Issue 26 item 7: with no complete checkpoint yet the messages said "the last complete checkpoint is None"."""
     c, engine, _, _ = make(tmp_path, "checkpoint.max_failed_saves=1")
     engine.fail = True
     assert c.save(state(2), final=False) is False
-    warned = capsys.readouterr().err
+    warned = console.readouterr().err
     assert "no complete checkpoint exists yet" in warned and "None" not in warned
     with pytest.raises(TrainingError) as e:
         c.save(state(4), final=True)
