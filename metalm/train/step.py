@@ -126,11 +126,10 @@ class HybridStep:
         losses, stats = forward(batch, episode=episode)
         if episode is None:
             return losses["ar"], stats
-        m, query = self.cfg.meta, losses["meta"]
-        stats = {**stats, "query_loss": query.detach().float()}
+        m, query = self.cfg.meta, losses["meta"]  # stats carry "query_loss" already (metalm.meta.fomaml)
         if "ar" not in losses:  # objective=replace
             return query, stats
-        stats["ar_loss"] = losses["ar"].detach().float()
+        stats = {**stats, "ar_loss": losses["ar"].detach().float()}
         if not self.budgeted:
             return losses["ar"] + m.loss_weight * query, stats
         module = self.engine.module
