@@ -14,7 +14,9 @@ same-seed vanilla run:
   * the few-shot gain at matched validation loss (benchmarks/fewshot.py: the run's last checkpoint against the
     vanilla checkpoint of nearest validation loss; inner-loop reader and linear probe).
 Writes OUT/tradeoff.json, OUT/tradeoff.md and OUT/tradeoff.png (loss gap against query accuracy and few-shot
-gain, one point per run, means per variant).
+gain, one point per run, means per variant). Rows already in OUT/tradeoff.json for the same config and step count
+are kept for runs whose directories are no longer under --runs (marked "stored"), so a map can grow seed by seed
+across machines; a run present under --runs is always re-analyzed and replaces its stored row.
 """
 from __future__ import annotations
 
@@ -126,6 +128,16 @@ def fewshot_all(args, pairs: list[tuple[str, int]]) -> None:
         result = fewshot.compare_runs(Path(args.runs) / f"vanilla-s{seed}", rd, episodes=args.episodes,
                                       shapes=fewshot.parse_shapes(args.shapes))
         (rd / "fewshot.json").write_text(json.dumps(result, indent=1))
+
+
+def merge_stored(stored: dict | None, fresh: list[dict], steps: int, config: str) -> list[dict]:
+    """The fresh rows, then every stored row of the same config and step count that no fresh row replaces (each
+    marked "stored": True), in the stored order. A stored map of another config or step count is not mixed in."""
+    if not stored or stored.get("steps") != steps or stored.get("config") != config:
+        return list(fresh)
+    have = {(r["variant"], r["seed"]) for r in fresh}
+    kept = [{**r, "stored": True} for r in stored.get("runs", []) if (r["variant"], r["seed"]) not in have]
+    return list(fresh) + kept
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -257,6 +269,10 @@ def main(argv=None) -> int:
     if not args.skip_fewshot:
         fewshot_all(args, pairs)
     runs = [r for r in (analyze_run(args, v, s) for v, s in pairs) if r is not None]
+    stored = Path(args.out) / "tradeoff.json"
+    runs = merge_stored(json.loads(stored.read_text()) if stored.exists() else None, runs, args.steps,
+                        reproduce.shown(args.config))
+    runs.sort(key=lambda r: (r["variant"] != "vanilla", r["variant"], r["seed"]))
     table = summarize(runs)
     write_outputs(args, runs, table, Path(args.out))
     print((Path(args.out) / "tradeoff.md").read_text())

@@ -56,3 +56,16 @@ def test_fewshot_gains_of_seeds_combine_as_independent_estimates():
                                    {"reader": "inner 5x1", "diff": 0.3, "ci95": 0.4}])
     mean, half = merged["inner 5x1"]
     assert mean == pytest.approx(0.2) and half == pytest.approx(0.25)  # sqrt(0.09 + 0.16) / 2
+
+
+def test_stored_rows_are_kept_only_where_no_fresh_run_replaces_them_and_only_for_the_same_map():
+    stored = {"steps": 300, "config": "configs/cpu-tiny.yaml",
+              "runs": [{"variant": "vanilla", "seed": 0, "final_val": 6.6},
+                       {"variant": "b", "seed": 0, "final_val": 7.0}, {"variant": "b", "seed": 1, "final_val": 7.1}]}
+    fresh = [{"variant": "b", "seed": 1, "final_val": 7.2}, {"variant": "b", "seed": 2, "final_val": 7.3}]
+    merged = tradeoff.merge_stored(stored, fresh, 300, "configs/cpu-tiny.yaml")
+    assert [(r["variant"], r["seed"], r["final_val"], r.get("stored", False)) for r in merged] == [
+        ("b", 1, 7.2, False), ("b", 2, 7.3, False), ("vanilla", 0, 6.6, True), ("b", 0, 7.0, True)]
+    assert tradeoff.merge_stored(stored, fresh, 1500, "configs/cpu-tiny.yaml") == fresh  # another horizon
+    assert tradeoff.merge_stored(stored, fresh, 300, "configs/11m.yaml") == fresh  # another config
+    assert tradeoff.merge_stored(None, fresh, 300, "configs/cpu-tiny.yaml") == fresh
