@@ -185,3 +185,31 @@ def test_cka_between_consecutive_checkpoints_is_the_same_on_a_rerun(tmp_path, as
     (other / "step_00000030.json").unlink()
     W.Watcher(str(run), results=str(other), overrides=["eval.metrics=[cka]"], wandb=False, device="cpu").run(once=True)
     assert "another probe batch" in rec(30, other)["skipped"]["cka"]
+
+
+def test_scheduled_pull_fetches_the_newest_activations_only(tmp_path):
+    """The eval_sync program of the scheduled launchers (a fresh machine per pass): the result files and the
+    last evaluated checkpoint's activations, which CKA compares the next checkpoint with."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    docs = list(yaml.safe_load_all((repo / "launchers" / "k8s" / "evaluate-cronjob.yaml").read_text()))
+    program = tmp_path / "eval_sync.py"
+    program.write_text(next(d for d in docs if d and d["kind"] == "ConfigMap")["data"]["eval_sync.py"])
+    bucket = tmp_path / "bucket"
+    (bucket / "activations").mkdir(parents=True)
+    for s in (100, 200, 300):
+        (bucket / f"step_{s:08d}.json").write_text("{}")
+    for s in (100, 200):
+        (bucket / "activations" / f"step_{s:08d}.safetensors").write_bytes(b"x" * s)
+    local = tmp_path / "local"
+    proc = subprocess.run([sys.executable, str(program), "pull", str(local), f"local://{bucket}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    got = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert got == ["activations/step_00000200.safetensors", "step_00000100.json", "step_00000200.json",
+                   "step_00000300.json"]
