@@ -109,6 +109,14 @@ def test_linear_cka_invariances_and_hand_value():
         cka.linear_cka(x, y[:5])
 
 
+def test_metric_names_and_cka_tokens_are_validated():
+    from metalm.config import ConfigError
+
+    assert load_config(None, ["eval.metrics=[stats,cka]"]).eval.metrics == ["stats", "cka"]
+    with pytest.raises(ConfigError, match=r"eval.cka_tokens=0: expected a positive integer"):
+        load_config(None, ["eval.cka_tokens=0"])
+
+
 def test_row_subset_spreads_evenly():
     assert cka.row_subset(10, 4).tolist() == [0, 2, 5, 7]
     assert cka.row_subset(3, 8).tolist() == [0, 1, 2]

@@ -48,6 +48,13 @@ class _Grads:
         yield "lm.model.norm.weight", torch.tensor([1.0])
 
 
+def test_a_negative_interval_is_refused_naming_the_key():
+    from metalm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.grad_stats_every=-1: expected >= 0"):
+        load_config(None, ["train.grad_stats_every=-1"])
+
+
 def test_every_n_steps_on_rank_zero_only():
     logged: list[dict] = []
     hook = GradStats(3, _Grads(), 0, logged.append)
