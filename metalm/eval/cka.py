@@ -20,11 +20,12 @@ eval.* settings or data) or with another layer shape is not compared: the metric
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
 
 import torch
+
+from metalm.fsutil import write_atomic
 
 ACT_DIR = "activations"
 _FILE_RE = re.compile(r"step_(\d{8})\.safetensors")
@@ -79,14 +80,12 @@ def activation_path(results: Path, step: int) -> Path:
 
 def save_activations(results: Path, step: int, acts: list[torch.Tensor], digest: str) -> Path:
     """Write the activations of the checkpoint at `step` atomically (tmp + rename)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = activation_path(results, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({f"L{i}": a for i, a in enumerate(acts)}, str(tmp), metadata={"probe_sha256": digest,
-                                                                           "step": str(step)})
-    os.replace(tmp, path)
+    write_atomic(path, save({f"L{i}": a for i, a in enumerate(acts)},
+                            metadata={"probe_sha256": digest, "step": str(step)}))
     return path
 
 

@@ -46,7 +46,7 @@ log = logging.getLogger("metalm.eval.report")
 LOSS_KEYS = ("ar_loss", "meta_loss", "val_loss")
 MATCH_AXES = ("val_loss", "step", "tokens", "flops")
 NOT_HEADLINE = {"step", "tokens", "flops", "seconds", "evaluated_at", "checkpoint", "cka/prev_step",
-                "val_loss_trainer"}
+                "val_loss_trainer", "val_batches", "val_tokens"}
 _PER_PART = re.compile(r"(^|/)[LH]\d+(/|$)")  # a per-layer or per-head key
 
 
@@ -397,6 +397,8 @@ def plot_layers(runs: Sequence[Run], out: Path) -> Path | None:
                         color=cmap(layer / max(1, len(layers) - 1)), label=f"L{layer}")
             ax.set_title(f"{r.name} — {title}", fontsize=8)
             ax.set_xlabel("step")
+            if layers and "cond" in pat:
+                ax.set_yscale("log")  # condition numbers span orders of magnitude
             ax.grid(alpha=0.3)
             if layers:
                 ax.legend(fontsize=6, ncol=2)
