@@ -13,10 +13,17 @@ stream batch an AR one would); only the meta settings differ. They are compared 
 (never a blended train loss) at equal optimizer steps, equal data tokens and
 equal model FLOPs (the meta step's support forward, query forward/backward and the head's inner loop
 included): "hybrid reaches vanilla's final validation loss N x sooner" (N < 1: later; "not reached").
-Checkpoints are then evaluated (effective rank, attention entropy; NER F1 head-only and full on the
-final checkpoints when --ner-train/--ner-test are given). Re-running skips finished runs and
-evaluations. Writes RESULTS/results.json, RESULTS/*.png and RESULTS/results.md, RESULTS being --out (default
-runs/reproduce/results; `--out docs/results` replaces the committed results).
+Checkpoints are then evaluated (validation loss, effective rank, attention entropy, matrix statistics, CKA to
+the previous checkpoint; NER F1 head-only and full on the final checkpoints when --ner-train/--ner-test are
+given). Re-running skips finished runs and evaluations; a checkpoint evaluated before without one of these
+metrics is evaluated again. `--skip-train` analyses runs that already exist without training anything.
+
+At equal steps a hybrid run is a less-trained model (part of its steps went to the meta objective), so every
+evaluated hybrid checkpoint is also matched with the vanilla checkpoint nearest it in validation loss, as well
+as in steps, tokens and FLOPs (metalm.eval.report.match_at), and every number the evaluator recorded for a
+checkpoint (dynamics, downstream scores, whatever it has: metalm.eval.report.headline_keys) is plotted against
+steps and against validation loss. Writes RESULTS/results.json, RESULTS/*.png and RESULTS/results.md, RESULTS
+being --out (default runs/reproduce/results; `--out docs/results` replaces the committed results).
 """
 from __future__ import annotations
 
@@ -82,12 +89,39 @@ def train(args, variant: str, seed: int) -> Path:
     return rd
 
 
+EVAL_METRICS = ("val_loss", "rank", "entropy", "stats", "cka")
+
+
+def lacks_metrics(result: dict, wanted=EVAL_METRICS) -> list[str]:
+    """The metrics of `wanted` that an evaluator result record (RESULTS/step_X.json) neither has a number of nor
+    says why it skipped."""
+    keys = result.get("metrics", {})
+    said = set(result.get("skipped", {})) | set(result.get("failed", {}))
+    return [m for m in wanted if m not in said and not any(k == m or k.startswith(f"{m}/") for k in keys)]
+
+
+def drop_stale_results(results: Path) -> list[str]:
+    """Delete the results evaluated without one of EVAL_METRICS (an older evaluation), so the next pass evaluates
+    those checkpoints again, in step order (CKA compares each with the one before). Returns their names."""
+    dropped = []
+    for p in sorted(results.glob("step_*.json")):
+        if p.name.endswith(".error.json"):
+            continue
+        if lacks_metrics(json.loads(p.read_text())):
+            p.unlink()
+            dropped.append(p.stem)
+    return dropped
+
+
 def evaluate(args, rd: Path) -> None:
-    """Rank and entropy on every checkpoint (the watcher skips evaluated ones); NER on the final one."""
+    """EVAL_METRICS on every checkpoint (the watcher skips evaluated ones); NER on the final one."""
     from metalm.checkpoint import find_latest
 
     evaluator = [sys.executable, str(REPO / "launchers" / "evaluate.py"), "--no-wandb", "--log-level", "WARNING"]
-    subprocess.run(evaluator + ["--watch", str(rd), "--once", "--config", "eval.metrics=[rank,entropy]"],
+    dropped = drop_stale_results(rd / "eval")
+    if dropped:
+        print(f"[{rd.name}] evaluating {len(dropped)} checkpoint(s) again for {', '.join(EVAL_METRICS)}", flush=True)
+    subprocess.run(evaluator + ["--watch", str(rd), "--once", "--config", f"eval.metrics=[{','.join(EVAL_METRICS)}]"],
                    check=True, cwd=REPO)
     if not (args.ner_train and args.ner_test):
         return
@@ -133,11 +167,27 @@ def compare(van: list[dict], hyb: list[dict]) -> dict:
     return out
 
 
-def eval_series(rd: Path) -> dict:
-    """{step: flat metrics} from the evaluator's eval.jsonl (one line per evaluated checkpoint)."""
-    from metalm.eval.report import load_run
+def checkpoints(rd: Path) -> list[dict]:
+    """The run's evaluated checkpoints in step order, each with every number the evaluator recorded, its
+    validation loss and its FLOPs (metalm.eval.report.checkpoint_rows)."""
+    from metalm.eval.report import checkpoint_rows, load_run
 
-    return {int(r["step"]): r for r in load_run(rd).evals if "step" in r}
+    return checkpoint_rows(load_run(rd)) if rd.is_dir() else []
+
+
+MATCH_AXES = ("val_loss", "step", "tokens", "flops")
+
+
+def matched(van: list[dict], hyb: list[dict]) -> dict:
+    """{axis: [{"hybrid": checkpoint, "vanilla": the vanilla checkpoint nearest it on axis}, ...]} for the
+    axes val_loss, step, tokens and FLOPs; each checkpoint with its position and its headline numbers only."""
+    from metalm.eval.report import headline_keys, match_at
+
+    def brief(row: dict) -> dict:
+        return {k: row[k] for k in (*MATCH_AXES, *headline_keys([row])) if k in row}
+
+    return {axis: [{"hybrid": brief(h), "vanilla": brief(v)} for v, h in match_at(van, hyb, axis)]
+            for axis in MATCH_AXES}
 
 
 def ner_scores(rd: Path) -> dict:
@@ -153,7 +203,7 @@ def ner_scores(rd: Path) -> dict:
 
 
 def plot(results: dict, runs: dict, out: Path) -> list[str]:
-    from metalm.eval.report import pyplot, save_figure
+    from metalm.eval.report import headline_keys, plot_against, pyplot, save_figure
 
     plt = pyplot()
     files = []
@@ -173,29 +223,23 @@ def plot(results: dict, runs: dict, out: Path) -> list[str]:
     save_figure(fig, out / "val_loss.png", dpi=120)
     files.append("val_loss.png")
 
-    keys = [("rank/weight/attn_mean_er", "effective rank, attention weights (mean q/k/v/o)"),
-            ("rank/act/mean_er", "effective rank, hidden states (mean over layers)"),
-            ("entropy/norm_mean", "attention entropy / log(keys), mean over heads")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(16, 4))
-    for (variant, seed), rd in runs.items():
-        series = eval_series(rd)
-        for ax, (key, _) in zip(axes, keys):
-            pts = sorted((s, m[key]) for s, m in series.items() if key in m)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", color=colors[variant], alpha=0.7,
-                        label=f"{variant} (seed {seed})")
-    for ax, (_, title) in zip(axes, keys):
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    save_figure(fig, out / "dynamics.png", dpi=120)
-    files.append("dynamics.png")
+    rows = {f"{variant} (seed {seed})": checkpoints(rd) for (variant, seed), rd in runs.items()}
+    keys = [k for k in headline_keys([r for rs in rows.values() for r in rs]) if k != "val_loss"]
+    for x, name, title in (("step", "dynamics.png", "evaluator numbers per checkpoint against optimizer steps"),
+                           ("val_loss", "dynamics_at_equal_loss.png",
+                            "evaluator numbers per checkpoint against validation loss (equal loss)")):
+        if plot_against(rows, keys, x, out / name, colors, title):
+            files.append(name)
     return files
 
 
 def fmt(v, spec=".3f") -> str:
     return "not reached" if v is None else format(v, spec)
+
+
+def cell(v) -> str:
+    """A number of the equal-loss tables: 4 significant digits, or – when the checkpoint has none."""
+    return "–" if v is None else format(v, ".4g")
 
 
 def write_markdown(args, results: dict, files: list[str], out: Path) -> None:
@@ -212,8 +256,37 @@ def write_markdown(args, results: dict, files: list[str], out: Path) -> None:
                          f"{fmt(c['speedup_step'], '.2f')} / {fmt(c['speedup_tokens'], '.2f')} / "
                          f"{fmt(c['speedup_flops'], '.2f')} | {fmt(nv.get('head'))} / {fmt(nh.get('head'))} | "
                          f"{fmt(nv.get('full'))} / {fmt(nh.get('full'))} |")
+    lines += equal_loss_lines(results)
     lines += ["", *[f"![{f}]({f})" for f in files], ""]
     (out / "results.md").write_text("\n".join(lines))
+
+
+def equal_loss_lines(results: dict) -> list[str]:
+    """Per seed and variant: its last evaluated checkpoint beside the vanilla checkpoint matched to it on each axis
+    (validation loss, steps, tokens, FLOPs), on every number the evaluator recorded for both."""
+    from metalm.eval.report import headline_keys
+
+    lines = ["", "## At equal validation loss, steps, tokens and FLOPs", "",
+             "Each variant's last evaluated checkpoint beside the vanilla checkpoint nearest it in validation loss, "
+             "steps, tokens and FLOPs (at equal steps a hybrid run is a less-trained model).", ""]
+    for seed, r in results["per_seed"].items():
+        for variant, by_axis in r.get("matched", {}).items():
+            pairs = {axis: ps[-1] for axis, ps in by_axis.items() if ps}
+            if "val_loss" not in pairs:
+                lines += [f"- seed {seed} {variant}: no evaluated checkpoint with a validation loss", ""]
+                continue
+            last = pairs["val_loss"]["hybrid"]
+            axes = [a for a in MATCH_AXES if a in pairs]
+            lines += [f"| seed {seed} | {variant} (step {last['step']:,}) | " + " | ".join(
+                          f"vanilla at equal {a} (step {pairs[a]['vanilla']['step']:,})" for a in axes) + " |",
+                      "| --- | --- |" + " --- |" * len(axes)]
+            keys = ["val_loss"] + [k for k in headline_keys([last, *(p["vanilla"] for p in pairs.values())])
+                                   if k != "val_loss"]
+            for key in keys:
+                lines.append(f"| {key} | {cell(last.get(key))} | " + " | ".join(
+                    cell(pairs[a]["vanilla"].get(key)) for a in axes) + " |")
+            lines.append("")
+    return lines
 
 
 def shown(arg: str) -> str:
@@ -250,6 +323,8 @@ def main(argv=None) -> int:
     p.add_argument("--ner-lr-full", type=float, default=1e-3)
     p.add_argument("--ner-word-sep", default="", help="eval.ner.word_sep: '' for ja/zh files (default), ' ' else")
     p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--skip-train", action="store_true", help="train nothing: analyse the runs already in --runs "
+                   "(evaluating what is not evaluated yet unless --skip-eval)")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
     args = p.parse_args(argv)
     args.ner_lr = {"head": args.ner_lr_head, "full": args.ner_lr_full}
@@ -261,17 +336,24 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else Path(args.runs) / "results"
     out.mkdir(parents=True, exist_ok=True)
     runs = {}
+    if args.skip_train:
+        missing = [str(run_dir(args, v, s)) for s in seeds for v in variants if not val_curve(run_dir(args, v, s))]
+        if missing:
+            p.error(f"--skip-train: no validation curve (metrics.jsonl with val_loss) in {', '.join(missing)}; "
+                    f"train them first (without --skip-train) or point --runs at the runs' parent directory")
     for seed in seeds:
         for variant in variants:
-            runs[(variant, seed)] = train(args, variant, seed)
+            runs[(variant, seed)] = run_dir(args, variant, seed) if args.skip_train else train(args, variant, seed)
             if not args.skip_eval:
                 evaluate(args, runs[(variant, seed)])
     results = {"config": shown(args.config), "steps": args.steps, "ratio": args.ratio, "per_seed": {},
                "variants": {v: VARIANTS[v] for v in variants}}
     for seed in seeds:
         curves = {v: val_curve(runs[(v, seed)]) for v in variants}
+        ckpts = {v: checkpoints(runs[(v, seed)]) for v in variants}
         results["per_seed"][seed] = {
             "compare": {v: compare(curves["vanilla"], curves[v]) for v in variants if v != "vanilla"},
+            "matched": {v: matched(ckpts["vanilla"], ckpts[v]) for v in variants if v != "vanilla"},
             "ner": {v: ner_scores(runs[(v, seed)]) for v in variants},
             "curves": curves,
         }

@@ -103,6 +103,7 @@ class TrainConfig:
     spike_window: int = 100  # steps of loss history for loss-spike detection (0 disables)
     spike_sigma: float = 6.0  # a step loss above mean + spike_sigma x std of the window is logged as a loss_spike
     check_memory: bool = True  # refuse to start when a step's estimated peak memory exceeds what is available
+    grad_stats_every: int = 0  # every N optimizer steps: per-layer gradient norms into metrics.jsonl (0: never)
 
 
 @dataclass
@@ -209,6 +210,7 @@ class EvalConfig:
     val_batches: int = 16
     metrics: list = field(default_factory=lambda: ["val_loss", "rank", "entropy"])
     probe_text: str | None = None  # text/jsonl file for the fixed rank/entropy batch when no val shards
+    cka_tokens: int = 1024  # cka: probe-batch rows (tokens) whose activations are saved and compared per checkpoint
     ner: NerConfig = field(default_factory=NerConfig)
 
 
@@ -246,7 +248,7 @@ HEAD_WEIGHT_INITS = ("xavier", "normal")  # meta.head.init
 LOGGING_MODES = ("auto", "online", "offline")  # logging.mode
 NER_MODES = ("head", "full")  # eval.ner.mode
 NER_LABEL_TOKENS = ("first", "last")  # eval.ner.label_token
-EVAL_METRICS = ("val_loss", "rank", "entropy", "ner")  # eval.metrics: any of these
+EVAL_METRICS = ("val_loss", "rank", "entropy", "ner", "stats", "cka")  # eval.metrics: any of these
 
 # Which key takes which set (read by the section checkers below and by scripts/gen_config_docs.py).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -460,6 +462,8 @@ def _validate_train(t: TrainConfig) -> None:
     if t.spike_window < 0:
         _bad("train.spike_window", t.spike_window, "expected >= 0 (0 disables loss-spike detection)")
     _check_positive("train.spike_sigma", t.spike_sigma)
+    if t.grad_stats_every < 0:
+        _bad("train.grad_stats_every", t.grad_stats_every, "expected >= 0 (0: no per-layer gradient norms)")
 
 
 def _validate_meta(me: MetaConfig) -> None:
@@ -550,7 +554,7 @@ def _validate_logging(lg: LoggingConfig) -> None:
 
 
 def _validate_eval(ev: EvalConfig) -> None:
-    _check_positive_ints("eval", ev, ("batch_size", "seq_len", "val_batches"))
+    _check_positive_ints("eval", ev, ("batch_size", "seq_len", "val_batches", "cka_tokens"))
     for name in ev.metrics:
         if name not in EVAL_METRICS:
             _bad("eval.metrics", list(ev.metrics),

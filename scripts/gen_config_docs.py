@@ -88,7 +88,7 @@ NOTES = {
     "eval.batch_size": "sequences per evaluation batch",
     "eval.seq_len": "tokens per evaluation sequence (at most model.max_seq_len)",
     "eval.val_batches": "validation batches for val_loss",
-    "eval.metrics": "what each checkpoint gets: any of val_loss, rank, entropy, ner",
+    "eval.metrics": "what each checkpoint gets: any of val_loss, rank, entropy, ner, stats, cka",
     "eval.ner.train": "IOB2 training file",
     "eval.ner.dev": "IOB2 development file (per-epoch dev F1; early stopping)",
     "eval.ner.test": "IOB2 test file",

@@ -251,6 +251,17 @@ class Engine:
                 flat.zero_()
         return not skip and self.ds.was_step_applied()
 
+    def full_gradients(self) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Collective at ZeRO 1-3 (every rank iterates it whole, in the same order): each parameter's name and its
+        whole gradient as the optimizer will receive it, between the step's last backward and `step` (reduced
+        over ranks, not yet clipped); None for a parameter without one. DeepSpeed 0.19's `safe_get_full_grad`
+        assembles it from the partitions (an all-reduce per parameter at ZeRO 1/2, an all-gather at ZeRO 3)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        for name, p in self.ds.module.named_parameters():
+            if p.requires_grad:
+                yield name, safe_get_full_grad(p)
+
     @property
     def lr(self) -> float:
         return self.ds.get_lr()[0]

@@ -25,6 +25,7 @@ from metalm.train.engine import Engine
 from metalm.train.errors import TrainingError
 from metalm.train.guards import StepGuards, StopRequest
 from metalm.train.interval import Interval, StepTotals
+from metalm.train.grad_stats import GradStats
 from metalm.train.step import HybridStep
 from metalm.train.metrics import MetricsLogger
 from metalm.train.module import PretrainModule
@@ -87,7 +88,8 @@ class Trainer:
         self.metrics.begin(self.step)
         self.peak = peak_flops(d.device)
         self.hybrid = HybridStep(cfg, self.engine, self.comm, self.meta, self.accum, before_update=self._before_update,
-                                 on_record=self.metrics.log, on_microbatch=self._heartbeat)
+                                 on_record=self.metrics.log, on_microbatch=self._heartbeat,
+                                 on_gradients=GradStats(t.grad_stats_every, self.engine, d.rank, self.metrics.log))
         self.first_step = self.step  # the first step this process runs: its first micro-batch shows the pace
         self.last_beat = self.step_started = 0.0
         self._announce()
