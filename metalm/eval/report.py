@@ -2,8 +2,9 @@
 
     metalm-report runs/tiny-maml runs/tiny-vanilla --out reports/tiny [--smooth 10]
 
-Reads each RUN/metrics.jsonl (training log: "step", "tokens" and some of "ar_loss", "meta_loss", "val_loss")
-and RUN/eval/eval.jsonl (the evaluator's results), and writes into --out:
+Reads each RUN/metrics.jsonl (training log: "step", "tokens" and some of "ar_loss", "meta_loss", "val_loss": the
+trainer's periodic validation loss, token-weighted like the evaluator's) and RUN/eval/eval.jsonl (the evaluator's
+results), and writes into --out:
     loss.png     loss curves of all runs on shared axes, against steps and against tokens
     rank.png     effective rank per layer over steps (attention weights, and activations when measured)
     entropy.png  normalised attention entropy, a layer x step heat map per run
