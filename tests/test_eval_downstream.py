@@ -16,6 +16,22 @@ from metalm.data import DataError
 from metalm.eval import downstream as D
 
 
+# --------------------------------------------------------------------------------------------- the config
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.downstream_limit=-1", "eval.downstream_limit=-1: expected >= 0 documents per task (0: all)"),
+    ("eval.downstream_tasks=[]", "eval.downstream_tasks=[]: expected a non-empty list of task names"),
+    ("eval.downstream_tasks=[1,arc_easy]", "eval.downstream_tasks=[1, 'arc_easy']: expected a non-empty list"),
+])
+def test_bad_downstream_keys_are_refused_naming_key_and_value(override, message):
+    from metalm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value).startswith(message)
+
+
 # --------------------------------------------------------------------------------------------- the reader
 
 
