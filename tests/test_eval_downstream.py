@@ -76,6 +76,7 @@ def _req(doc_id: int, idx: int, label: int, ctx: str, cont: str) -> dict:
     ({"label": "1"}, "expected int 'label'"),
     ({"idx": 5}, "expected choice idx 1 with label 0, got idx 5"),
     ({"request": {"context": "a", "continuation": ""}}, "empty continuation"),
+    ({"request": {"context": "", "continuation": "b"}}, "empty context"),
 ])
 def test_malformed_request_line_names_the_file_and_line(tmp_path, bad, message):
     rows = [_req(0, 0, 0, "a", "b"), {**_req(0, 1, 0, "a", "c"), **bad}]

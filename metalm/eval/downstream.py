@@ -115,7 +115,7 @@ def _field(row: dict, key: str, kind: type, where: str):
 def read_task(task: str, limit: int = 0, root: Path | None = None) -> list[Doc]:
     """The first `limit` documents (0: all) of `task`'s rc_0shot requests in file order, without the unconditional
     requests. A malformed line (not JSON, a missing or mistyped field, choices out of order, a gold choice out of
-    range, an empty continuation) is a DataError naming the file and line."""
+    range, an empty context or continuation) is a DataError naming the file and line."""
     folder = _task_dir(task, root)
     offset = json.loads((folder / "config.json").read_text())["task_config"].get("metric_kwargs", {}).get(
         "uncond_docid_offset")
@@ -144,8 +144,8 @@ def read_task(task: str, limit: int = 0, root: Path | None = None) -> list[Doc]:
             req = _field(row, "request", dict, where)
             ctx, cont = _field(req, "context", str, where), _field(req, "continuation", str, where)
             idx, gold = _field(row, "idx", int, where), _field(row, "label", int, where)
-            if not cont:
-                raise DataError(f"{where}: empty continuation")
+            if not ctx or not cont:
+                raise DataError(f"{where}: empty {'context' if not ctx else 'continuation'}")
             if cur is None or doc_id != cur["id"]:
                 if cur is not None:
                     close(cur, where)
