@@ -211,6 +211,8 @@ class EvalConfig:
     metrics: list = field(default_factory=lambda: ["val_loss", "rank", "entropy"])
     probe_text: str | None = None  # text/jsonl file for the fixed rank/entropy batch when no val shards
     cka_tokens: int = 1024  # cka: probe-batch rows (tokens) whose activations are saved and compared per checkpoint
+    downstream_tasks: list = field(default_factory=lambda: ["arc_easy", "hellaswag", "piqa", "sciq"])
+    downstream_limit: int = 500  # downstream: the first N documents of each task in file order; 0: all
     ner: NerConfig = field(default_factory=NerConfig)
 
 
@@ -248,7 +250,7 @@ HEAD_WEIGHT_INITS = ("xavier", "normal")  # meta.head.init
 LOGGING_MODES = ("auto", "online", "offline")  # logging.mode
 NER_MODES = ("head", "full")  # eval.ner.mode
 NER_LABEL_TOKENS = ("first", "last")  # eval.ner.label_token
-EVAL_METRICS = ("val_loss", "rank", "entropy", "ner", "stats", "cka")  # eval.metrics: any of these
+EVAL_METRICS = ("val_loss", "rank", "entropy", "ner", "downstream", "stats", "cka")  # eval.metrics: any of these
 
 # Which key takes which set (read by the section checkers below and by scripts/gen_config_docs.py).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -559,6 +561,11 @@ def _validate_eval(ev: EvalConfig) -> None:
         if name not in EVAL_METRICS:
             _bad("eval.metrics", list(ev.metrics),
                  f"unknown metric {name!r}; expected some of {', '.join(EVAL_METRICS)}")
+    tasks = ev.downstream_tasks
+    if not tasks or not all(isinstance(t, str) and t for t in tasks):
+        _bad("eval.downstream_tasks", tasks, "expected a non-empty list of task names (e.g. [arc_easy,hellaswag])")
+    if ev.downstream_limit < 0:
+        _bad("eval.downstream_limit", ev.downstream_limit, "expected >= 0 documents per task (0: all)")
 
 
 def _validate_ner(ner: NerConfig) -> None:

@@ -152,3 +152,22 @@ def test_checkpoints_matched_at_equal_loss_by_hand(tmp_path):
     for key in ("per-layer dynamics", "at equal validation loss"):
         assert made[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", key
     assert "## At equal validation loss" in (out / "report.md").read_text()
+def test_downstream_plot_and_table_show_the_last_checkpoint(tmp_path):
+    base = write_run(tmp_path, "base", 1 / 100, 50, evals=False)  # no downstream numbers: no row, no panel line
+    down = write_run(tmp_path, "down", 1 / 100, 50, evals=False)
+    ev = [{"step": s, "tokens": s * 50, "downstream/bpb": 3.0 - s / 1000,
+           "downstream/piqa/acc": 0.5 + s / 10000, "downstream/piqa/acc_per_char": 0.52, "downstream/piqa/bpb": 2.5,
+           "downstream/sciq/acc": 0.3, "downstream/sciq/acc_per_char": 0.31 + s / 10000,
+           "downstream/sciq/bpb": 3.5 - s / 500} for s in (100, 200)]
+    ev.append({"step": 300, "tokens": 15000, "val_loss": 4.0})  # a later result without downstream numbers
+    (down / "eval" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ev))
+    out = tmp_path / "out"
+    assert report.main([str(base), str(down), "--out", str(out)]) == 0
+    assert (out / "downstream.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "| down | 200 | piqa | 0.520 | 0.520 | 2.5000 |" in md
+    assert "| down | 200 | sciq | 0.300 | 0.330 | 3.1000 |" in md
+    assert "| down | 200 | mean | | | 2.8000 |" in md and "| base | " not in md.split("## Downstream")[1]
+    assert "![downstream](downstream.png)" in md
+    assert report.main([str(base), "--out", str(tmp_path / "none")]) == 0
+    assert "## Downstream" not in (tmp_path / "none" / "report.md").read_text()

@@ -1,12 +1,13 @@
 """Evaluate one checkpoint: every metric its config's `eval.metrics` asks for (validation loss, effective rank,
-attention entropy, NER, matrix statistics, CKA to the previous checkpoint), returned as a result record that
-the watcher writes (metalm/eval/watcher.py).
+attention entropy, NER, downstream benchmarks, matrix statistics, CKA to the previous checkpoint), returned as a
+result record that the watcher writes (metalm/eval/watcher.py).
 
 Every file read is first checked against the checkpoint's COMPLETE marker (sizes, and sha256 where the marker
 records them): a corrupted file is a CheckpointError naming it, never a metric computed from it. A metric that
 cannot run for want of data is skipped with a WARNING saying why and how to supply what it needs; a local input
-file the config names (NER data, probe text) that is not there is an InputError before the model is loaded; a
-metric that raises is listed under "failed" and the metrics computed before and after it are kept.
+file the config names (NER data, probe text, a downstream task) that is not there is an InputError before the
+model is loaded; a metric that raises is listed under "failed" and the metrics computed before and after it are
+kept.
 
 The validation shards are the config's `data.shards`, unless `shards` (the evaluator's --shards) names others;
 when `data.shards` is a relative path that does not exist from the current directory (the trainer ran
@@ -43,7 +44,8 @@ class InputError(OverrideError):
 
 def input_problems(cfg) -> list[str]:
     """One message per local file named by `cfg.eval` (eval.ner.train/dev/test, the eval.ner.langs entries,
-    eval.probe_text) that is not a file; URLs are left to the reader."""
+    eval.probe_text) that is not a file, and one naming the eval.downstream_tasks without a request file when
+    downstream is asked for; URLs are left to the reader."""
     nc = cfg.eval.ner
     named = [(f"eval.ner.{k}", getattr(nc, k)) for k in ("train", "dev", "test")]
     for i, entry in enumerate(nc.langs or []):
@@ -54,6 +56,15 @@ def input_problems(cfg) -> list[str]:
         if value and "://" not in str(value) and not Path(str(value)).is_file():
             what = "a text/jsonl file" if key == "eval.probe_text" else "an IOB2 file in Universal NER's format"
             problems.append(f"{key}={value}: no such file (expected {what}; relative paths are from {os.getcwd()})")
+    if "downstream" in cfg.eval.metrics:
+        from metalm.eval.downstream import PackageMissing, unknown_tasks
+
+        try:
+            unknown = unknown_tasks(list(cfg.eval.downstream_tasks))
+        except PackageMissing:
+            unknown = None  # no request files at all: the metric is skipped with the fix when it runs
+        if unknown:
+            problems.append(unknown)
     return problems
 
 
@@ -291,6 +302,25 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
             metrics.update(ner.flatten("ner", r))
             if "test" in r:
                 progress(f"ner: test F1 {r['test']['f1']:.4f}")
+
+        elif metric == "downstream":
+            from metalm.eval import downstream
+
+            try:
+                downstream.tasks_root()
+                enc = downstream.text_encoder(tokenizer())
+            except downstream.PackageMissing as e:
+                skip(("downstream",), str(e), downstream.INSTALL_FIX)
+                return
+            except (DataError, OSError) as e:  # no readable tokenizer; a bug propagates
+                skip(("downstream",), f"no tokenizer: {e}", NER_TOKENIZER_FIX)
+                return
+            tasks = list(cfg.eval.downstream_tasks)
+            r = downstream.run_downstream(model, enc, tasks, cfg.eval.downstream_limit,
+                                          cfg.eval.batch_size * cfg.eval.seq_len, device, progress)
+            details["downstream"] = r
+            metrics.update(downstream.flatten("downstream", r))
+            progress(f"downstream: mean bpb {r['bpb']:.4f} over {', '.join(tasks)}")
 
     for metric in wanted:
         t0 = time.time()

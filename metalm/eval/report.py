@@ -2,17 +2,19 @@
 
     metalm-report runs/tiny-maml runs/tiny-vanilla --out reports/tiny [--smooth 10]
 
-Reads each RUN/metrics.jsonl (training log: "step", "tokens" and some of "ar_loss", "meta_loss", "val_loss")
-and RUN/eval/eval.jsonl (the evaluator's results), and writes into --out:
+Reads each RUN/metrics.jsonl (training log: "step", "tokens" and some of "ar_loss", "meta_loss", "val_loss": the
+trainer's periodic validation loss, token-weighted like the evaluator's) and RUN/eval/eval.jsonl (the evaluator's
+results), and writes into --out:
     loss.png     loss curves of all runs on shared axes, against steps and against tokens
     rank.png     effective rank per layer over steps (attention weights, and activations when measured)
     entropy.png  normalised attention entropy, a layer x step heat map per run
     ner.png      NER test F1 over steps
+    downstream.png  downstream benchmarks over steps: the mean bits-per-byte and each task's acc_per_char
     layers.png   per layer over steps: CKA to the previous checkpoint, weight condition number and Hoyer
                  sparsity, activation Gini sparsity (the evaluator's `cka` and `stats`), gradient norm (training)
     equal_loss.png  every headline evaluator number (see `headline_keys`) against the checkpoint's validation loss
-    report.md    summary table, "run B reaches run A's final loss N x sooner" (steps and tokens), and the
-                 comparison at equal validation loss
+    report.md    summary table, "run B reaches run A's final loss N x sooner" (steps and tokens), the last
+                 checkpoint's downstream scores, and the comparison at equal validation loss
 
 Speed-up: for each ordered pair (A, B) the loss is val_loss when both runs log it, else ar_loss. Training
 losses are smoothed with a trailing mean over the last `--smooth` logged values (default 10) logged after half of
@@ -442,6 +444,35 @@ def plot_equal_loss(runs: Sequence[Run], out: Path) -> Path | None:
     keys = headline_keys([x for rs in rows.values() for x in rs])
     return plot_against(rows, [k for k in keys if k != "val_loss"], "val_loss", out / "equal_loss.png",
                         title="evaluator numbers against validation loss")
+def _downstream_tasks(evals: Sequence[dict]) -> list[str]:
+    rx = re.compile(r"downstream/([^/]+)/bpb")
+    return sorted({m.group(1) for e in evals for k in e for m in [rx.fullmatch(k)] if m})
+
+
+def plot_downstream(runs: Sequence[Run], out: Path) -> Path | None:
+    have = [r for r in runs if series(r.evals, "downstream/bpb")]
+    if not have:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    for i, r in enumerate(have):
+        s = series(r.evals, "downstream/bpb")
+        axes[0].plot(s.steps, s.values, marker="o", ms=3, color=colors[i % len(colors)], label=r.name)
+        for j, task in enumerate(_downstream_tasks(r.evals)):
+            s = series(r.evals, f"downstream/{task}/acc_per_char")
+            axes[1].plot(s.steps, s.values, marker="o", ms=3, color=colors[j % len(colors)],
+                         ls=styles[i % len(styles)], label=f"{r.name} {task}")
+    axes[0].set_ylabel("bits per byte of the gold answer (mean over tasks)")
+    axes[0].set_title("downstream bpb (lower is better)")
+    axes[1].set_ylabel("accuracy (length-normalised per character)")
+    axes[1].set_title("downstream acc_per_char")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, out / "downstream.png")
 
 
 # ----------------------------------------------------------------------------------------------- markdown
@@ -464,6 +495,27 @@ def _last_loss(r: Run, key: str, window: int):
 def _last_eval(r: Run, key: str):
     s = series(r.evals, key)
     return s.values[-1] if s else None
+
+
+def downstream_table(runs: Sequence[Run]) -> list[str]:
+    """Markdown lines: each run's downstream scores at its last evaluated checkpoint ([] when none has any)."""
+    rows = []
+    for r in runs:
+        s = series(r.evals, "downstream/bpb")
+        if not s:
+            continue
+        last = next(e for e in reversed(r.evals) if _num(e.get("downstream/bpb")) is not None)
+        for task in _downstream_tasks([last]):
+            rows.append(f"| {r.name} | {s.steps[-1]:,} | {task} | {_fmt(last.get(f'downstream/{task}/acc'), 3)} | "
+                        f"{_fmt(last.get(f'downstream/{task}/acc_per_char'), 3)} | "
+                        f"{_fmt(last.get(f'downstream/{task}/bpb'), 4)} |")
+        rows.append(f"| {r.name} | {s.steps[-1]:,} | mean | | | {_fmt(s.values[-1], 4)} |")
+    if not rows:
+        return []
+    return ["", "## Downstream benchmarks (last evaluated checkpoint)", "",
+            "Zero-shot ranked classification on OLMo's in-loop tasks (docs/evaluation.md): acc (raw log-likelihood), "
+            "acc_per_char (per character) and bits per byte of the gold answer.", "",
+            "| run | step | task | acc | acc_per_char | bpb |", "|---|---|---|---|---|---|", *rows]
 
 
 def markdown(runs: Sequence[Run], window: int, plots: dict[str, Path | None]) -> str:
@@ -501,7 +553,7 @@ def markdown(runs: Sequence[Run], window: int, plots: dict[str, Path | None]) ->
             lines.append(f"| {row['a']} | {row['b']} | {row['key']} | {_fmt(row.get('target'))} | {a_pos} | – | "
                          f"– ({row['note']}) | – |")
             sentences.append(f"- run {row['b']} vs run {row['a']}: {row['note']}.")
-    lines += [""] + sentences + [""] + equal_loss_markdown(runs) + ["## Plots", ""]
+    lines += [""] + sentences + downstream_table(runs) + [""] + equal_loss_markdown(runs) + ["## Plots", ""]
     for title, p in plots.items():
         lines.append(f"![{title}]({p.name})" if p else f"- {title}: no data")
     return "\n".join(lines) + "\n"
@@ -544,7 +596,8 @@ def make_report(run_paths: Sequence[str | Path], out: str | Path, window: int = 
     out.mkdir(parents=True, exist_ok=True)
     plots = {"loss": plot_losses(runs, window, out), "effective rank": plot_rank(runs, out),
              "attention entropy": plot_entropy(runs, out), "NER F1": plot_ner(runs, out),
-             "per-layer dynamics": plot_layers(runs, out), "at equal validation loss": plot_equal_loss(runs, out)}
+             "downstream": plot_downstream(runs, out), "per-layer dynamics": plot_layers(runs, out),
+             "at equal validation loss": plot_equal_loss(runs, out)}
     md = out / "report.md"
     md.write_text(markdown(runs, window, plots))
     return {**plots, "report": md}

@@ -1,7 +1,8 @@
 """Validation loss / perplexity, and the fixed token batch the rank and entropy probes run on.
 
 val_loss is the token-weighted mean next-token cross-entropy (nats) over every target token of the held-out
-batches; val_ppl = exp(val_loss).
+batches; val_ppl = exp(val_loss). The trainer's periodic val_loss (metalm.train.loop.Trainer.validate) has the
+same definition over the batches it reads, so the two are one number whenever they read the same sequences.
 """
 from __future__ import annotations
 

@@ -242,22 +242,25 @@ class Trainer:
                     warn(w)
 
     def validate(self) -> float:
-        """Collective: the mean AR loss over train.val_batches batches of the validation split."""
+        """Collective: val_loss over the first train.val_batches batches of each rank's validation stream, with the
+        evaluator's definition (metalm.eval.valloss): the token-weighted mean next-token cross-entropy over every
+        target token read, on all ranks together (a short last batch weighs by its tokens, not as a whole batch)."""
         from metalm.data import build_loader
 
         t = self.cfg.train
         loader = build_loader(self.cfg.data, split="val", seq_len=t.seq_len, micro_batch=t.micro_batch,
                               seed=t.seed, rank=self.dist.rank, world_size=self.dist.world_size)
-        total, n = torch.zeros((), device=self.dist.device), 0
+        total, count = torch.zeros((), device=self.dist.device), 0
         with self.engine.evaluating():
             for i, batch in enumerate(loader):
                 if i >= t.val_batches:
                     break
                 losses, _ = self.engine(batch.to(self.dist.device))
-                total += losses["ar"].detach().float()
-                n += 1
-        total, n = self.comm.reduce([total, n])
-        val = total / max(n, 1)
+                targets = batch.shape[0] * (batch.shape[1] - 1)  # the AR loss is the mean over these
+                total += losses["ar"].detach().float() * targets
+                count += targets
+        total, count = self.comm.reduce([total, count])
+        val = total / max(count, 1)
         self.metrics.log({"step": self.step, "tokens": self.tokens, "flops": self.flops, "val_loss": val})
         if self.dist.rank == 0:
             print(f"metalm: step {self.step} val_loss {val:.4f}", flush=True)
