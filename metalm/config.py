@@ -103,6 +103,7 @@ class TrainConfig:
     spike_window: int = 100  # steps of loss history for loss-spike detection (0 disables)
     spike_sigma: float = 6.0  # a step loss above mean + spike_sigma x std of the window is logged as a loss_spike
     check_memory: bool = True  # refuse to start when a step's estimated peak memory exceeds what is available
+    collective_timeout: float = 600.0  # seconds a rank waits for the others (rendezvous, any collective), then exits 1
 
 
 @dataclass
@@ -460,6 +461,7 @@ def _validate_train(t: TrainConfig) -> None:
     if t.spike_window < 0:
         _bad("train.spike_window", t.spike_window, "expected >= 0 (0 disables loss-spike detection)")
     _check_positive("train.spike_sigma", t.spike_sigma)
+    _check_positive("train.collective_timeout", t.collective_timeout)
 
 
 def _validate_meta(me: MetaConfig) -> None:
