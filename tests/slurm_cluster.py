@@ -204,13 +204,9 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
                                      f"{sorted(states)})\n{self.logs()}")
             time.sleep(0.5)
 
-    def scontrol(self, *args: str) -> str:
-        res = self._run(["scontrol", *args])
+    def command(self, words: list[str]) -> str:
+        """Run a Slurm client command (scancel, scontrol, ...) against this cluster; its stdout."""
+        res = self._run(words)
         if res.returncode != 0:
-            raise RuntimeError(f"scontrol {' '.join(args)}: {res.stderr.strip()}")
+            raise RuntimeError(f"{' '.join(words)}: exit {res.returncode}: {res.stderr.strip()}")
         return res.stdout
-
-    def scancel(self, *args: str) -> None:
-        res = self._run(["scancel", *args])
-        if res.returncode != 0:
-            raise RuntimeError(f"scancel {' '.join(args)}: {res.stderr.strip()}")

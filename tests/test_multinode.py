@@ -1,6 +1,7 @@
-"""Two nodes on one machine: two `torchrun --nnodes=2` invocations (one process each, a c10d rendezvous on
-127.0.0.1, gloo) train, checkpoint and resume; killing one node makes the other exit within
-train.collective_timeout with one clear line; a rank whose peers never come gives up after the same timeout.
+"""Two nodes on one machine: docs/multi-node.md's `torchrun --nnodes=2` command started twice (one process each,
+a c10d rendezvous on 127.0.0.1, gloo) trains, checkpoints and resumes; killing one node makes the other exit
+within train.collective_timeout with one clear line; a rank whose peers never come gives up after the same
+timeout; and the timeout reaches the process groups DeepSpeed makes itself.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from doc_commands import documented
 from procs import cpu_run_env, free_port, no_launcher_env
 
 from metalm import checkpoint as ckpt
@@ -19,8 +21,7 @@ from metalm import checkpoint as ckpt
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launchers" / "pretrain.py"
 MAX_STEPS, EVERY, TIMEOUT = 20, 3, 20
-COMMON = [
-    "--config", str(REPO / "configs" / "cpu-tiny.yaml"),
+COMMON = [  # appended to the documented command (the later of two overrides of a key wins)
     "train.seq_len=64", "model.max_seq_len=64", "train.micro_batch=4", "train.global_batch=8", "model.n_layers=2",
     f"train.max_steps={MAX_STEPS}", "train.log_every=1", "train.val_every=0", "optim.warmup_steps=3",
     f"checkpoint.every={EVERY}", "logging.wandb=false", "logging.progress=false", "data.prepare_if_missing=false",
@@ -34,13 +35,20 @@ class Node:
     """One node's launcher: `torchrun --nnodes=2 --nproc_per_node=1` in a session of its own, output in a file."""
 
     def __init__(self, index: int, port: int, run_dir: Path, shards: Path):
+        """docs/multi-node.md's command: its port replaced by `port`, COMMON and the run's paths appended."""
         self.log = run_dir.parent / f"node{index}.log"
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               f"--node_rank={index}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-               "--rdzv_id=metalm-test", str(LAUNCHER), *COMMON, f"data.shards={shards}", f"train.run_dir={run_dir}"]
+        (words,) = documented(REPO / "docs" / "multi-node.md", "tests/test_multinode.py")
+        env = cpu_run_env()
+        while "=" in words[0]:  # VAR=value before the program
+            name, value = words.pop(0).split("=", 1)
+            env[name] = value
+        assert words[0] == "torchrun", words
+        cmd = [sys.executable, "-m", "torch.distributed.run",
+               *[w.replace("127.0.0.1:29500", f"127.0.0.1:{port}") for w in words[1:]],
+               *COMMON, f"data.shards={shards}", f"train.run_dir={run_dir}"]
         with open(self.log, "w") as f:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_run_env(), stdout=f, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
     def output(self) -> str:
@@ -143,8 +151,8 @@ def test_a_rank_whose_peers_never_come_gives_up_after_the_collective_timeout(tmp
     env = no_launcher_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     env.update({k: v for k, v in cpu_run_env().items() if k not in env})
-    cmd = [sys.executable, str(LAUNCHER), *COMMON, f"data.shards={shards}", f"train.run_dir={tmp_path / 'run'}",
-           "train.collective_timeout=3"]
+    cmd = [sys.executable, str(LAUNCHER), "--config", str(REPO / "configs" / "cpu-tiny.yaml"), *COMMON,
+           f"data.shards={shards}", f"train.run_dir={tmp_path / 'run'}", "train.collective_timeout=3"]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr[-3000:]
     lines = out.stderr.strip().splitlines()
