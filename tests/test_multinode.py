@@ -16,7 +16,10 @@ import pytest
 from doc_commands import documented
 from procs import cpu_run_env, free_port, no_launcher_env
 
+from torch.distributed import DistNetworkError, DistStoreError
+
 from metalm import checkpoint as ckpt
+from metalm.train.dist import collective_failure, rendezvous_error
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launchers" / "pretrain.py"
@@ -188,3 +191,36 @@ def test_every_process_group_deepspeed_makes_gets_the_collective_timeout():
     groups = [line.split() for line in out.stdout.strip().splitlines()]
     assert len(groups) >= 2, out.stdout  # the world group and DeepSpeed's own
     assert all(float(seconds) == 7.0 for _, seconds in groups), out.stdout
+
+
+def _raised_in(filename: str, error: str) -> BaseException:
+    """The exception `error` (an expression) raised from code whose file is `filename`."""
+    try:
+        exec(compile(f"raise {error}", filename, "exec"), {"DistNetworkError": DistNetworkError})
+    except BaseException as e:  # noqa: BLE001 (returned for the test to inspect)
+        return e
+    raise AssertionError("not raised")
+
+
+def test_collective_failures_are_told_apart_from_other_errors():
+    c10d = "/venv/lib/python3.11/site-packages/torch/distributed/distributed_c10d.py"
+    gloo = _raised_in(c10d, "RuntimeError('[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
+                            "closed by peer [127.0.0.1]:54992. This is typically caused by a remote worker crashing.')")
+    assert collective_failure(gloo, 45) == (
+        "lost contact with the other processes of the run: Connection closed by peer [127.0.0.1]:54992 (one of them "
+        "died, or none answered within train.collective_timeout=45 s); rerun the same command on every node to "
+        "resume from the latest checkpoint")
+    store = _raised_in("/anywhere/else.py", "DistNetworkError('Failed to recv, got 0 bytes.\\nframe #0: c10::')")
+    assert collective_failure(store, 600).startswith("lost contact with the other processes of the run: Failed to "
+                                                     "recv, got 0 bytes.")
+    ours = _raised_in(str(REPO / "metalm" / "train" / "step.py"), "RuntimeError('shape mismatch')")
+    assert collective_failure(ours, 600) is None  # a bug of ours keeps its traceback
+    assert collective_failure(_raised_in(c10d, "ValueError('bad op')"), 600) is None
+
+
+def test_a_rendezvous_that_timed_out_names_the_collective_timeout():
+    error = DistStoreError("Timed out after 31 seconds waiting for clients. 1/2 clients joined.")
+    line = rendezvous_error(error, {"MASTER_ADDR": "gpu01", "MASTER_PORT": "29500"}, 30)
+    assert line == ("cannot rendezvous at gpu01:29500 (MASTER_ADDR:MASTER_PORT): Timed out after 31 seconds waiting "
+                    "for clients. 1/2 clients joined.; not every process joined within train.collective_timeout=30 s: "
+                    "start all of them (every node) with the same MASTER_ADDR:MASTER_PORT and world size")
