@@ -216,6 +216,7 @@ def test_collective_failures_are_told_apart_from_other_errors():
     ours = _raised_in(str(REPO / "metalm" / "train" / "step.py"), "RuntimeError('shape mismatch')")
     assert collective_failure(ours, 600) is None  # a bug of ours keeps its traceback
     assert collective_failure(_raised_in(c10d, "ValueError('bad op')"), 600) is None
+    assert collective_failure(_raised_in(c10d, "RuntimeError('Tensors must be contiguous')"), 600) is None
 
 
 def test_a_rendezvous_that_timed_out_names_the_collective_timeout():

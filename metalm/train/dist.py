@@ -40,17 +40,19 @@ def rendezvous_error(error: Exception, env: dict, timeout_s: float | None = None
 
 def collective_failure(error: BaseException, timeout_s: float) -> str | None:
     """One line for an error raised by a torch.distributed collective or store wait (another process died, or
-    none answered within train.collective_timeout), None for any other error. gloo raises plain RuntimeErrors
-    whose message starts with its C++ source location, so the error is recognised by where it was raised (the
-    innermost frame in the torch.distributed package) as well as by torch's DistError types."""
+    none answered within train.collective_timeout), None for any other error (a bug keeps its traceback). Torch
+    raises DistError types (NCCL, the store); gloo raises plain RuntimeErrors whose message starts with its C++
+    source location ("[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer ..."), recognised by that
+    and by where they were raised (the innermost frame in the torch.distributed package)."""
     tb = error.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     raised_in = tb.tb_frame.f_code.co_filename.replace("\\", "/") if tb is not None else ""
-    if not (isinstance(error, tdist.DistError)
-            or (isinstance(error, RuntimeError) and "/torch/distributed/" in raised_in)):
-        return None
     first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    from_gloo = re.match(r"\[[^\]]*/gloo/[^\]]*\]", first) is not None
+    if not (isinstance(error, tdist.DistError)
+            or (isinstance(error, RuntimeError) and from_gloo and "/torch/distributed/" in raised_in)):
+        return None
     first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:300]
     return (f"lost contact with the other processes of the run: {first} (one of them died, or none answered within "
             f"train.collective_timeout={timeout_s:g} s); rerun the same command on every node to resume from the "
