@@ -30,7 +30,7 @@ def _free_port() -> int:
 def missing() -> str | None:
     """Why this machine cannot run the cluster (None when it can): the binaries, and root (slurmd runs as root
     to start jobs as the submitting user)."""
-    absent = [name for name in (*DAEMONS, "sbatch", "squeue", "scontrol", "scancel")
+    absent = [name for name in (*DAEMONS, "sbatch", "squeue", "scontrol", "scancel", "sinfo")
               if shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin") is None]
     if absent:
         return f"not installed: {', '.join(absent)} (apt-get install slurm-wlm munge; .ci/run does)"
@@ -121,9 +121,13 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         return self
 
     def stop(self) -> None:
-        """scancel every job, then SIGTERM the daemons (slurmd first) and wait for them."""
+        """Cancel every job and wait (at most a minute) until none runs, then SIGTERM the daemons (slurmd first)
+        and wait for them."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            self._run(["scancel", "--full", "--signal=KILL", "--user=root"])
+            self._run(["scancel", f"--user={os.getuid()}"])
+            end = time.monotonic() + 60
+            while self._run(["squeue", "-h", "-t", "RUNNING,COMPLETING"]).stdout.strip() and time.monotonic() < end:
+                time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
