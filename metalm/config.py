@@ -104,6 +104,7 @@ class TrainConfig:
     spike_sigma: float = 6.0  # a step loss above mean + spike_sigma x std of the window is logged as a loss_spike
     check_memory: bool = True  # refuse to start when a step's estimated peak memory exceeds what is available
     grad_stats_every: int = 0  # every N optimizer steps: per-layer gradient norms into metrics.jsonl (0: never)
+    collective_timeout: float = 600.0  # seconds a rank waits for the others (rendezvous, any collective), then exits 1
 
 
 @dataclass
@@ -466,6 +467,7 @@ def _validate_train(t: TrainConfig) -> None:
     _check_positive("train.spike_sigma", t.spike_sigma)
     if t.grad_stats_every < 0:
         _bad("train.grad_stats_every", t.grad_stats_every, "expected >= 0 (0: no per-layer gradient norms)")
+    _check_positive("train.collective_timeout", t.collective_timeout)
 
 
 def _validate_meta(me: MetaConfig) -> None:

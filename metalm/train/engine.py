@@ -12,6 +12,7 @@ import os
 import pickle
 import socket
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from typing import Any
 from collections.abc import Iterator
 
@@ -40,6 +41,23 @@ def _skip_cpu_shm_build() -> None:
     ds_torch.build_shm_op = lambda: None
 
 
+def _collective_timeout(seconds: float) -> timedelta:
+    """train.collective_timeout for every process group of the run. The default group and its store (the
+    rendezvous of env:// at init, TCPStore waits) get it from init_process_group, through DeepSpeed's
+    init_distributed. DeepSpeed 0.19 runs ZeRO's collectives on groups of its own (utils/groups.py: a clone of
+    the world group, made by `new_group(ranks)` without a timeout), and torch 2.13 gives such groups its own
+    default (30 minutes for gloo, 10 for NCCL), not the default group's: so the defaults that `new_group` reads
+    are set to the same value first."""
+    from torch.distributed import distributed_c10d
+
+    timeout = timedelta(seconds=seconds)
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if not hasattr(distributed_c10d, name):  # an upgrade renamed them: fail here, not hang in a collective
+            raise RuntimeError(f"torch.distributed.distributed_c10d.{name} is gone: see _collective_timeout")
+        setattr(distributed_c10d, name, timeout)
+    return timeout
+
+
 def init_distributed(train: TrainConfig) -> Dist:
     """Initialise torch.distributed through DeepSpeed (works under deepspeed, torchrun and plain python)."""
     device_type = resolve_device(train.device, "train.device")
@@ -53,7 +71,8 @@ def init_distributed(train: TrainConfig) -> Dist:
     import deepspeed
 
     backend = "nccl" if device_type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    timeout = _collective_timeout(train.collective_timeout)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
