@@ -111,8 +111,9 @@ class Checkpointer:
 
     def resume(self, now: dict) -> TrainerState | None:
         """Collective: rank 0 picks (and verifies) the checkpoint that checkpoint.resume names and checks that a
-        run with `now` (geometry, tokenizer hash) can continue it; every rank then loads its part. Returns the
-        checkpoint's TrainerState (None: start from scratch). Any problem is a CheckpointError on every rank.
+        run with `now` (geometry, ZeRO stage, tokenizer hash) can continue it; every rank then loads its part.
+        Returns the checkpoint's TrainerState (None: start from scratch). Any problem is a CheckpointError on every
+        rank.
 
         A checkpoint written by another number of processes or ZeRO stage is first converted by rank 0 into
         DeepSpeed's universal format (in `.tmp-step_N-universal/` beside it, removed after the load), which every
@@ -141,7 +142,7 @@ class Checkpointer:
             err = f"rank {self.rank}: {e}"
         self.comm.raise_agreed(err, CheckpointError)  # before DeepSpeed's collectives: all ranks stop alike
         if convert:
-            self._load_converted(path, convert)
+            self._load_converted(path, convert, now["zero_stage"])
         else:
             self.engine.load(str(path))
         data_warning = self.loader.load_state_dict(rank_state["data"])
@@ -155,9 +156,9 @@ class Checkpointer:
                 self._finish_uploads()  # nothing left to train: this run's only work is what the last one left
         return state
 
-    def _load_converted(self, path: Path, why: str) -> None:
-        """Collective: rank 0 converts the checkpoint's DeepSpeed state to the universal format, every rank loads
-        that, rank 0 removes it."""
+    def _load_converted(self, path: Path, why: str, zero_stage: int) -> None:
+        """Collective: rank 0 converts the checkpoint's DeepSpeed state to the universal format for this run's ZeRO
+        stage, every rank loads that, rank 0 removes it."""
         scratch = self.root / f".tmp-{path.name}-universal"
         err = None
         if self.rank == 0:
@@ -166,7 +167,7 @@ class Checkpointer:
             shutil.rmtree(scratch, ignore_errors=True)
             started = time.perf_counter()
             try:
-                to_universal(path / Engine.TAG, scratch / Engine.TAG, self.engine.zero_stage)
+                to_universal(path / Engine.TAG, scratch / Engine.TAG, zero_stage)
             except CheckpointError as e:
                 err = str(e)
             else:
@@ -220,13 +221,12 @@ class Checkpointer:
         """Why the checkpoint's DeepSpeed state must go through the universal format to load into this run (its
         number of processes, or a ZeRO stage with another partition layout), or None: it loads as it is. Stage 0
         keeps the whole optimizer state in one file and loads on any number of processes."""
-        stage = yaml.safe_load(self.config_yaml)["train"]["zero_stage"]
-        saved_world, world = state.world_size, now["world_size"]
+        stage, saved_world, world = now.get("zero_stage"), state.world_size, now["world_size"]
         reasons = []
-        if saved_world is not None and saved_world != world and stage > 0:
+        if saved_world is not None and saved_world != world and stage != 0:
             reasons.append(f"{saved_world} process(es), this run has {world}")
         shared = {saved_stage, stage} <= set(compat.ZERO_STAGES_SHARING_A_LAYOUT)
-        if saved_stage is not None and saved_stage != stage and not shared:
+        if None not in (saved_stage, stage) and saved_stage != stage and not shared:
             reasons.append(f"ZeRO stage {saved_stage}, this run has {stage}")
         return "; ".join(reasons) or None
 

@@ -141,7 +141,7 @@ class Trainer:
     def _resume(self) -> None:
         t = self.cfg.train
         now = {"world_size": self.dist.world_size, "global_batch": t.global_batch, "micro_batch": t.micro_batch,
-               "seq_len": t.seq_len, "tokenizer_hash": self.manifest.get("tokenizer_hash")}
+               "seq_len": t.seq_len, "tokenizer_hash": self.manifest.get("tokenizer_hash"), "zero_stage": t.zero_stage}
         state = self.checkpointer.resume(now)
         if state is not None:
             self.step, self.tokens, self.flops = state.step, state.tokens, state.flops
