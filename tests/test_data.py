@@ -424,14 +424,28 @@ def test_resume_on_another_split_or_global_batch_continues_the_global_order(shar
     assert wider.state_dict()["samples"] == 80 + 2 * 24
 
 
+def test_a_version_1_state_of_one_process_without_workers_continues_at_its_position(shards):
+    """Checkpoints from before the global order: one process without workers read its single slot, which is the
+    global order, so its position carries over; the samples after it are the global order's."""
+    flat = [tuple(r) for b in take(loader(shards, micro_batch=8), 6) for r in b]
+    old = {"version": 1, "split": "train", "seed": 0, "shuffle": True, "world_size": 1, "num_workers": 0,
+           "positions": [24], "skipped": [0], "next_worker": 0, "batches": 3}
+    ld = loader(shards, micro_batch=8)
+    assert ld.load_state_dict(old) is None
+    assert [tuple(r) for b in take(ld, 3) for r in b] == flat[24:48]
+
+
 def test_load_state_dict_rejects_other_data_and_old_states(shards):
     state = loader(shards, world_size=2, num_workers=2).state_dict()
     with pytest.raises(DataError, match="seed=0 but this loader has 1"):
         loader(shards, seed=1).load_state_dict(state)
     with pytest.raises(DataError, match="samples=-1, expected an integer >= 0"):
         loader(shards).load_state_dict(dict(state, samples=-1))
-    with pytest.raises(DataError, match="version 1 is not 2 .*before the global sample order"):
-        loader(shards).load_state_dict({"version": 1, "positions": [0]})
+    with pytest.raises(DataError, match="version 1, written by world_size=2 with 2 data worker slot.*before the "
+                                        "global sample order continues exactly only from 1 process"):
+        loader(shards).load_state_dict({"version": 1, "world_size": 2, "positions": [0, 0], "skipped": [0, 0]})
+    with pytest.raises(DataError, match="version 3 is not 2"):
+        loader(shards).load_state_dict(dict(state, version=3))
     with pytest.raises(DataError, match="missing samples, global_batch"):
         loader(shards).load_state_dict({"version": 2, "skipped": 0})
     with pytest.raises(DataError, match="global_batch=12: expected a positive multiple of micro_batch x world_size"):

@@ -44,6 +44,7 @@ def checkpointed(shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("resume") / "run"
     out = train(run_dir, shards, "train.max_steps=2")
     assert out.returncode == 0, out.stderr[-3000:]
+    assert not (run_dir / "samples").exists()  # data.record_samples is off by default (tests/test_rescale.py: on)
     return run_dir
 
 

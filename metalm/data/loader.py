@@ -819,9 +819,9 @@ class ShardLoader:
         the same global position with steps of this loader's global batch."""
         if not isinstance(state, dict):
             raise DataError(f"loader state: expected a dict, got {type(state).__name__}")
+        state = _from_version_1(state, self.global_batch)
         if state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state: version {state.get('version')!r} is not {STATE_VERSION} (a checkpoint "
-                            f"from before the global sample order cannot be resumed exactly by this metalm)")
+            raise DataError(f"loader state: version {state.get('version')!r} is not {STATE_VERSION}")
         missing = [k for k in ("samples", "global_batch", "skipped") if k not in state]
         if missing:
             raise DataError(f"loader state: missing {', '.join(missing)}")
@@ -840,6 +840,21 @@ class ShardLoader:
                     f"global sample position {self._start:,} (no sample repeated or skipped), steps now read "
                     f"{self.global_batch} samples")
         return None
+
+
+def _from_version_1(state: dict, global_batch: int) -> dict:
+    """A loader state of version 1 (per-rank slots, before the global order) as version 2, when it has one: a
+    run of one process without workers read its one slot in the global order. Others are refused."""
+    if state.get("version") != 1:
+        return state
+    positions = state.get("positions")
+    if state.get("world_size") != 1 or not isinstance(positions, list) or len(positions) != 1:
+        raise DataError(f"loader state: version 1, written by world_size={state.get('world_size')!r} with "
+                        f"{len(positions) if isinstance(positions, list) else '?'} data worker slot(s): a checkpoint "
+                        f"from before the global sample order continues exactly only from 1 process without data "
+                        f"workers; resume it with the metalm that wrote it, or start a new train.run_dir")
+    return {**state, "version": STATE_VERSION, "samples": positions[0], "global_batch": global_batch,
+            "skipped": sum(state.get("skipped") or [0])}
 
 
 def build_loader(d, *, split: str, seq_len: int, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1,
