@@ -579,6 +579,21 @@ def test_bad_sample_errors_or_is_skipped(shards_copy, kind, match):
     assert take(tr, 3) and tr.skipped == 0
 
 
+def test_a_bad_train_sample_skipped_leaves_its_micro_batch_one_smaller(shards_copy):
+    """In the global order a skipped sample is not replaced: the other samples of its step stay where they are
+    (its micro-batch is one smaller); a micro-batch with no good sample at all stops the loader naming it."""
+    to_format_1(shards_copy)
+    rows = read_split(shards_copy, "train")
+    _mutate_sample(shards_copy, "train", 0, 5, np.array(rows[5][:-1], dtype=np.uint16))  # too short
+    ld = loader(shards_copy, shuffle=False, on_bad_sample="skip")
+    got = take(ld, 3)
+    assert [[tuple(r) for r in b] for b in got] == [rows[0:4], [rows[4], *rows[6:8]], rows[8:12]]
+    assert ld.skipped == 1 and ld.position == 12
+    single = loader(shards_copy, shuffle=False, on_bad_sample="skip", micro_batch=1)
+    with pytest.raises(DataError, match="every sample of the micro-batch at global position 5 .* is bad"):
+        take(single, 6)
+
+
 def test_format_1_shards_read_the_same_samples(shards, shards_copy):
     to_format_1(shards_copy)
     assert load_manifest(shards_copy)["version"] == 1

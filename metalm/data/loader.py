@@ -743,7 +743,8 @@ class ShardLoader:
             first = self._handed
             positions = lambda: _micro_positions(self._geometry(), first, 1)
             for batch, q, ids, bad in _global_batches(self.plan, reader, positions, self.micro_batch):
-                yield self._hand_out(batch, q, ids, bad)
+                tokens = self._hand_out(None if batch is None else torch.from_numpy(batch), q, ids, bad)
+                yield self._pinned(tokens)
             return
         for batch, _, skip in _batches(self.plan, reader, self.rank * self.workers, 0, 0, False, self.micro_batch):
             self._skipped = skip
@@ -768,14 +769,12 @@ class ShardLoader:
                 raise DataError(f"loader: batch from worker {item['worker']} where worker {expected} was due "
                                 f"(DataLoader order changed?); the resume state would be wrong")
             expected = (expected + 1) % self.workers
-            tokens = item["tokens"]
-            yield self._hand_out(None if tokens is None else tokens.numpy(), item["position"], item["ids"],
-                                 item["bad"])
+            yield self._hand_out(item["tokens"], item["position"], item["ids"], item["bad"])  # pinned by the DataLoader
 
-    def _hand_out(self, batch: np.ndarray | None, q: int, ids: list[int], bad: int) -> torch.Tensor:
+    def _hand_out(self, tokens: torch.Tensor | None, q: int, ids: list[int], bad: int) -> torch.Tensor:
         """Train: count (and record) one micro-batch as handed out."""
         self._skipped += bad
-        if batch is None:
+        if tokens is None:
             raise DataError(f"{self._manifest_dir}: every sample of the micro-batch at global position {q} "
                             f"(samples {q}..{q + self.micro_batch - 1} of the order) is bad; nothing to train on")
         self._handed += 1
@@ -783,7 +782,7 @@ class ShardLoader:
             self.record.parent.mkdir(parents=True, exist_ok=True)
             with open(self.record, "a") as f:
                 f.write(json.dumps({"position": q, "ids": ids}) + "\n")
-        return self._pinned(torch.from_numpy(batch))
+        return tokens
 
     def _pinned(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens.pin_memory() if self.pin_memory else tokens
