@@ -63,6 +63,7 @@ class DataConfig:
     cache_dir: str = ""  # shards read from a URL: keep them in this local directory too ("" = in memory only)
     read_ahead: int = 2  # shards from a URL each loader worker downloads ahead of the one it reads (0: on demand)
     retries: int = 4  # a failed shard download is retried this many times (backoff 1 s, 2 s, ...), then a DataError
+    record_samples: bool = False  # each rank appends the global ids of its train samples to RUN/samples/rank_N.jsonl
 
 
 @dataclass

@@ -68,8 +68,10 @@ class Trainer:
         self._check_memory()
         self.engine = Engine(self.module, cfg.optim, t, d)
         torch.manual_seed(t.seed + 1000 + d.rank)  # dropout differs per rank, reproducibly
+        record = self.run_dir / "samples" / f"rank_{d.rank:05d}.jsonl" if cfg.data.record_samples else None
         self.loader = build_loader(cfg.data, split="train", seq_len=t.seq_len, micro_batch=t.micro_batch,
-                                   seed=t.seed, rank=d.rank, world_size=d.world_size)
+                                   seed=t.seed, rank=d.rank, world_size=d.world_size, global_batch=t.global_batch,
+                                   record=record)
         self.meta = self._meta_step() if cfg.meta.enabled else None
         self.warned_at: dict[str, int] = {}  # inert-meta warning -> step it was last printed
         self.guards = StepGuards(t, d.world_size)
@@ -141,7 +143,7 @@ class Trainer:
     def _resume(self) -> None:
         t = self.cfg.train
         now = {"world_size": self.dist.world_size, "global_batch": t.global_batch, "micro_batch": t.micro_batch,
-               "seq_len": t.seq_len, "tokenizer_hash": self.manifest.get("tokenizer_hash")}
+               "seq_len": t.seq_len, "tokenizer_hash": self.manifest.get("tokenizer_hash"), "zero_stage": t.zero_stage}
         state = self.checkpointer.resume(now)
         if state is not None:
             self.step, self.tokens, self.flops = state.step, state.tokens, state.flops
