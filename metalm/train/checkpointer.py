@@ -38,7 +38,8 @@ from metalm.console import warn
 from metalm.fsutil import write_atomic
 from metalm.storage import Limits, describe, is_url
 from metalm.train.dist import Collectives
-from metalm.train.engine import Engine, to_universal
+from metalm.train.engine import Engine
+from metalm.train.universal import to_universal
 from metalm.train.errors import TrainingError, describe_error
 from metalm.train.preflight import check_free_space, free_bytes
 from metalm.train.uploader import Uploader
