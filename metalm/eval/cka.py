@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from metalm.eval.layers import layer_outputs
 from metalm.fsutil import write_atomic
 
 ACT_DIR = "activations"
@@ -64,14 +65,8 @@ def row_subset(n_rows: int, n: int) -> torch.Tensor:
 def layer_activations(model, input_ids: torch.Tensor, n_rows: int) -> list[torch.Tensor]:
     """Each layer's residual-stream output on `input_ids` as (B·T, d_model) float32 rows on the CPU, `n_rows`
     of them (see `row_subset`)."""
-    was_training = model.training
-    model.eval()
-    try:
-        _, per_layer = model.hidden_states(input_ids, all_layers=True)
-    finally:
-        model.train(was_training)
     rows = row_subset(input_ids.numel(), n_rows)
-    return [h.reshape(-1, h.shape[-1])[rows.to(h.device)].float().cpu().contiguous() for h in per_layer]
+    return [h[rows.to(h.device)].cpu().contiguous() for h in layer_outputs(model, input_ids)]
 
 
 def activation_path(results: Path, step: int) -> Path:

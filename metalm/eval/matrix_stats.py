@@ -23,7 +23,8 @@ import math
 
 import torch
 
-from metalm.eval.rank import KINDS, _block_matrices, singular_values
+from metalm.eval.layers import KINDS, block_matrices, layer_outputs
+from metalm.eval.rank import singular_values
 
 STATS = ("cond", "fro", "nuc", "gini", "hoyer")
 
@@ -86,7 +87,7 @@ def weight_stats(model) -> dict:
     over them; the model's `mean` of each statistic over all those matrices."""
     layers = []
     for i in range(len(model.model.layers)):
-        layer = {k: matrix_stats(w) for k, w in _block_matrices(model, i).items()}
+        layer = {k: matrix_stats(w) for k, w in block_matrices(model, i).items()}
         layer["mean"] = {s: _mean([layer[k][s] for k in KINDS]) for s in STATS}
         layers.append(layer)
     return {"layers": layers, "mean": {s: _mean([layer[k][s] for layer in layers for k in KINDS]) for s in STATS}}
@@ -96,13 +97,7 @@ def weight_stats(model) -> dict:
 def activation_stats(model, input_ids: torch.Tensor) -> dict:
     """Per layer the stats of its residual-stream output on `input_ids` as a (B·T, d_model) matrix, and their
     means over layers."""
-    was_training = model.training
-    model.eval()
-    try:
-        _, per_layer = model.hidden_states(input_ids, all_layers=True)
-    finally:
-        model.train(was_training)
-    layers = [matrix_stats(h.reshape(-1, h.shape[-1]).float()) for h in per_layer]
+    layers = [matrix_stats(h) for h in layer_outputs(model, input_ids)]
     return {"layers": layers, "mean": {s: _mean([layer[s] for layer in layers]) for s in STATS}}
 
 
