@@ -301,6 +301,20 @@ def _layer_series(evals: Sequence[dict], pattern: str) -> dict[int, Series]:
     return {layer: series(evals, k) for layer, k in sorted(keys.items())}
 
 
+def _draw_layers(ax, layers: dict[int, Series], title: str, cmap, marker: str | None = "o") -> None:
+    """One panel of a per-layer plot: a line per layer coloured by depth, or "not measured"."""
+    for layer, s in layers.items():
+        ax.plot(s.steps, s.values, marker=marker, ms=3, color=cmap(layer / max(1, len(layers) - 1)),
+                label=f"L{layer}")
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if layers:
+        ax.legend(fontsize=6, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+
+
 def plot_rank(runs: Sequence[Run], out: Path) -> Path | None:
     panels = [("weights: mean ER of q/k/v/o", r"rank/weight/L(\d+)/attn_mean_er"),
               ("activations: ER of the residual stream", r"rank/act/L(\d+)/er")]
@@ -312,19 +326,8 @@ def plot_rank(runs: Sequence[Run], out: Path) -> Path | None:
     cmap = plt.get_cmap("viridis")
     for row, r in enumerate(have):
         for col, (title, pat) in enumerate(panels):
-            ax = axes[row][col]
-            layers = _layer_series(r.evals, pat)
-            for layer, s in layers.items():
-                ax.plot(s.steps, s.values, marker="o", ms=3, color=cmap(layer / max(1, len(layers) - 1)),
-                        label=f"L{layer}")
-            ax.set_title(f"{r.name} — {title}", fontsize=9)
-            ax.set_xlabel("step")
-            ax.set_ylabel("effective rank")
-            ax.grid(alpha=0.3)
-            if layers:
-                ax.legend(fontsize=6, ncol=2)
-            else:
-                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+            _draw_layers(axes[row][col], _layer_series(r.evals, pat), f"{r.name} — {title}", cmap)
+            axes[row][col].set_ylabel("effective rank")
     return save_figure(fig, out / "rank.png")
 
 
@@ -392,20 +395,10 @@ def plot_layers(runs: Sequence[Run], out: Path) -> Path | None:
     cmap = plt.get_cmap("viridis")
     for row, r in enumerate(have):
         for col, (src, title, pat) in enumerate(panels):
-            ax = axes[row][col]
             layers = _layer_series(getattr(r, src), pat)
-            for layer, s in layers.items():
-                ax.plot(s.steps, s.values, marker="o" if src == "evals" else None, ms=3,
-                        color=cmap(layer / max(1, len(layers) - 1)), label=f"L{layer}")
-            ax.set_title(f"{r.name} — {title}", fontsize=8)
-            ax.set_xlabel("step")
+            _draw_layers(axes[row][col], layers, f"{r.name} — {title}", cmap, "o" if src == "evals" else None)
             if layers and "cond" in pat:
-                ax.set_yscale("log")  # condition numbers span orders of magnitude
-            ax.grid(alpha=0.3)
-            if layers:
-                ax.legend(fontsize=6, ncol=2)
-            else:
-                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+                axes[row][col].set_yscale("log")  # condition numbers span orders of magnitude
     return save_figure(fig, out / "layers.png")
 
 
