@@ -16,7 +16,9 @@ default (the preset files set none), which is what a scheduled evaluation of tha
 
 The 570M estimate (configs/570m.yaml, same eval defaults) counts each metric's FLOPs (matmul passes: forward
 2·(non-embedding matmul weights + LM head) + causal attention 2·layers·T·d per token, backward twice the forward;
-singular values of an m×n matrix, m >= n: 4·m·n²) from the token counts the metric reads, and divides by an
+singular values of an m×n matrix, m >= n: 4·m·n²; stats and cka run the blocks without the LM head on the
+probe batch, cka adds three d_model×d_model Gram products of eval.cka_tokens rows per layer, and the sorting and
+element-wise sums of stats' sparsity measures are left out) from the token counts the metric reads, and divides by an
 assumed throughput of one H100/H200-class GPU: MATMUL_TFLOPS for the passes (fp32 weights under TF32 matmuls at
 about 30% of the dense peak) and SVD_TFLOPS for the singular values (cuSOLVER at a few percent of peak), plus the
 checkpoint load (2.3 GB of fp32 weights at LOAD_GBPS). The same counts at 11m divided by the measured CPU seconds
@@ -84,11 +86,12 @@ def overrides_for(metric: str, ner_sentences: int) -> list[str]:
 # ------------------------------------------------------------------------------------------------ FLOP counts
 
 
-def forward_flops_per_token(m, ctx: int) -> float:
-    """Forward FLOPs per token of a model config `m` at context length `ctx` (causal attention: half the keys)."""
+def forward_flops_per_token(m, ctx: int, head: bool = True) -> float:
+    """Forward FLOPs per token of a model config `m` at context length `ctx` (causal attention: half the keys);
+    without `head`, the blocks only (the hidden states the stats and cka probes read)."""
     kv = m.d_model * m.n_kv_heads // m.n_heads
     per_layer = m.d_model * (2 * m.d_model + 2 * kv) + 3 * m.d_model * m.ffn_hidden
-    return 2 * (m.n_layers * per_layer + m.d_model * m.vocab_size) + 2 * m.n_layers * ctx * m.d_model
+    return 2 * (m.n_layers * per_layer + head * m.d_model * m.vocab_size) + 2 * m.n_layers * ctx * m.d_model
 
 
 def svd_flops(m_: int, n_: int) -> float:
@@ -121,6 +124,13 @@ def metric_flops(metric: str, cfg, counts: dict) -> dict[str, float]:
         return {"matmul": counts["ner_tokens"] * f(ev.ner.max_len), "svd": 0.0}  # head mode: one feature pass
     if metric == "downstream":
         return {"matmul": counts["downstream_tokens"] * f(counts["downstream_ctx"]), "svd": 0.0}
+    body = probe * forward_flops_per_token(m, ev.seq_len, head=False)
+    if metric == "stats":  # every weight matrix's and each layer's probe activations' singular values
+        weights = sum(svd_flops(a, b) for a, b in weight_shapes(m))
+        return {"matmul": body, "svd": weights + m.n_layers * svd_flops(probe, m.d_model)}
+    if metric == "cka":  # X^T X, Y^T Y and Y^T X of eval.cka_tokens rows per layer
+        n = min(ev.cka_tokens, probe)
+        return {"matmul": body + m.n_layers * 3 * 2 * n * m.d_model ** 2, "svd": 0.0}
     return {}
 
 
