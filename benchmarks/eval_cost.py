@@ -124,7 +124,7 @@ def metric_flops(metric: str, cfg, counts: dict) -> dict[str, float]:
         return {"matmul": counts["ner_tokens"] * f(ev.ner.max_len), "svd": 0.0}  # head mode: one feature pass
     if metric == "downstream":
         return {"matmul": counts["downstream_tokens"] * f(counts["downstream_ctx"]), "svd": 0.0}
-    body = probe * forward_flops_per_token(m, ev.seq_len, head=False)
+    body = probe * forward_flops_per_token(m, min(ev.seq_len, m.max_seq_len), head=False)
     if metric == "stats":  # every weight matrix's and each layer's probe activations' singular values
         weights = sum(svd_flops(a, b) for a, b in weight_shapes(m))
         return {"matmul": body, "svd": weights + m.n_layers * svd_flops(probe, m.d_model)}
