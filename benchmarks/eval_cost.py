@@ -158,12 +158,14 @@ def time_preset(preset: str, root: Path, cache: Path, tok_json: Path, ner_senten
     cfg = load_config(REPO / "configs" / f"{preset}.yaml")
     shards = shards_for(cache, cfg.train.seq_len, tok_json)
     run = root / preset
-    checkpoint(run, preset, 1, tok_json, shards)
+    first = checkpoint(run, preset, 1, tok_json, shards)
     ckpt = checkpoint(run, preset, 2, tok_json, shards)
+    results = run / "eval"  # cka: the first checkpoint's activations are kept here (untimed), the second compared
+    evaluate_checkpoint(first, overrides_for("cka", ner_sentences), "cpu", verify=False, results=results)
     rows: dict = {}
     for metric in EVAL_METRICS:
         t0 = time.time()
-        rec = evaluate_checkpoint(ckpt, overrides_for(metric, ner_sentences), "cpu", verify=False)
+        rec = evaluate_checkpoint(ckpt, overrides_for(metric, ner_sentences), "cpu", verify=False, results=results)
         row = {"seconds": rec["timing"].get(metric), "load_seconds": round(time.time() - t0 - rec["timing"].get(
             metric, 0.0), 3), "skipped": rec["skipped"], "failed": rec["failed"]}
         if metric == "downstream" and "downstream" in rec["details"]:
