@@ -213,7 +213,7 @@ class EvalConfig:
     cka_tokens: int = 1024  # cka: probe-batch rows (tokens) whose activations are saved and compared per checkpoint
     downstream_tasks: list = field(default_factory=lambda: ["arc_easy", "hellaswag", "piqa", "sciq"])
     downstream_limit: int = 500  # downstream: the first N documents of each task in file order; 0: all
-    downstream_batch_tokens: int = 8192  # downstream: padded tokens per forward batch (>= 1 request)
+    downstream_batch_tokens: int = 8192  # downstream: padded tokens per forward batch (sets the time, not the scores)
     ner: NerConfig = field(default_factory=NerConfig)
 
 
