@@ -36,7 +36,8 @@ def as_tokens(item) -> torch.Tensor:
 def nll_sum(model, inp: torch.Tensor, tgt: torch.Tensor, logit_elements: int = LOGIT_ELEMENTS) -> float:
     """Sum over every position of -log p(tgt | inp) (nats): the LM head and the cross-entropy run on chunks of
     positions whose fp32 logits hold at most `logit_elements` numbers (at least one position per chunk)."""
-    h = model.hidden_states(inp).reshape(-1, model.cfg.d_model)
+    h = model.hidden_states(inp)
+    h = h.reshape(-1, h.shape[-1])
     flat = tgt.reshape(-1)
     rows = max(1, logit_elements // model.cfg.vocab_size)
     total = 0.0
