@@ -16,7 +16,9 @@ default (the preset files set none), which is what a scheduled evaluation of tha
 
 The 570M estimate (configs/570m.yaml, same eval defaults) counts each metric's FLOPs (matmul passes: forward
 2·(non-embedding matmul weights + LM head) + causal attention 2·layers·T·d per token, backward twice the forward;
-singular values of an m×n matrix, m >= n: 4·m·n²) from the token counts the metric reads, and divides by an
+singular values of an m×n matrix, m >= n: 4·m·n²; stats and cka run the blocks without the LM head on the
+probe batch, cka adds three d_model×d_model Gram products of eval.cka_tokens rows per layer, and the sorting and
+element-wise sums of stats' sparsity measures are left out) from the token counts the metric reads, and divides by an
 assumed throughput of one H100/H200-class GPU: MATMUL_TFLOPS for the passes (fp32 weights under TF32 matmuls at
 about 30% of the dense peak) and SVD_TFLOPS for the singular values (cuSOLVER at a few percent of peak), plus the
 checkpoint load (2.3 GB of fp32 weights at LOAD_GBPS). The same counts at 11m divided by the measured CPU seconds
@@ -84,11 +86,12 @@ def overrides_for(metric: str, ner_sentences: int) -> list[str]:
 # ------------------------------------------------------------------------------------------------ FLOP counts
 
 
-def forward_flops_per_token(m, ctx: int) -> float:
-    """Forward FLOPs per token of a model config `m` at context length `ctx` (causal attention: half the keys)."""
+def forward_flops_per_token(m, ctx: int, head: bool = True) -> float:
+    """Forward FLOPs per token of a model config `m` at context length `ctx` (causal attention: half the keys);
+    without `head`, the blocks only (the hidden states the stats and cka probes read)."""
     kv = m.d_model * m.n_kv_heads // m.n_heads
     per_layer = m.d_model * (2 * m.d_model + 2 * kv) + 3 * m.d_model * m.ffn_hidden
-    return 2 * (m.n_layers * per_layer + m.d_model * m.vocab_size) + 2 * m.n_layers * ctx * m.d_model
+    return 2 * (m.n_layers * per_layer + head * m.d_model * m.vocab_size) + 2 * m.n_layers * ctx * m.d_model
 
 
 def svd_flops(m_: int, n_: int) -> float:
@@ -121,6 +124,13 @@ def metric_flops(metric: str, cfg, counts: dict) -> dict[str, float]:
         return {"matmul": counts["ner_tokens"] * f(ev.ner.max_len), "svd": 0.0}  # head mode: one feature pass
     if metric == "downstream":
         return {"matmul": counts["downstream_tokens"] * f(counts["downstream_ctx"]), "svd": 0.0}
+    body = probe * forward_flops_per_token(m, min(ev.seq_len, m.max_seq_len), head=False)
+    if metric == "stats":  # every weight matrix's and each layer's probe activations' singular values
+        weights = sum(svd_flops(a, b) for a, b in weight_shapes(m))
+        return {"matmul": body, "svd": weights + m.n_layers * svd_flops(probe, m.d_model)}
+    if metric == "cka":  # X^T X, Y^T Y and Y^T X of eval.cka_tokens rows per layer
+        n = min(ev.cka_tokens, probe)
+        return {"matmul": body + m.n_layers * 3 * 2 * n * m.d_model ** 2, "svd": 0.0}
     return {}
 
 
@@ -148,12 +158,14 @@ def time_preset(preset: str, root: Path, cache: Path, tok_json: Path, ner_senten
     cfg = load_config(REPO / "configs" / f"{preset}.yaml")
     shards = shards_for(cache, cfg.train.seq_len, tok_json)
     run = root / preset
-    checkpoint(run, preset, 1, tok_json, shards)
+    first = checkpoint(run, preset, 1, tok_json, shards)
     ckpt = checkpoint(run, preset, 2, tok_json, shards)
+    results = run / "eval"  # cka: the first checkpoint's activations are kept here (untimed), the second compared
+    evaluate_checkpoint(first, overrides_for("cka", ner_sentences), "cpu", verify=False, results=results)
     rows: dict = {}
     for metric in EVAL_METRICS:
         t0 = time.time()
-        rec = evaluate_checkpoint(ckpt, overrides_for(metric, ner_sentences), "cpu", verify=False)
+        rec = evaluate_checkpoint(ckpt, overrides_for(metric, ner_sentences), "cpu", verify=False, results=results)
         row = {"seconds": rec["timing"].get(metric), "load_seconds": round(time.time() - t0 - rec["timing"].get(
             metric, 0.0), 3), "skipped": rec["skipped"], "failed": rec["failed"]}
         if metric == "downstream" and "downstream" in rec["details"]:

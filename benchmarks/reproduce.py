@@ -14,9 +14,11 @@ stream batch an AR one would); only the meta settings differ. They are compared 
 equal model FLOPs (the meta step's support forward, query forward/backward and the head's inner loop
 included): "hybrid reaches vanilla's final validation loss N x sooner" (N < 1: later; "not reached").
 Checkpoints are then evaluated (validation loss, effective rank, attention entropy, matrix statistics, CKA to
-the previous checkpoint; NER F1 head-only and full on the final checkpoints when --ner-train/--ner-test are
-given). Re-running skips finished runs and evaluations; a checkpoint evaluated before without one of these
-metrics is evaluated again. `--skip-train` analyses runs that already exist without training anything.
+the previous checkpoint, downstream benchmarks on the first --downstream-limit documents of each task; NER F1
+head-only and full when --ner-train/--ner-test are given, on every run's final checkpoint and on the vanilla
+checkpoint matched to each hybrid's final one by validation loss). Re-running skips finished runs and
+evaluations; a checkpoint evaluated before without one of these metrics is evaluated again. `--skip-train`
+analyses runs that already exist without training anything.
 
 At equal steps a hybrid run is a less-trained model (part of its steps went to the meta objective), so every
 evaluated hybrid checkpoint is also matched with the vanilla checkpoint nearest it in validation loss, as well
@@ -89,7 +91,7 @@ def train(args, variant: str, seed: int) -> Path:
     return rd
 
 
-EVAL_METRICS = ("val_loss", "rank", "entropy", "stats", "cka")
+EVAL_METRICS = ("val_loss", "rank", "entropy", "stats", "cka", "downstream")
 
 
 def lacks_metrics(result: dict, wanted=EVAL_METRICS) -> list[str]:
@@ -113,25 +115,52 @@ def drop_stale_results(results: Path) -> list[str]:
     return dropped
 
 
+EVALUATOR = [sys.executable, str(REPO / "launchers" / "evaluate.py"), "--no-wandb", "--log-level", "WARNING"]
+
+
 def evaluate(args, rd: Path) -> None:
     """EVAL_METRICS on every checkpoint (the watcher skips evaluated ones); NER on the final one."""
     from metalm.checkpoint import find_latest
 
-    evaluator = [sys.executable, str(REPO / "launchers" / "evaluate.py"), "--no-wandb", "--log-level", "WARNING"]
     dropped = drop_stale_results(rd / "eval")
     if dropped:
         print(f"[{rd.name}] evaluating {len(dropped)} checkpoint(s) again for {', '.join(EVAL_METRICS)}", flush=True)
-    subprocess.run(evaluator + ["--watch", str(rd), "--once", "--config", f"eval.metrics=[{','.join(EVAL_METRICS)}]"],
-                   check=True, cwd=REPO)
-    if not (args.ner_train and args.ner_test):
-        return
-    final = find_latest(rd / "checkpoints")
+    subprocess.run(EVALUATOR + ["--watch", str(rd), "--once", "--config", f"eval.metrics=[{','.join(EVAL_METRICS)}]",
+                                f"eval.downstream_limit={args.downstream_limit}"], check=True, cwd=REPO)
+    if args.ner_train and args.ner_test:
+        fine_tune_ner(args, rd, find_latest(rd / "checkpoints"))
+
+
+def fine_tune_ner(args, rd: Path, ckpt: Path) -> None:
+    """NER F1, head-only and full, of checkpoint `ckpt` of run `rd` (results in RUN/eval-ner-MODE; a checkpoint
+    fine-tuned there before is skipped)."""
     for mode in ("head", "full"):
-        subprocess.run(evaluator + ["--checkpoint", str(final), "--results", str(rd / f"eval-ner-{mode}"),
+        subprocess.run(EVALUATOR + ["--checkpoint", str(ckpt), "--results", str(rd / f"eval-ner-{mode}"),
                                     "--config", "eval.metrics=[ner]", f"eval.ner.train={args.ner_train}",
                                     f"eval.ner.test={args.ner_test}", f"eval.ner.mode={mode}",
                                     f"eval.ner.lr={args.ner_lr[mode]}", f"eval.ner.epochs={args.ner_epochs}",
                                     f"eval.ner.word_sep={args.ner_word_sep}"], check=True, cwd=REPO)
+
+
+def vanilla_at_equal_loss(van: list[dict], hyb: list[dict], step: int) -> dict | None:
+    """The vanilla checkpoint nearest in validation loss to the hybrid's evaluated checkpoint at `step`, or None
+    when that checkpoint has no validation loss."""
+    from metalm.eval.report import match_at
+
+    pairs = match_at(van, [r for r in hyb if r["step"] == step], "val_loss")
+    return pairs[-1][0] if pairs else None
+
+
+def ner_at_equal_loss(args, van_rd: Path, hyb_rd: Path) -> None:
+    """NER of the vanilla checkpoint matched by validation loss to the hybrid run's final checkpoint."""
+    from metalm.checkpoint import find_latest, read_state, step_dir_name
+
+    final = find_latest(hyb_rd / "checkpoints")
+    match = vanilla_at_equal_loss(checkpoints(van_rd), checkpoints(hyb_rd), read_state(final).step) if final else None
+    if match is None:
+        print(f"[{hyb_rd.name}] no evaluated final checkpoint with a validation loss: no NER at equal loss", flush=True)
+        return
+    fine_tune_ner(args, van_rd, van_rd / "checkpoints" / step_dir_name(match["step"]))
 
 
 def val_curve(rd: Path) -> list[dict]:
@@ -190,16 +219,34 @@ def matched(van: list[dict], hyb: list[dict]) -> dict:
             for axis in MATCH_AXES}
 
 
-def ner_scores(rd: Path) -> dict:
-    """{mode: test micro F1} of the final checkpoint's NER fine-tunes."""
+def ner_scores(rd: Path, step: int | None = None) -> dict:
+    """{mode: test micro F1} of the NER fine-tunes of the checkpoint at `step` (default: the latest one
+    fine-tuned, the final checkpoint), and its "step"."""
     from metalm.eval.report import read_jsonl
 
-    scores = {}
-    for mode in ("head", "full"):
-        rows = [r for r in read_jsonl(rd / f"eval-ner-{mode}" / "eval.jsonl") if "ner/f1" in r]
-        if rows:
-            scores[mode] = rows[-1]["ner/f1"]
+    rows = {mode: [r for r in read_jsonl(rd / f"eval-ner-{mode}" / "eval.jsonl") if "ner/f1" in r]
+            for mode in ("head", "full")}
+    if step is None:
+        step = max((r["step"] for rs in rows.values() for r in rs), default=None)
+    scores: dict = {"step": step}
+    for mode, rs in rows.items():
+        at = [r for r in rs if r["step"] == step]
+        if at:
+            scores[mode] = at[-1]["ner/f1"]
     return scores
+
+
+def ner_matched(van_rd: Path, hyb_rd: Path, van: list[dict], hyb: list[dict]) -> dict | None:
+    """The hybrid's final NER scores beside those of the vanilla checkpoint matched to it by validation loss:
+    {"hybrid": scores, "vanilla": scores, "hybrid_val_loss", "vanilla_val_loss"}, or None when the hybrid has no
+    NER or its fine-tuned checkpoint no validation loss."""
+    hyb_ner = ner_scores(hyb_rd)
+    match = vanilla_at_equal_loss(van, hyb, hyb_ner["step"]) if hyb_ner["step"] is not None else None
+    if match is None:
+        return None
+    return {"hybrid": hyb_ner, "vanilla": ner_scores(van_rd, match["step"]),
+            "hybrid_val_loss": next(r["val_loss"] for r in hyb if r["step"] == hyb_ner["step"]),
+            "vanilla_val_loss": match["val_loss"]}
 
 
 def plot(results: dict, runs: dict, out: Path) -> list[str]:
@@ -256,9 +303,28 @@ def write_markdown(args, results: dict, files: list[str], out: Path) -> None:
                          f"{fmt(c['speedup_step'], '.2f')} / {fmt(c['speedup_tokens'], '.2f')} / "
                          f"{fmt(c['speedup_flops'], '.2f')} | {fmt(nv.get('head'))} / {fmt(nh.get('head'))} | "
                          f"{fmt(nv.get('full'))} / {fmt(nh.get('full'))} |")
+    lines += ner_equal_loss_lines(results)
     lines += equal_loss_lines(results)
     lines += ["", *[f"![{f}]({f})" for f in files], ""]
     (out / "results.md").write_text("\n".join(lines))
+
+
+def ner_equal_loss_lines(results: dict) -> list[str]:
+    """NER F1 of each variant's final checkpoint beside the vanilla checkpoint matched to it by validation loss."""
+    rows = [(seed, v, m) for seed, r in results["per_seed"].items() for v, m in r.get("ner_equal_loss", {}).items()
+            if m is not None]
+    if not rows:
+        return []
+    lines = ["", "## NER at equal validation loss", "",
+             "Each variant's final checkpoint beside the vanilla checkpoint nearest it in validation loss.", "",
+             "| seed | variant (step, val loss) | vanilla at equal loss (step, val loss) "
+             "| NER F1 head variant / vanilla | NER F1 full variant / vanilla |", "| --- | --- | --- | --- | --- |"]
+    for seed, variant, m in rows:
+        h, v = m["hybrid"], m["vanilla"]
+        lines.append(f"| {seed} | {variant} (step {h['step']:,}, {m['hybrid_val_loss']:.4f}) | step {v['step']:,}, "
+                     f"{m['vanilla_val_loss']:.4f} | {cell(h.get('head'))} / {cell(v.get('head'))} | "
+                     f"{cell(h.get('full'))} / {cell(v.get('full'))} |")
+    return lines
 
 
 def equal_loss_lines(results: dict) -> list[str]:
@@ -322,12 +388,16 @@ def main(argv=None) -> int:
     p.add_argument("--ner-lr-head", type=float, default=1e-2)
     p.add_argument("--ner-lr-full", type=float, default=1e-3)
     p.add_argument("--ner-word-sep", default="", help="eval.ner.word_sep: '' for ja/zh files (default), ' ' else")
+    p.add_argument("--downstream-limit", type=int, default=200, help="eval.downstream_limit: the first N documents "
+                   "of each downstream task (default 200; 0: all)")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--skip-train", action="store_true", help="train nothing: analyse the runs already in --runs "
                    "(evaluating what is not evaluated yet unless --skip-eval)")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
     args = p.parse_args(argv)
     args.ner_lr = {"head": args.ner_lr_head, "full": args.ner_lr_full}
+    if args.downstream_limit < 0:
+        p.error(f"--downstream-limit: expected >= 0 documents per task (0: all), got {args.downstream_limit}")
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = ["vanilla", *[v for v in args.variants.split(",") if v != "vanilla"]]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -346,6 +416,9 @@ def main(argv=None) -> int:
             runs[(variant, seed)] = run_dir(args, variant, seed) if args.skip_train else train(args, variant, seed)
             if not args.skip_eval:
                 evaluate(args, runs[(variant, seed)])
+        if not args.skip_eval and args.ner_train and args.ner_test:
+            for variant in variants[1:]:
+                ner_at_equal_loss(args, runs[("vanilla", seed)], runs[(variant, seed)])
     results = {"config": shown(args.config), "steps": args.steps, "ratio": args.ratio, "per_seed": {},
                "variants": {v: VARIANTS[v] for v in variants}}
     for seed in seeds:
@@ -355,6 +428,8 @@ def main(argv=None) -> int:
             "compare": {v: compare(curves["vanilla"], curves[v]) for v in variants if v != "vanilla"},
             "matched": {v: matched(ckpts["vanilla"], ckpts[v]) for v in variants if v != "vanilla"},
             "ner": {v: ner_scores(runs[(v, seed)]) for v in variants},
+            "ner_equal_loss": {v: ner_matched(runs[("vanilla", seed)], runs[(v, seed)], ckpts["vanilla"], ckpts[v])
+                               for v in variants if v != "vanilla"},
             "curves": curves,
         }
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -215,6 +215,7 @@ class EvalConfig:
     cka_tokens: int = 1024  # cka: probe-batch rows (tokens) whose activations are saved and compared per checkpoint
     downstream_tasks: list = field(default_factory=lambda: ["arc_easy", "hellaswag", "piqa", "sciq"])
     downstream_limit: int = 500  # downstream: the first N documents of each task in file order; 0: all
+    downstream_batch_tokens: int = 8192  # downstream: padded tokens per forward batch (sets the time, not the scores)
     ner: NerConfig = field(default_factory=NerConfig)
 
 
@@ -569,6 +570,9 @@ def _validate_eval(ev: EvalConfig) -> None:
         _bad("eval.downstream_tasks", tasks, "expected a non-empty list of task names (e.g. [arc_easy,hellaswag])")
     if ev.downstream_limit < 0:
         _bad("eval.downstream_limit", ev.downstream_limit, "expected >= 0 documents per task (0: all)")
+    if ev.downstream_batch_tokens <= 0:
+        _bad("eval.downstream_batch_tokens", ev.downstream_batch_tokens,
+             "expected > 0 padded tokens per downstream batch (a longer request still gets a batch of its own)")
 
 
 def _validate_ner(ner: NerConfig) -> None:

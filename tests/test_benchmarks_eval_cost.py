@@ -31,8 +31,36 @@ def test_the_metrics_of_this_round_have_a_flop_model():
     """(A metric added to the registry later is timed on CPU at once; its 570M line says it has no FLOP model.)"""
     cfg = load_config(REPO / "configs" / "570m.yaml")
     counts = {"ner_tokens": 1000, "downstream_tokens": 1000, "downstream_ctx": 100}
-    assert {"val_loss", "rank", "entropy", "ner", "downstream"} <= set(EVAL_METRICS)
-    for metric in ("val_loss", "rank", "entropy", "ner", "downstream"):
+    assert {"val_loss", "rank", "entropy", "ner", "downstream", "stats", "cka"} <= set(EVAL_METRICS)
+    for metric in ("val_loss", "rank", "entropy", "ner", "downstream", "stats", "cka"):
         fl = cost.metric_flops(metric, cfg, counts)
         assert fl and fl["matmul"] > 0, metric
     assert cost.svd_flops(3, 5) == cost.svd_flops(5, 3) == 4 * 5 * 3 * 3
+
+
+def test_stats_and_cka_flops_by_hand_at_cpu_tiny():
+    """cpu-tiny (d 48, 4 layers, kv width 24, ffn 192, max_seq_len 128; probe 8 x 128 = 1024 tokens). The blocks
+    per token: 2 * 4 * (48 * (96 + 48) + 3 * 48 * 192) + attention 2 * 4 * 128 * 48 = 325,632 FLOPs."""
+    cfg = load_config(REPO / "configs" / "cpu-tiny.yaml")
+    body = 1024 * 325_632
+    # singular values, 4 m n^2 per matrix: q, o 4*48*48^2; k, v 4*48*24^2; gate, up, down 4*192*48^2, per layer;
+    # each layer's 1024 x 48 activations 4*1024*48^2
+    weights = 4 * (2 * 442_368 + 2 * 110_592 + 3 * 1_769_472)
+    assert cost.metric_flops("stats", cfg, {}) == {"matmul": body, "svd": weights + 4 * 9_437_184}
+    # cka: X^T X, Y^T Y, Y^T X of 1024 x 48 rows per layer, 2 * 1024 * 48^2 each
+    assert cost.metric_flops("cka", cfg, {}) == {"matmul": body + 4 * 3 * 4_718_592, "svd": 0.0}
+
+
+def test_cka_gram_flops_are_what_linear_cka_multiplies():
+    """The cka count's per-layer term against torch's own FLOP counter over metalm.eval.cka.linear_cka."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from metalm.eval.cka import linear_cka
+
+    cfg = load_config(REPO / "configs" / "cpu-tiny.yaml", ["eval.cka_tokens=300"])
+    m = cfg.model
+    x, y = torch.randn(300, m.d_model), torch.randn(300, m.d_model)
+    with FlopCounterMode(display=False) as counter:
+        linear_cka(x, y)
+    body = 1024 * cost.forward_flops_per_token(m, 128, head=False)
+    assert cost.metric_flops("cka", cfg, {})["matmul"] - body == m.n_layers * counter.get_total_flops()

@@ -23,6 +23,7 @@ from metalm.eval import downstream as D
     ("eval.downstream_limit=-1", "eval.downstream_limit=-1: expected >= 0 documents per task (0: all)"),
     ("eval.downstream_tasks=[]", "eval.downstream_tasks=[]: expected a non-empty list of task names"),
     ("eval.downstream_tasks=[1,arc_easy]", "eval.downstream_tasks=[1, 'arc_easy']: expected a non-empty list"),
+    ("eval.downstream_batch_tokens=0", "eval.downstream_batch_tokens=0: expected > 0 padded tokens per downstream"),
 ])
 def test_bad_downstream_keys_are_refused_naming_key_and_value(override, message):
     from metalm.config import ConfigError, load_config
@@ -233,6 +234,26 @@ def test_evaluator_command_line_records_the_tasks_asked_for(tmp_path, assets, mo
     assert W.main([*args, "eval.downstream_tasks=[arc_eazy]"]) == 2
     err = capsys.readouterr().err
     assert "unknown task(s) 'arc_eazy'" in err and "arc_challenge, arc_easy, boolq" in err
+
+
+def test_batch_token_budget_changes_the_batches_not_the_scores(tmp_path, assets):
+    """eval.downstream_batch_tokens=1: one request per forward batch; a budget above every request's tokens: all
+    of a task's requests in one batch; one in between: some of each. The scores stay the same."""
+    from eval_cases import make_ckpt
+
+    from metalm.eval.checkpoint_eval import evaluate_checkpoint
+
+    ck = make_ckpt(tmp_path / "run", 1, assets)
+    base = ["eval.metrics=[downstream]", "eval.downstream_tasks=[arc_easy,piqa]", "eval.downstream_limit=4"]
+    recs = {b: evaluate_checkpoint(ck, [*base, f"eval.downstream_batch_tokens={b}"]) for b in (1, 200, 10**6)}
+    for t in ("arc_easy", "piqa"):
+        d = {b: r["details"]["downstream"][t] for b, r in recs.items()}
+        assert d[1]["batches"] == d[1]["requests"] > d[200]["batches"] > d[10**6]["batches"] == 1, t
+        for b in (200, 10**6):
+            for k in ("acc", "acc_per_char"):
+                assert recs[b]["metrics"][f"downstream/{t}/{k}"] == recs[1]["metrics"][f"downstream/{t}/{k}"]
+            assert recs[b]["metrics"][f"downstream/{t}/bpb"] == pytest.approx(
+                recs[1]["metrics"][f"downstream/{t}/bpb"], rel=1e-6)
 
 
 def test_without_the_package_the_metric_is_skipped_with_the_fix(tmp_path, assets, monkeypatch):

@@ -12,7 +12,7 @@ from procs import cpu_run_env
 
 from metalm.config import load_config
 from metalm.data import DataError
-from metalm.eval.valloss import as_tokens, probe_batch_from_text, val_batches_from_config, validation_loss
+from metalm.eval.valloss import as_tokens, nll_sum, probe_batch_from_text, val_batches_from_config, validation_loss
 from metalm.model import build_model
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=48",
@@ -38,6 +38,23 @@ def test_token_weighted_mean_over_batches():
     assert r["val_tokens"] == n == 32 and r["val_batches"] == 2
     assert r["val_loss"] == pytest.approx(nll / n, rel=1e-5)
     assert r["val_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_chunked_lm_head_equals_the_full_logits():
+    """The LM head in chunks of positions (1, 5 and all 14 rows of a 2 x 7 batch; 5 does not divide 14) gives the
+    loss of the whole batch's logits, and validation_loss with tiny chunks the full-logits token-weighted mean."""
+    torch.manual_seed(0)
+    model = build_model(load_config(None, TINY).model).eval()
+    b = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(2))
+    inp, tgt = b[:, :-1], b[:, 1:]
+    with torch.no_grad():
+        logits = model(inp).float()
+        full = float(torch.nn.functional.cross_entropy(logits.reshape(-1, 97), tgt.reshape(-1), reduction="sum"))
+        for rows in (1, 5, 14):
+            assert nll_sum(model, inp, tgt, logit_elements=rows * 97) == pytest.approx(full, rel=1e-6)
+        assert nll_sum(model, inp, tgt, logit_elements=1) == pytest.approx(full, rel=1e-6)  # under one row: one row
+    r = validation_loss(model, iter([b]), logit_elements=3 * 97)
+    assert r["val_loss"] == pytest.approx(full / 14, rel=1e-6) and r["val_tokens"] == 14
 
 
 def test_as_tokens_shapes():

@@ -317,7 +317,7 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
                 return
             tasks = list(cfg.eval.downstream_tasks)
             r = downstream.run_downstream(model, enc, tasks, cfg.eval.downstream_limit,
-                                          cfg.eval.batch_size * cfg.eval.seq_len, device, progress)
+                                          cfg.eval.downstream_batch_tokens, device, progress)
             details["downstream"] = r
             metrics.update(downstream.flatten("downstream", r))
             progress(f"downstream: mean bpb {r['bpb']:.4f} over {', '.join(tasks)}")

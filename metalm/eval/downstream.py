@@ -234,9 +234,10 @@ def evaluate_task(model, encode: Callable[[list[str]], list[list[int]]], docs: S
     ctx_ids, cont_ids = encode([c for c, _ in flat]), encode([x for _, x in flat])
     max_len = model.cfg.max_seq_len
     seqs = [request_tokens(a, b, max_len) for a, b in zip(ctx_ids, cont_ids)]
-    t0, last = time.time(), [time.time()]
+    t0, last, batches = time.time(), [time.time()], [0]
 
     def tick(k: int) -> None:
+        batches[0] += 1
         now = time.time()
         if now - last[0] >= every_s:
             last[0] = now
@@ -248,7 +249,8 @@ def evaluate_task(model, encode: Callable[[list[str]], list[list[int]]], docs: S
         lls.append(flat_ll[i: i + len(d.contexts)])
         i += len(d.contexts)
     r = score_docs(docs, lls)
-    r.update(requests=len(seqs), tokens=sum(len(s) for s, _ in seqs), seconds=round(time.time() - t0, 3))
+    r.update(requests=len(seqs), tokens=sum(len(s) for s, _ in seqs), batches=batches[0],
+             seconds=round(time.time() - t0, 3))
     return r
 
 
