@@ -241,7 +241,7 @@ def ner_matched(van_rd: Path, hyb_rd: Path, van: list[dict], hyb: list[dict]) ->
     {"hybrid": scores, "vanilla": scores, "hybrid_val_loss", "vanilla_val_loss"}, or None when the hybrid has no
     NER or its fine-tuned checkpoint no validation loss."""
     hyb_ner = ner_scores(hyb_rd)
-    match = vanilla_at_equal_loss(van, hyb, hyb_ner["step"]) if hyb_ner["step"] is not None else None
+    match = vanilla_at_equal_loss(van, hyb, hyb_ner["step"]) if hyb_ner.get("step") is not None else None
     if match is None:
         return None
     return {"hybrid": hyb_ner, "vanilla": ner_scores(van_rd, match["step"]),
