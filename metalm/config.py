@@ -568,6 +568,10 @@ def _validate_eval(ev: EvalConfig) -> None:
     tasks = ev.downstream_tasks
     if not tasks or not all(isinstance(t, str) and t for t in tasks):
         _bad("eval.downstream_tasks", tasks, "expected a non-empty list of task names (e.g. [arc_easy,hellaswag])")
+    dupes = sorted({t for t in tasks if list(tasks).count(t) > 1})
+    if dupes:
+        _bad("eval.downstream_tasks", list(tasks),
+             f"task {dupes[0]!r} listed twice; expected each task once (a repeat would count twice in downstream/bpb)")
     if ev.downstream_limit < 0:
         _bad("eval.downstream_limit", ev.downstream_limit, "expected >= 0 documents per task (0: all)")
     if ev.downstream_batch_tokens <= 0:

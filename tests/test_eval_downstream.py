@@ -23,6 +23,8 @@ from metalm.eval import downstream as D
     ("eval.downstream_limit=-1", "eval.downstream_limit=-1: expected >= 0 documents per task (0: all)"),
     ("eval.downstream_tasks=[]", "eval.downstream_tasks=[]: expected a non-empty list of task names"),
     ("eval.downstream_tasks=[1,arc_easy]", "eval.downstream_tasks=[1, 'arc_easy']: expected a non-empty list"),
+    ("eval.downstream_tasks=[arc_easy,piqa,arc_easy]",
+     "eval.downstream_tasks=['arc_easy', 'piqa', 'arc_easy']: task 'arc_easy' listed twice; expected each task once"),
     ("eval.downstream_batch_tokens=0", "eval.downstream_batch_tokens=0: expected > 0 padded tokens per downstream"),
 ])
 def test_bad_downstream_keys_are_refused_naming_key_and_value(override, message):
