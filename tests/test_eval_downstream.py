@@ -12,8 +12,12 @@ import pytest
 import torch
 from torch import nn
 
+from doc_commands import documented
+
 from metalm.data import DataError
 from metalm.eval import downstream as D
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------------------- the config
@@ -213,8 +217,10 @@ def test_evaluator_command_line_records_the_tasks_asked_for(tmp_path, assets, mo
     run = tmp_path / "run"
     ck = make_ckpt(run, 3, assets)
     caplog.set_level("INFO")
-    args = ["--checkpoint", str(ck), "--force", "--config", "eval.metrics=[downstream]",
-            "eval.downstream_tasks=[arc_easy,hellaswag,piqa]", "eval.downstream_limit=3", "logging.wandb=true"]
+    # docs/evaluation.md's command, on a tiny checkpoint, with 3 documents per task and W&B captured
+    (words,) = documented(REPO / "docs" / "evaluation.md", "tests/test_eval_downstream.py")
+    assert words[:3] == ["metalm-evaluate", "--checkpoint", "runs/cpu-tiny"]
+    args = ["--checkpoint", str(ck), "--force", *words[3:], "eval.downstream_limit=3", "logging.wandb=true"]
     assert W.main(args) == 0
     rec = json.loads((run / "eval" / "step_00000003.json").read_text())
     keys = {f"downstream/{t}/{m}" for t in ("arc_easy", "hellaswag", "piqa") for m in ("acc", "acc_per_char", "bpb")}
