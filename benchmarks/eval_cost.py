@@ -3,6 +3,7 @@ for a 570M checkpoint on one GPU from FLOPs.
 
     python benchmarks/eval_cost.py                          # cpu-tiny and 11m; benchmarks/results/eval-cost-cpu.json
     python benchmarks/eval_cost.py --presets cpu-tiny --out /tmp/eval-cost.json
+    python benchmarks/eval_cost.py --reestimate benchmarks/results/eval-cost-cpu.json   # new assumptions, no timing
 
 Every metric of the evaluator's registry (metalm.config.EVAL_METRICS, so a metric added there is timed too) is
 evaluated on its own, through metalm.eval.checkpoint_eval.evaluate_checkpoint, and its time is the evaluator's own
@@ -19,10 +20,12 @@ The 570M estimate (configs/570m.yaml, same eval defaults) counts each metric's F
 singular values of an m×n matrix, m >= n: 4·m·n²; stats and cka run the blocks without the LM head on the
 probe batch, cka adds three d_model×d_model Gram products of eval.cka_tokens rows per layer, and the sorting and
 element-wise sums of stats' sparsity measures are left out) from the token counts the metric reads, and divides by an
-assumed throughput of one H100/H200-class GPU: MATMUL_TFLOPS for the passes (fp32 weights under TF32 matmuls at
-about 30% of the dense peak) and SVD_TFLOPS for the singular values (cuSOLVER at a few percent of peak), plus the
-checkpoint load (2.3 GB of fp32 weights at LOAD_GBPS). The same counts at 11m divided by the measured CPU seconds
-give each metric's achieved CPU FLOP/s, a check on the counts.
+assumed throughput of one H100/H200-class GPU: MATMUL_TFLOPS for the passes (fp32 matmuls at about 30% of the
+67 TFLOP/s fp32 peak: the evaluator runs in fp32 and never enables TF32, which PyTorch leaves off for matmuls by
+default) and SVD_TFLOPS for the singular values (cuSOLVER at a few percent of peak), plus the checkpoint load
+(2.3 GB of fp32 weights at LOAD_GBPS). The same counts at 11m divided by the measured CPU seconds give each
+metric's achieved CPU FLOP/s, a check on the counts. `--reestimate JSON` recomputes a recorded file's 570M
+estimate from its FLOP counts at the assumptions below, without timing anything again.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ from metalm.config import EVAL_METRICS, load_config, to_yaml  # noqa: E402
 from metalm.model import build_model  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
-MATMUL_TFLOPS = 150.0  # assumed achieved TF32 matmul throughput of one H100/H200 (about 30% of the dense peak)
+MATMUL_TFLOPS = 20.0  # assumed achieved fp32 (not TF32) matmul throughput of one H100/H200 (30% of 67 TFLOP/s)
 SVD_TFLOPS = 1.0  # assumed achieved throughput of torch.linalg.svdvals (cuSOLVER) on the same GPU
 LOAD_GBPS = 1.0  # assumed read speed of a checkpoint from a network file system or bucket snapshot
 NER_FILES = {k: SHARED / "ner" / f"ja_hironsan-{k}.iob2" for k in ("train", "dev", "test")}
@@ -194,10 +197,33 @@ def estimate_570m(counts: dict) -> dict:
         if not fl:
             out[metric] = {"note": "no FLOP model for this metric yet: add one to metric_flops()"}
             continue
-        seconds = fl["matmul"] / (MATMUL_TFLOPS * 1e12) + fl["svd"] / (SVD_TFLOPS * 1e12)
-        out[metric] = {"matmul_tflop": round(fl["matmul"] / 1e12, 3), "svd_tflop": round(fl["svd"] / 1e12, 3),
-                       "seconds": round(seconds, 2)}
+        out[metric] = {"matmul_tflop": round(fl["matmul"] / 1e12, 3), "svd_tflop": round(fl["svd"] / 1e12, 3)}
+        out[metric]["seconds"] = gpu_seconds(out[metric])
     return out
+
+
+def gpu_seconds(row: dict) -> float:
+    """A metric's estimated GPU seconds from its {"matmul_tflop", "svd_tflop"} at the assumed throughputs."""
+    return round(row["matmul_tflop"] / MATMUL_TFLOPS + row["svd_tflop"] / SVD_TFLOPS, 2)
+
+
+def estimate_block(est: dict, load_seconds: float, counts: dict, default_metrics) -> dict:
+    """The results file's "estimate_570m_gpu": assumptions, per-metric estimates, the default set with the load."""
+    return {"assumptions": {"matmul_tflops": MATMUL_TFLOPS, "svd_tflops": SVD_TFLOPS, "load_gb_per_s": LOAD_GBPS,
+                            "token_counts": counts, "eval": "configs/570m.yaml defaults"},
+            "load_seconds": load_seconds, "metrics": est,
+            "default_set_seconds": round(load_seconds + sum(est[m].get("seconds", 0) for m in default_metrics), 1)}
+
+
+def reestimate(results: dict) -> dict:
+    """`results` (a recorded results file) with its 570M estimate recomputed from the recorded FLOP counts at
+    this file's assumed throughputs; the CPU timings are left as they were measured."""
+    old = results["estimate_570m_gpu"]
+    est = {m: dict(row, seconds=gpu_seconds(row)) if "matmul_tflop" in row else dict(row)
+           for m, row in old["metrics"].items()}
+    load_s = round(old["load_seconds"] * old["assumptions"]["load_gb_per_s"] / LOAD_GBPS, 1)
+    default = load_config(REPO / "configs" / "570m.yaml").eval.metrics
+    return dict(results, estimate_570m_gpu=estimate_block(est, load_s, old["assumptions"]["token_counts"], default))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ner-sentences", type=int, default=200, help="first N sentences of each NER file (default 200)")
     p.add_argument("--cache", default="/tmp/metalm-eval-cost", help="where the prepared shards are kept")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "eval-cost-cpu.json"))
+    p.add_argument("--reestimate", metavar="JSON",
+                   help="recompute this results file's 570M estimate at the current assumptions and write it to "
+                        "--out (no timing)")
     args = p.parse_args(argv)
+    if args.reestimate:
+        results = reestimate(json.loads(Path(args.reestimate).read_text()))
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        print_estimate(results["estimate_570m_gpu"])
+        print(f"wrote {args.out}")
+        return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -237,11 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             row["cpu_gflops_per_s"] = round((fl["matmul"] + fl["svd"]) / row["seconds"] / 1e9, 2)
     est = estimate_570m(counts)
     load_s = 4 * sum(p.numel() for p in build_model(big.model).parameters()) / (LOAD_GBPS * 1e9)
-    results["estimate_570m_gpu"] = {
-        "assumptions": {"matmul_tflops": MATMUL_TFLOPS, "svd_tflops": SVD_TFLOPS, "load_gb_per_s": LOAD_GBPS,
-                        "token_counts": counts, "eval": "configs/570m.yaml defaults"},
-        "load_seconds": round(load_s, 1), "metrics": est,
-        "default_set_seconds": round(load_s + sum(est[m].get("seconds", 0) for m in big.eval.metrics), 1)}
+    results["estimate_570m_gpu"] = estimate_block(est, round(load_s, 1), counts, big.eval.metrics)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     print()
@@ -250,10 +281,16 @@ def main(argv: list[str] | None = None) -> int:
         cells = "".join(f"{results['presets'][pr]['metrics'][metric]['seconds'] or 0:>11.1f}s"
                         for pr in results["presets"])
         print(f"{metric:12s}{cells}{est[metric].get('seconds', float('nan')):>13.1f}s")
-    print(f"570M default set ({', '.join(big.eval.metrics)}) with the load: "
-          f"{results['estimate_570m_gpu']['default_set_seconds']:.0f} s")
+    print_estimate(results["estimate_570m_gpu"])
     print(f"wrote {args.out}")
     return 0
+
+
+def print_estimate(block: dict) -> None:
+    a = block["assumptions"]
+    print(f"570M on one GPU at {a['matmul_tflops']:g} TFLOP/s matmuls, {a['svd_tflops']:g} TFLOP/s singular values: "
+          + ", ".join(f"{m} {r['seconds']:.2f} s" for m, r in block["metrics"].items() if "seconds" in r)
+          + f"; the default set with the load: {block['default_set_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """benchmarks/eval_cost.py's FLOP counts, which its 570M estimate rests on, against the model's own layers."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,31 @@ def test_cka_gram_flops_are_what_linear_cka_multiplies():
         linear_cka(x, y)
     body = 1024 * cost.forward_flops_per_token(m, 128, head=False)
     assert cost.metric_flops("cka", cfg, {})["matmul"] - body == m.n_layers * counter.get_total_flops()
+
+
+def test_reestimate_recomputes_the_570m_seconds_from_the_recorded_flops(tmp_path):
+    """A file recorded at other assumptions (150 TFLOP/s matmuls, 2 GB/s loads) is re-estimated from its FLOP counts
+    at the file's current ones, by hand: seconds = matmul TFLOP / MATMUL_TFLOPS + svd TFLOP / SVD_TFLOPS."""
+    recorded = {"presets": {"11m": {"metrics": {"rank": {"seconds": 2.7}}}}, "estimate_570m_gpu": {
+        "assumptions": {"matmul_tflops": 150.0, "svd_tflops": 1.0, "load_gb_per_s": 2.0, "token_counts": {"x": 1}},
+        "load_seconds": 1.2, "default_set_seconds": 0.0,
+        "metrics": {"val_loss": {"matmul_tflop": 300.0, "svd_tflop": 0.0, "seconds": 2.0},
+                    "rank": {"matmul_tflop": 8.0, "svd_tflop": 5.0, "seconds": 5.05},
+                    "entropy": {"matmul_tflop": 2.0, "svd_tflop": 0.0, "seconds": 0.01},
+                    "downstream": {"matmul_tflop": 400.0, "svd_tflop": 0.0, "seconds": 2.67},
+                    "later": {"note": "no FLOP model"}}}}
+    path, out = tmp_path / "old.json", tmp_path / "new.json"
+    path.write_text(json.dumps(recorded))
+    assert cost.main(["--reestimate", str(path), "--out", str(out)]) == 0
+    new = json.loads(out.read_text())
+    assert new["presets"] == recorded["presets"]  # the CPU timings are not touched
+    est = new["estimate_570m_gpu"]
+    mm, svd = cost.MATMUL_TFLOPS, cost.SVD_TFLOPS
+    assert est["assumptions"]["matmul_tflops"] == mm and est["assumptions"]["token_counts"] == {"x": 1}
+    assert est["metrics"]["val_loss"]["seconds"] == pytest.approx(300 / mm, abs=0.005)
+    assert est["metrics"]["rank"]["seconds"] == pytest.approx(8 / mm + 5 / svd, abs=0.005)
+    assert est["metrics"]["later"] == {"note": "no FLOP model"}
+    load = 1.2 * 2.0 / cost.LOAD_GBPS  # the same bytes at the assumed read speed
+    assert est["load_seconds"] == pytest.approx(load, abs=0.05)
+    # configs/570m.yaml's default eval.metrics: val_loss, rank, entropy
+    assert est["default_set_seconds"] == pytest.approx(load + 300 / mm + 8 / mm + 5 / svd + 2 / mm, abs=0.1)
