@@ -1,8 +1,9 @@
 """Per-layer gradient norms during training, every `train.grad_stats_every` optimizer steps.
 
 The gradient measured is the step's whole gradient as the optimizer receives it: accumulated over the step's
-micro-batches (their mean, DeepSpeed's scaling), averaged over ranks, before clipping. Each group's number is
-the L2 norm of the gradients of its parameters together:
+micro-batches (their mean, DeepSpeed's scaling), averaged over ranks, before clipping, and under fp16 before the
+loss scale is divided out (DeepSpeed unscales inside the optimizer step; bf16 and fp32 have no loss scale). Each
+group's number is the L2 norm of the gradients of its parameters together:
 
     grad_norm/L{i}/attn   layer i's input norm and q/k/v/o projections
     grad_norm/L{i}/mlp    layer i's post-attention norm and gate/up/down projections
