@@ -179,6 +179,15 @@ def test_cka_between_consecutive_checkpoints_is_the_same_on_a_rerun(tmp_path, as
     for old, s in ((second, 20), (third, 30)):
         assert {k: v for k, v in rec(s)["metrics"].items() if k.startswith("cka/")} == \
             {k: v for k, v in old["metrics"].items() if k.startswith("cka/")}
+    # pruned by hand to the newest two files (docs/evaluation.md): the newest's re-run is the same, the older one's
+    # skips cka saying why
+    cka.activation_path(ev, 10).unlink()
+    for s in (20, 30):
+        (ev / f"step_{s:08d}.json").unlink()
+    W.Watcher(str(run), overrides=["eval.metrics=[cka]", "eval.cka_tokens=20"], wandb=False,
+              device="cpu").run(once=True)
+    assert rec(30)["metrics"]["cka/mean"] == third["metrics"]["cka/mean"]
+    assert "the earlier files were deleted" in rec(20)["skipped"]["cka"]
     # eval.cka_tokens chooses the rows compared: all 48 here, another number
     other = tmp_path / "all-rows"
     W.Watcher(str(run), results=str(other), overrides=["eval.metrics=[cka]", "eval.cka_tokens=100"], wandb=False,

@@ -109,7 +109,8 @@ def cka_to_previous(results: Path, step: int, acts: list[torch.Tensor], digest: 
     save_activations(results, step, acts, digest)
     prev = previous_step(results, step)
     if prev is None:
-        return None, f"no earlier checkpoint's activations in {Path(results) / ACT_DIR} (the first one evaluated)"
+        return None, (f"no earlier checkpoint's activations in {Path(results) / ACT_DIR} (the first one evaluated, "
+                      f"or the earlier files were deleted)")
     path = activation_path(results, prev)
     prev_acts, prev_digest = load_activations(path)
     if prev_digest != digest:
