@@ -11,8 +11,9 @@ infinite global sequence; optimizer step s (counted from the loader's start posi
 positions that start at ``P + s*G + (a*world_size + r)*micro_batch``. So any split of G into processes x
 accumulation x micro-batch draws the same samples for the same step, each epoch reads every sample exactly once,
 and a batch may span two epochs. With workers, worker w of a rank builds that rank's micro-batches w, w + W, ...
-(W = num_workers), handed out round-robin. A rank reads only the shards its micro-batches cover (neighbouring
-ranks read disjoint parts of a shard).
+(W = num_workers), handed out round-robin. Since every step's G positions interleave the micro-batches of all
+ranks, every rank, and every worker of a rank, reads (for remote shards: downloads and checks) every shard of
+the split each epoch, using only its own samples of it.
 
 Val: one pass without shuffling, in slots: every (rank, worker) pair is a slot ``j = rank * W + worker`` and
 reads a contiguous range of the sequence. Every rank gets the same number of samples, N // world_size (the last
