@@ -107,13 +107,21 @@ def wait_for(cond, nodes: list[Node], what: str, timeout: float = 180) -> None:
         time.sleep(0.02)
 
 
+def rank_zero_first(nodes: list[Node]) -> list[Node]:
+    """The nodes, the one whose process got rank 0 first: the c10d rendezvous orders the nodes by (host address,
+    launcher pid, ...), not by start order, and only rank 0 announces the model."""
+    zero = [n for n in nodes if "metalm: model " in n.output()]
+    assert len(zero) == 1, "\n".join(n.output()[-2000:] for n in nodes)
+    return zero + [n for n in nodes if n is not zero[0]]
+
+
 def test_two_nodes_train_a_killed_node_stops_the_other_and_both_resume(tmp_path, shards):
     run_dir, port = tmp_path / "run", free_port()
     nodes = [Node(i, port, run_dir, shards) for i in (0, 1)]
     try:
         wait_for(lambda: ckpt.find_latest(run_dir / "checkpoints") is not None and max(losses(run_dir), default=0) > 4,
                  nodes, "a checkpoint and step 5")
-        survivor, victim = nodes
+        survivor, victim = rank_zero_first(nodes)  # rank 0 survives: its error line is checked below
         victim.kill()
         killed = time.monotonic()
         survivor.proc.wait(timeout=TIMEOUT + 60)  # a hang fails here

@@ -11,8 +11,9 @@ infinite global sequence; optimizer step s (counted from the loader's start posi
 positions that start at ``P + s*G + (a*world_size + r)*micro_batch``. So any split of G into processes x
 accumulation x micro-batch draws the same samples for the same step, each epoch reads every sample exactly once,
 and a batch may span two epochs. With workers, worker w of a rank builds that rank's micro-batches w, w + W, ...
-(W = num_workers), handed out round-robin. A rank reads only the shards its micro-batches cover (neighbouring
-ranks read disjoint parts of a shard).
+(W = num_workers), handed out round-robin. Since every step's G positions interleave the micro-batches of all
+ranks, every rank, and every worker of a rank, reads (for remote shards: downloads and checks) every shard of
+the split each epoch, using only its own samples of it.
 
 Val: one pass without shuffling, in slots: every (rank, worker) pair is a slot ``j = rank * W + worker`` and
 reads a contiguous range of the sequence. Every rank gets the same number of samples, N // world_size (the last
@@ -532,14 +533,32 @@ def _micro_positions(geometry: tuple[int, int, int, int, int], first: int, strid
         k += stride
 
 
+def _shards_at(plan: _Plan, q: int, micro_batch: int) -> Iterator[int]:
+    """The shards that global positions [q, q + micro_batch) of `plan` (one slot spanning the split) read, in
+    order (each run once); what `plan.stream(0, q, True)` reads, without shuffling inside the shards."""
+    n, end = plan.num_samples, q + micro_batch
+    while q < end:
+        epoch, offset = divmod(q, n)
+        order, starts = plan.layout(epoch)
+        k = int(np.searchsorted(starts, offset, side="right")) - 1
+        shard = int(order[k])
+        yield shard
+        q = min(end, epoch * n + int(starts[k]) + int(plan.counts[shard]))
+
+
 def _shards_of(plan: _Plan, positions: Iterator[int], micro_batch: int) -> Iterator[int]:
-    """The shards the micro-batches at `positions` read, in order, each run of the same shard once."""
-    last = None
+    """The shards the micro-batches at `positions` read, in order, each run of the same shard once: what a reader
+    downloads ahead. Ends once a whole epoch of positions goes by without another shard (a single-shard split,
+    or a rank that keeps missing the other shards): the reader's cache serves that shard, and a shard it did not
+    foresee is downloaded when it is read."""
+    last, since = None, None
     for q in positions:
-        for _, shard, _ in islice(plan.stream(0, q, True), micro_batch):
+        for shard in _shards_at(plan, q, micro_batch):
             if shard != last:
                 yield shard
-                last = shard
+                last, since = shard, q
+        if q - since > plan.num_samples:
+            return
 
 
 def _global_batches(plan: _Plan, reader: _ShardReader, positions: Callable[[], Iterator[int]],

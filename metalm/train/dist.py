@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from collections.abc import Callable
 
@@ -109,3 +110,16 @@ class Collectives:
     def barrier(self) -> None:
         if self.dist.world_size > 1:
             tdist.barrier()
+
+    def wait_for(self, seconds: float) -> None:
+        """A barrier that waits up to `seconds` rather than train.collective_timeout: for a wait as long as some
+        work of one rank (rank 0 preparing the shards). It runs on a gloo group made for it (CPU, whatever the
+        run's backend) and dropped after; a rank that dies meanwhile still ends the wait at once (its
+        connection closes)."""
+        if self.dist.world_size == 1:
+            return
+        group = tdist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
+        try:
+            tdist.barrier(group=group)
+        finally:
+            tdist.destroy_process_group(group)

@@ -31,6 +31,8 @@ from metalm.train.metrics import MetricsLogger
 from metalm.train.module import PretrainModule
 from metalm.train.preflight import (RunLock, check_step_memory, checkpoint_bytes, probe_dirs, step_memory_bytes)
 
+PREPARE_WAIT_S = 7 * 24 * 3600.0  # how long the other ranks wait for rank 0 to prepare the shards
+
 # Dense bf16 peak FLOP/s by device name, for MFU. Unknown devices (and CPUs) report no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
@@ -118,7 +120,7 @@ class Trainer:
                                    seed=t.seed, progress=self.cfg.logging.progress)
 
         manifest = prepare() if self.dist.rank == 0 else None
-        self.comm.barrier()
+        self.comm.wait_for(PREPARE_WAIT_S)  # a first preparation can outlast train.collective_timeout
         return manifest if manifest is not None else prepare()
 
     def _check_memory(self) -> None:
