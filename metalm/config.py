@@ -63,6 +63,7 @@ class DataConfig:
     cache_dir: str = ""  # shards read from a URL: keep them in this local directory too ("" = in memory only)
     read_ahead: int = 2  # shards from a URL each loader worker downloads ahead of the one it reads (0: on demand)
     retries: int = 4  # a failed shard download is retried this many times (backoff 1 s, 2 s, ...), then a DataError
+    record_samples: bool = False  # each rank appends the global ids of its train samples to RUN/samples/rank_N.jsonl
 
 
 @dataclass
@@ -103,6 +104,8 @@ class TrainConfig:
     spike_window: int = 100  # steps of loss history for loss-spike detection (0 disables)
     spike_sigma: float = 6.0  # a step loss above mean + spike_sigma x std of the window is logged as a loss_spike
     check_memory: bool = True  # refuse to start when a step's estimated peak memory exceeds what is available
+    grad_stats_every: int = 0  # every N optimizer steps: per-layer gradient norms into metrics.jsonl (0: never)
+    collective_timeout: float = 600.0  # seconds a rank waits for the others (rendezvous, any collective), then exits 1
 
 
 @dataclass
@@ -209,6 +212,10 @@ class EvalConfig:
     val_batches: int = 16
     metrics: list = field(default_factory=lambda: ["val_loss", "rank", "entropy"])
     probe_text: str | None = None  # text/jsonl file for the fixed rank/entropy batch when no val shards
+    cka_tokens: int = 1024  # cka: probe-batch rows (tokens) whose activations are saved and compared per checkpoint
+    downstream_tasks: list = field(default_factory=lambda: ["arc_easy", "hellaswag", "piqa", "sciq"])
+    downstream_limit: int = 500  # downstream: the first N documents of each task in file order; 0: all
+    downstream_batch_tokens: int = 8192  # downstream: padded tokens per forward batch (sets the time, not the scores)
     ner: NerConfig = field(default_factory=NerConfig)
 
 
@@ -246,7 +253,7 @@ HEAD_WEIGHT_INITS = ("xavier", "normal")  # meta.head.init
 LOGGING_MODES = ("auto", "online", "offline")  # logging.mode
 NER_MODES = ("head", "full")  # eval.ner.mode
 NER_LABEL_TOKENS = ("first", "last")  # eval.ner.label_token
-EVAL_METRICS = ("val_loss", "rank", "entropy", "ner")  # eval.metrics: any of these
+EVAL_METRICS = ("val_loss", "rank", "entropy", "ner", "downstream", "stats", "cka")  # eval.metrics: any of these
 
 # Which key takes which set (read by the section checkers below and by scripts/gen_config_docs.py).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -460,6 +467,9 @@ def _validate_train(t: TrainConfig) -> None:
     if t.spike_window < 0:
         _bad("train.spike_window", t.spike_window, "expected >= 0 (0 disables loss-spike detection)")
     _check_positive("train.spike_sigma", t.spike_sigma)
+    if t.grad_stats_every < 0:
+        _bad("train.grad_stats_every", t.grad_stats_every, "expected >= 0 (0: no per-layer gradient norms)")
+    _check_positive("train.collective_timeout", t.collective_timeout)
 
 
 def _validate_meta(me: MetaConfig) -> None:
@@ -550,11 +560,23 @@ def _validate_logging(lg: LoggingConfig) -> None:
 
 
 def _validate_eval(ev: EvalConfig) -> None:
-    _check_positive_ints("eval", ev, ("batch_size", "seq_len", "val_batches"))
+    _check_positive_ints("eval", ev, ("batch_size", "seq_len", "val_batches", "cka_tokens"))
     for name in ev.metrics:
         if name not in EVAL_METRICS:
             _bad("eval.metrics", list(ev.metrics),
                  f"unknown metric {name!r}; expected some of {', '.join(EVAL_METRICS)}")
+    tasks = ev.downstream_tasks
+    if not tasks or not all(isinstance(t, str) and t for t in tasks):
+        _bad("eval.downstream_tasks", tasks, "expected a non-empty list of task names (e.g. [arc_easy,hellaswag])")
+    dupes = sorted({t for t in tasks if list(tasks).count(t) > 1})
+    if dupes:
+        _bad("eval.downstream_tasks", list(tasks),
+             f"task {dupes[0]!r} listed twice; expected each task once (a repeat would count twice in downstream/bpb)")
+    if ev.downstream_limit < 0:
+        _bad("eval.downstream_limit", ev.downstream_limit, "expected >= 0 documents per task (0: all)")
+    if ev.downstream_batch_tokens <= 0:
+        _bad("eval.downstream_batch_tokens", ev.downstream_batch_tokens,
+             "expected > 0 padded tokens per downstream batch (a longer request still gets a batch of its own)")
 
 
 def _validate_ner(ner: NerConfig) -> None:

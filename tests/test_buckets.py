@@ -169,6 +169,30 @@ def test_pipe_shards(shards, tmp_path):
         ShardLoader("pipe:cat /nonexistent/{}", seq_len=SEQ, micro_batch=4)
 
 
+def test_remote_shards_of_a_single_shard_split(shards, tmp_path):
+    """A train split of one shard read through a remote store (a pipe:, so the reader downloads ahead): it used to
+    look ahead for a second shard forever and hang before the first batch. Read in a thread with a deadline, so a
+    hang fails the test; the batches must be the local reader's (which never looks ahead)."""
+    import shutil
+
+    from data_cases import rewrite_manifest
+
+    one = tmp_path / "one"
+    shutil.copytree(shards, one)
+    n = load_manifest(shards)["splits"]["train"]["shards"][0]["samples"]
+    rewrite_manifest(one, lambda man: man["splits"]["train"].update(shards=man["splits"]["train"]["shards"][:1],
+                                                                    samples=n))
+    steps = n // 4 * 2 + 3  # two epochs and a bit
+    want = _take(ShardLoader(one, seq_len=SEQ, micro_batch=4, global_batch=8), steps)
+    got: list = []
+    reader = threading.Thread(target=lambda: got.extend(_take(ShardLoader(
+        f"pipe:cat {one}/{{}}", seq_len=SEQ, micro_batch=4, global_batch=8), steps)), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "the remote single-shard loader did not hand out its batches within 60 s"
+    assert got == want
+
+
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 and its key (the client trusts it through SSL_CERT_FILE)."""
     from cryptography import x509

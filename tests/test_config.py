@@ -145,6 +145,8 @@ def test_consumers_share_the_allowed_values():
     ("train.grad_accum=-1", "train.grad_accum=-1: expected >= 0"),
     ("train.val_batches=0", "train.val_batches=0: expected a positive integer"),
     ("meta.inner_lr=0", "meta.inner_lr=0.0: expected a finite number > 0"),
+    ("train.collective_timeout=0", "train.collective_timeout=0.0: expected a finite number > 0"),
+    ("train.collective_timeout=inf", "train.collective_timeout=inf: expected a finite number > 0"),
 ])
 def test_section_checks_keep_their_messages(override, message):
     with pytest.raises(ConfigError) as e:

@@ -90,23 +90,18 @@ def take(ld, n) -> list[list]:
         it.close()
 
 
-def per_worker_samples(ld: ShardLoader, epochs: int) -> dict[int, list[tuple]]:
-    """Samples of each worker's first `epochs` epochs, attributed through the public resume state."""
-    sizes = ld.worker_sizes
-    seen: dict[int, list[tuple]] = {w: [] for w in range(len(sizes))}
-    prev = ld.state_dict()["positions"]
-    it = iter(ld)
-    try:
-        while any(len(seen[w]) < epochs * sizes[w] for w in seen):
-            batch = next(it)
-            pos = ld.state_dict()["positions"]
-            moved = [w for w in seen if pos[w] != prev[w]]
-            assert len(moved) == 1 and pos[moved[0]] - prev[moved[0]] == len(batch)
-            seen[moved[0]].extend(tuple(r) for r in batch.tolist())
-            prev = pos
-    finally:
-        it.close()
-    return {w: s[: epochs * sizes[w]] for w, s in seen.items()}
+def per_step_samples(shards_dir, steps: int, global_batch: int, world_size: int, micro_batch: int, workers: int,
+                     **kw) -> list[list[tuple]]:
+    """The samples each of the first `steps` optimizer steps reads, sorted, gathered from every rank's loader of
+    one split of `global_batch` (ranks x accumulation x micro-batch), each with `workers` workers."""
+    accum = global_batch // (world_size * micro_batch)
+    out: list[list[tuple]] = [[] for _ in range(steps)]
+    for rank in range(world_size):
+        ld = loader(shards_dir, rank=rank, world_size=world_size, micro_batch=micro_batch, num_workers=workers,
+                    global_batch=global_batch, **kw)
+        for k, batch in enumerate(take(ld, steps * accum)):
+            out[k // accum].extend(tuple(r) for r in batch)
+    return [sorted(s) for s in out]
 
 
 # ----------------------------------------------------------------------------------------------- prepare
@@ -356,20 +351,20 @@ def test_batches_shape_dtype_and_content(shards):
     assert ld.manifest["special_ids"]["mask"] == 50280 and ld.vocab_size == 50281
 
 
-def test_two_ranks_two_workers_every_sample_once_per_epoch(shards):
+def test_any_split_of_the_global_batch_reads_the_same_samples_at_each_step(shards):
+    """Issue 25: a step's samples are defined on the global order: 1 x 16, 2 ranks x accum 2 x 4 (2 workers each),
+    4 ranks x accum 2 x 2 and 1 x accum 4 x 4 (2 workers) read the same 16 samples at each of 60 steps (two epochs
+    and more), and each epoch of the order holds every sample of the split exactly once."""
     expected = Counter(read_split(shards, "train"))
-    epochs: list[Counter] = [Counter(), Counter()]
-    orders = []
-    for rank in (0, 1):
-        ld = loader(shards, rank=rank, world_size=2, num_workers=2)
-        got = per_worker_samples(ld, epochs=2)
-        for w, samples in got.items():
-            n = ld.worker_sizes[w]
-            epochs[0].update(samples[:n])
-            epochs[1].update(samples[n:])
-            orders.append((samples[:n], samples[n:]))
-    assert epochs[0] == expected and epochs[1] == expected
-    assert any(a != b for a, b in orders)  # the order changes between epochs
+    n = sum(expected.values())
+    steps = 2 * n // 16 + 3
+    reference = per_step_samples(shards, steps, 16, world_size=1, micro_batch=16, workers=0)
+    for split in ((2, 4, 2), (4, 2, 0), (1, 4, 2)):
+        assert per_step_samples(shards, steps, 16, *split) == reference, split
+    flat = [tuple(r) for b in take(loader(shards, micro_batch=16), steps) for r in b]
+    assert [sorted(flat[i * 16:(i + 1) * 16]) for i in range(steps)] == reference
+    assert Counter(flat[:n]) == expected and Counter(flat[n:2 * n]) == expected
+    assert flat[:n] != flat[n:2 * n]  # the order changes between epochs
 
 
 def test_same_seed_same_order_new_seed_or_epoch_new_order(shards):
@@ -377,7 +372,7 @@ def test_same_seed_same_order_new_seed_or_epoch_new_order(shards):
     a = take(loader(shards), n)
     assert take(loader(shards), n) == a
     assert take(loader(shards, seed=1), n) != a
-    per_epoch = sum(loader(shards).worker_sizes)
+    per_epoch = loader(shards).num_samples
     flat = [tuple(r) for b in a for r in b]
     assert flat[:per_epoch] != flat[per_epoch: 2 * per_epoch][: per_epoch]
     assert Counter(flat[:per_epoch]) == Counter(read_split(shards, "train"))
@@ -395,25 +390,66 @@ def test_resume_mid_epoch_gives_the_same_batches(shards, workers):
     first = loader(shards, micro_batch=8, num_workers=workers)
     head = take(first, cut)
     state = json.loads(json.dumps(first.state_dict()))
-    assert state["batches"] == cut and state["epoch"] == 0
+    assert state["samples"] == cut * 8 and state["epoch"] == 0
     resumed = loader(shards, micro_batch=8, num_workers=workers)
-    resumed.load_state_dict(state)
+    assert resumed.load_state_dict(state) is None  # the same global batch: nothing to warn about
     tail = take(resumed, total - cut)
     assert head + tail == ref
-    assert resumed.state_dict()["positions"] == ref_loader.state_dict()["positions"]
+    assert resumed.position == ref_loader.position == total * 8
     # iterating the same loader again continues (train streams do not restart)
     cont = loader(shards, micro_batch=8, num_workers=workers)
     assert take(cont, cut) + take(cont, total - cut) == ref
 
 
-def test_load_state_dict_rejects_another_layout(shards):
+def test_resume_on_another_split_or_global_batch_continues_the_global_order(shards):
+    """Issue 25: 5 steps of 16 on 2 ranks x micro 4 x accum 2, resumed on 1 rank x micro 8 x accum 2 (1 worker),
+    read what the uninterrupted 1 x 16 loader reads at steps 6-9; resumed with a global batch of 24 instead, the
+    run continues at sample 80 of the order (nothing repeated or skipped) and says so."""
+    flat = [tuple(r) for b in take(loader(shards, micro_batch=16), 15) for r in b]  # the global order
+    states = []
+    for rank in (0, 1):
+        ld = loader(shards, rank=rank, world_size=2, micro_batch=4, global_batch=16)
+        take(ld, 5 * 2)
+        states.append(json.loads(json.dumps(ld.state_dict())))
+    assert states[0]["samples"] == states[1]["samples"] == 80 and states[0]["global_batch"] == 16
+    one = loader(shards, micro_batch=8, global_batch=16, num_workers=1)
+    assert one.load_state_dict(states[1]) is None
+    got = take(one, 4 * 2)
+    assert [sorted(tuple(r) for b in got[2 * i:2 * i + 2] for r in b) for i in range(4)] == \
+        [sorted(flat[80 + 16 * i:96 + 16 * i]) for i in range(4)]
+    wider = loader(shards, micro_batch=8, global_batch=24)
+    warning = wider.load_state_dict(states[0])
+    assert "global batch changed from 16 to 24" in warning and "position 80 " in warning
+    assert [tuple(r) for b in take(wider, 6) for r in b] == flat[80:128]
+    assert wider.state_dict()["samples"] == 80 + 2 * 24
+
+
+def test_a_version_1_state_of_one_process_without_workers_continues_at_its_position(shards):
+    """Checkpoints from before the global order: one process without workers read its single slot, which is the
+    global order, so its position carries over; the samples after it are the global order's."""
+    flat = [tuple(r) for b in take(loader(shards, micro_batch=8), 6) for r in b]
+    old = {"version": 1, "split": "train", "seed": 0, "shuffle": True, "world_size": 1, "num_workers": 0,
+           "positions": [24], "skipped": [0], "next_worker": 0, "batches": 3}
+    ld = loader(shards, micro_batch=8)
+    assert ld.load_state_dict(old) is None
+    assert [tuple(r) for b in take(ld, 3) for r in b] == flat[24:48]
+
+
+def test_load_state_dict_rejects_other_data_and_old_states(shards):
     state = loader(shards, world_size=2, num_workers=2).state_dict()
-    with pytest.raises(DataError, match="world_size=2"):
-        loader(shards, world_size=1, num_workers=2).load_state_dict(state)
-    with pytest.raises(DataError, match="positions"):
-        loader(shards, world_size=2, num_workers=2).load_state_dict(dict(state, positions=[1]))
-    with pytest.raises(DataError, match="missing"):
-        loader(shards).load_state_dict({"version": 1})
+    with pytest.raises(DataError, match="seed=0 but this loader has 1"):
+        loader(shards, seed=1).load_state_dict(state)
+    with pytest.raises(DataError, match="samples=-1, expected an integer >= 0"):
+        loader(shards).load_state_dict(dict(state, samples=-1))
+    with pytest.raises(DataError, match="version 1, written by world_size=2 with 2 data worker slot.*before the "
+                                        "global sample order continues exactly only from 1 process"):
+        loader(shards).load_state_dict({"version": 1, "world_size": 2, "positions": [0, 0], "skipped": [0, 0]})
+    with pytest.raises(DataError, match="version 3 is not 2"):
+        loader(shards).load_state_dict(dict(state, version=3))
+    with pytest.raises(DataError, match="missing samples, global_batch"):
+        loader(shards).load_state_dict({"version": 2, "skipped": 0})
+    with pytest.raises(DataError, match="global_batch=12: expected a positive multiple of micro_batch x world_size"):
+        loader(shards, world_size=2, global_batch=12)
 
 
 def test_val_is_one_finite_pass_equal_per_rank(shards):
@@ -433,19 +469,23 @@ def test_val_is_one_finite_pass_equal_per_rank(shards):
     assert single == val
 
 
-def test_fewer_shards_than_ranks_times_workers(one_shard):
-    man = load_manifest(one_shard)
-    assert len(man["splits"]["train"]["shards"]) == 1
-    expected = Counter(read_split(one_shard, "train"))
+def test_fewer_shards_than_ranks_times_workers(one_shard, tmp_path):
+    """One shard, 2 ranks x 2 workers: the first epoch's positions hold every sample once, and the record (the
+    ids of each micro-batch, data.record_samples) names the rows handed out, checked against a plain tar read."""
+    rows = read_split(one_shard, "train")
+    n = len(rows)
     seen = Counter()
     with deadline(60):
         for rank in (0, 1):
-            ld = loader(one_shard, rank=rank, world_size=2, num_workers=2)
-            for samples in per_worker_samples(ld, epochs=1).values():
-                seen.update(samples)
-    assert seen == expected
-    with pytest.raises(DataError, match="fewer than world_size x workers"):
-        loader(one_shard, world_size=len(expected) + 1)
+            record = tmp_path / f"rank{rank}.jsonl"
+            ld = loader(one_shard, rank=rank, world_size=2, num_workers=2, global_batch=16, record=record)
+            batches = take(ld, 2 * (n // 16 + 1))
+            lines = [json.loads(ln) for ln in record.read_text().splitlines()]
+            assert len(lines) == len(batches)
+            for line, batch in zip(lines, batches):
+                assert [tuple(r) for r in batch] == [rows[i] for i in line["ids"]]
+                seen.update(i for off, i in enumerate(line["ids"]) if line["position"] + off < n)
+    assert seen == Counter(range(n))
     with pytest.raises(DataError, match=r"the validation split is empty \(prepared with val_fraction=0\)"):
         loader(one_shard, "val")
 
@@ -537,6 +577,21 @@ def test_bad_sample_errors_or_is_skipped(shards_copy, kind, match):
     assert rows == len(read_split(shards_copy, "val")) - 1 and ld.skipped == 1
     tr = loader(shards_copy, "train", on_bad_sample="skip")
     assert take(tr, 3) and tr.skipped == 0
+
+
+def test_a_bad_train_sample_skipped_leaves_its_micro_batch_one_smaller(shards_copy):
+    """In the global order a skipped sample is not replaced: the other samples of its step stay where they are
+    (its micro-batch is one smaller); a micro-batch with no good sample at all stops the loader naming it."""
+    to_format_1(shards_copy)
+    rows = read_split(shards_copy, "train")
+    _mutate_sample(shards_copy, "train", 0, 5, np.array(rows[5][:-1], dtype=np.uint16))  # too short
+    ld = loader(shards_copy, shuffle=False, on_bad_sample="skip")
+    got = take(ld, 3)
+    assert [[tuple(r) for r in b] for b in got] == [rows[0:4], [rows[4], *rows[6:8]], rows[8:12]]
+    assert ld.skipped == 1 and ld.position == 12
+    single = loader(shards_copy, shuffle=False, on_bad_sample="skip", micro_batch=1)
+    with pytest.raises(DataError, match="every sample of the micro-batch at global position 5 .* is bad"):
+        take(single, 6)
 
 
 def test_format_1_shards_read_the_same_samples(shards, shards_copy):

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from metalm.config import load_config
-from metalm.eval.rank import (ATTN_KINDS, KINDS, activation_ranks, effective_rank, gradient_ranks,
-                              er_and_per, weight_ranks)
+from metalm.eval.layers import ATTN_KINDS, KINDS
+from metalm.eval.rank import activation_ranks, effective_rank, er_and_per, gradient_ranks, weight_ranks
 from metalm.model import build_model
 from eval_cases import np_er
 

@@ -99,3 +99,75 @@ def test_report_writes_pngs_and_markdown(tmp_path):
 
 def test_missing_run_dir_is_an_error(tmp_path):
     assert report.main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
+
+
+def _hand_run(root: Path, name: str, vals: list[float], evaluator_val: bool = False) -> Path:
+    """Checkpoints at steps 100, 200, 300 with the given validation losses (the trainer's, or the evaluator's),
+    each with a few evaluator numbers; training logs flops = step x 1e9 and grad norms per layer."""
+    d = root / name
+    (d / "eval").mkdir(parents=True)
+    metrics, evals = [], []
+    for i, (s, v) in enumerate(zip((100, 200, 300), vals)):
+        metrics.append({"step": s, "tokens": s * 10, "flops": s * 1e9, "ar_loss": v + 0.1})
+        metrics.append({"step": s, "grad_norm/L0": 1.0 / (i + 1), "grad_norm/L1": 2.0 / (i + 1),
+                        "grad_norm/total": 3.0})
+        if not evaluator_val:
+            metrics.append({"step": s, "tokens": s * 10, "flops": s * 1e9, "val_loss": v})
+        e = {"checkpoint": f"step_{s:08d}", "step": s, "tokens": s * 10, "seconds": 1.5, "cka/prev_step": s - 100,
+             "cka/mean": 0.9 + 0.01 * i, "cka/L0": 0.8, "cka/L1": 0.95, "stats/weight/hoyer": 0.1 * (i + 1),
+             "stats/weight/L0/cond": 10.0 + i, "stats/weight/L1/cond": 20.0 + i, "stats/weight/L0/hoyer": 0.1,
+             "stats/weight/L1/hoyer": 0.2, "stats/act/L0/gini": 0.3, "stats/act/L1/gini": 0.4,
+             "downstream/arc_easy/acc": 0.25 + 0.05 * i, "entropy/L0/H1/norm": 0.5}
+        if evaluator_val:
+            e["val_loss"] = v
+        evals.append(e)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    (d / "eval" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    return d
+
+
+def test_checkpoints_matched_at_equal_loss_by_hand(tmp_path):
+    a = report.load_run(_hand_run(tmp_path, "vanilla", [5.0, 4.0, 3.5]))
+    b = report.load_run(_hand_run(tmp_path, "hybrid", [4.6, 3.6, 3.0], evaluator_val=True))
+    ra, rb = report.checkpoint_rows(a), report.checkpoint_rows(b)
+    assert [r["val_loss"] for r in ra] == [5.0, 4.0, 3.5] and ra[1]["flops"] == 2e11
+    assert report.headline_keys(ra) == ["cka/mean", "downstream/arc_easy/acc", "stats/weight/hoyer", "val_loss"]
+    # 4.6 is nearer 5.0 than 4.0; 3.6 nearer 3.5; 3.0 nearer 3.5 than anything else
+    assert [(x["step"], y["step"]) for x, y in report.match_at(ra, rb, "val_loss")] == [(100, 100), (300, 200),
+                                                                                          (300, 300)]
+    assert [(x["step"], y["step"]) for x, y in report.match_at(ra, rb, "flops")] == [(100, 100), (200, 200),
+                                                                                       (300, 300)]
+    assert report.nearest(ra, "val_loss", 4.5)["step"] == 100  # a tie: the earlier checkpoint
+    assert report.nearest(ra, "nothing", 1.0) is None
+    md = "\n".join(report.equal_loss_markdown([a, b]))
+    assert "| hybrid vs vanilla | hybrid step 300 | vanilla at equal loss: step 300 | vanilla at equal step: step " \
+           "300 |" in md
+    assert "| downstream/arc_easy/acc | 0.3500 | 0.3500 | 0.3500 |" in md
+    a3 = report.load_run(_hand_run(tmp_path / "3", "vanilla", [5.0, 3.1, 2.0]))
+    md = "\n".join(report.equal_loss_markdown([a3, b]))  # hybrid's final 3.0 is nearest vanilla's 3.1, at step 200
+    assert "| hybrid vs vanilla | hybrid step 300 | vanilla at equal loss: step 200 | vanilla at equal step: step " \
+           "300 |" in md and "| val_loss | 3.0000 | 3.1000 | 2.0000 |" in md
+    out = tmp_path / "out"
+    made = report.make_report([a.path, b.path], out, window=1)
+    for key in ("per-layer dynamics", "at equal validation loss"):
+        assert made[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", key
+    assert "## At equal validation loss" in (out / "report.md").read_text()
+def test_downstream_plot_and_table_show_the_last_checkpoint(tmp_path):
+    base = write_run(tmp_path, "base", 1 / 100, 50, evals=False)  # no downstream numbers: no row, no panel line
+    down = write_run(tmp_path, "down", 1 / 100, 50, evals=False)
+    ev = [{"step": s, "tokens": s * 50, "downstream/bpb": 3.0 - s / 1000,
+           "downstream/piqa/acc": 0.5 + s / 10000, "downstream/piqa/acc_per_char": 0.52, "downstream/piqa/bpb": 2.5,
+           "downstream/sciq/acc": 0.3, "downstream/sciq/acc_per_char": 0.31 + s / 10000,
+           "downstream/sciq/bpb": 3.5 - s / 500} for s in (100, 200)]
+    ev.append({"step": 300, "tokens": 15000, "val_loss": 4.0})  # a later result without downstream numbers
+    (down / "eval" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ev))
+    out = tmp_path / "out"
+    assert report.main([str(base), str(down), "--out", str(out)]) == 0
+    assert (out / "downstream.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "| down | 200 | piqa | 0.520 | 0.520 | 2.5000 |" in md
+    assert "| down | 200 | sciq | 0.300 | 0.330 | 3.1000 |" in md
+    assert "| down | 200 | mean | | | 2.8000 |" in md and "| base | " not in md.split("## Downstream")[1]
+    assert "![downstream](downstream.png)" in md
+    assert report.main([str(base), "--out", str(tmp_path / "none")]) == 0
+    assert "## Downstream" not in (tmp_path / "none" / "report.md").read_text()

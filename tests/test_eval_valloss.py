@@ -1,12 +1,18 @@
-"""Validation loss / perplexity against a per-token reference, and the fixed probe batch."""
+"""Validation loss / perplexity against a per-token reference, the trainer's val_loss as the same number, and the
+fixed probe batch."""
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from procs import cpu_run_env
 
 from metalm.config import load_config
 from metalm.data import DataError
-from metalm.eval.valloss import as_tokens, probe_batch_from_text, val_batches_from_config, validation_loss
+from metalm.eval.valloss import as_tokens, nll_sum, probe_batch_from_text, val_batches_from_config, validation_loss
 from metalm.model import build_model
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=48",
@@ -32,6 +38,23 @@ def test_token_weighted_mean_over_batches():
     assert r["val_tokens"] == n == 32 and r["val_batches"] == 2
     assert r["val_loss"] == pytest.approx(nll / n, rel=1e-5)
     assert r["val_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_chunked_lm_head_equals_the_full_logits():
+    """The LM head in chunks of positions (1, 5 and all 14 rows of a 2 x 7 batch; 5 does not divide 14) gives the
+    loss of the whole batch's logits, and validation_loss with tiny chunks the full-logits token-weighted mean."""
+    torch.manual_seed(0)
+    model = build_model(load_config(None, TINY).model).eval()
+    b = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(2))
+    inp, tgt = b[:, :-1], b[:, 1:]
+    with torch.no_grad():
+        logits = model(inp).float()
+        full = float(torch.nn.functional.cross_entropy(logits.reshape(-1, 97), tgt.reshape(-1), reduction="sum"))
+        for rows in (1, 5, 14):
+            assert nll_sum(model, inp, tgt, logit_elements=rows * 97) == pytest.approx(full, rel=1e-6)
+        assert nll_sum(model, inp, tgt, logit_elements=1) == pytest.approx(full, rel=1e-6)  # under one row: one row
+    r = validation_loss(model, iter([b]), logit_elements=3 * 97)
+    assert r["val_loss"] == pytest.approx(full / 14, rel=1e-6) and r["val_tokens"] == 14
 
 
 def test_as_tokens_shapes():
@@ -86,3 +109,29 @@ def test_unreadable_shards_are_a_reason_but_a_bug_propagates(tmp_path, monkeypat
     monkeypatch.setattr(loader_mod, "build_loader", broken)
     with pytest.raises(TypeError, match="a bug in the loader"):
         val_batches_from_config(cfg, 4)
+
+
+@pytest.mark.slow
+def test_the_trainer_and_the_evaluator_log_one_val_loss(tmp_path, shards):
+    """Both read all 39 validation sequences of the conftest shards, the trainer in 10 batches of 4 (the last of 3),
+    the evaluator in 3 batches of 13: one definition (token-weighted) gives one number. The mean of the trainer's
+    per-batch means, its old definition, weighed the short last batch as a whole one."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["splits"]["val"]["samples"] == 39
+    repo = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(repo / "launchers" / "pretrain.py"), "--config", str(repo / "configs" / "cpu-tiny.yaml"),
+           "train.seq_len=64", "model.max_seq_len=64", "model.n_layers=2", "train.micro_batch=4",
+           "train.global_batch=4", "train.max_steps=1", "train.val_every=1", "train.val_batches=100",
+           "checkpoint.every=1", "meta.enabled=false", "logging.wandb=false", "logging.progress=false",
+           "data.prepare_if_missing=false", f"data.shards={shards}", f"train.run_dir={run}"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=cpu_run_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    trainer = [r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if "val_loss" in r]
+    from metalm.eval.checkpoint_eval import evaluate_checkpoint
+
+    rec = evaluate_checkpoint(run / "checkpoints" / "step_00000001",
+                              ["eval.metrics=[val_loss]", "eval.batch_size=13", "eval.val_batches=100"])
+    assert rec["metrics"]["val_tokens"] == 39 * 64 and rec["metrics"]["val_batches"] == 3
+    assert len(trainer) == 1 and trainer[0] == pytest.approx(rec["metrics"]["val_loss"], rel=2e-6, abs=0)

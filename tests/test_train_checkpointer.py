@@ -121,8 +121,12 @@ def test_resume_loads_the_latest_and_refuses_another_geometry(tmp_path):
     got = c.resume(now)
     assert got == state(4) and engine.loaded == [str(tmp_path / "checkpoints" / "step_00000004")]
     assert loader.restored == {"position": 7, "data_hash": "d" * 64}
-    with pytest.raises(ckpt.CheckpointError, match="cannot resume from .*world_size"):
-        c.resume({**now, "world_size": 2})
+    with pytest.raises(ckpt.CheckpointError, match="cannot resume from .*train.seq_len=64, this run has 128"):
+        c.resume({**now, "seq_len": 128})
+    # another number of processes goes through DeepSpeed's converter, which the stand-in's ds/ does not satisfy
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000004/ds: DeepSpeed's ds_to_universal could not"):
+        c.resume({**now, "world_size": 2, "zero_stage": 2})
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # the conversion's scratch directory is gone
     never, _, _, _ = make(tmp_path, "checkpoint.resume=never")
     assert never.resume(now) is None
 

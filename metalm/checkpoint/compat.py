@@ -3,9 +3,11 @@
 A resumed run is meant to continue the checkpointed one exactly. Three kinds of difference:
 
 * refused: keys that change the shapes of the parameters (SHAPE_KEYS, and meta.feature_norm to or from
-  `layernorm`, which adds or removes the head's LayerNorm) or the layout of the optimizer state DeepSpeed saved
-  (train.precision; train.zero_stage unless it goes between 1 and 2, which share one). DeepSpeed could not load
-  the checkpoint; the message names each key with both values and the ways out.
+  `layernorm`, which adds or removes the head's LayerNorm) or the kind of optimizer state DeepSpeed saved
+  (train.precision; train.zero_stage to or from 0, which has no ZeRO partitions). DeepSpeed could not load the
+  checkpoint; the message names each key with both values and the ways out. A change between ZeRO stages 1, 2
+  and 3, like a change of the number of processes, loads: 1 and 2 share one partition layout, the others go
+  through DeepSpeed's universal checkpoint format (metalm.train.checkpointer converts on resume).
 * warned: keys that change what is trained from here on but load (the rest of model.*, optim.*, meta.*, and
   TRAINING_KEYS such as train.max_steps, which moves the learning-rate schedule): made on purpose, said once.
 * silent: everything else (where the run writes, logging, checkpointing, evaluation, data loading workers),
@@ -22,7 +24,7 @@ from typing import Any
 SHAPE_KEYS = ("model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.ffn_hidden",
               "model.vocab_size", "model.tie_embeddings", "meta.enabled", "meta.head.layers", "meta.head.hidden")
 WARN_SECTIONS = ("model.", "optim.", "meta.")
-ZERO_STAGES_SHARING_A_LAYOUT = (1, 2)
+ZERO_STAGES_SHARING_A_LAYOUT = (1, 2)  # at one world size, a checkpoint of either loads into the other as it is
 TRAINING_KEYS = ("train.max_steps", "train.zero_stage", "train.nonfinite_policy")
 QUIET_KEYS = ("model.kernels", "model.fused_linear_ce", "model.activation_checkpointing", "meta.diag_every")
 WAY_OUT = "resume with the checkpoint's values, or start afresh in a new train.run_dir (or checkpoint.resume=never)"
@@ -41,7 +43,7 @@ def _refused(key: str, saved: Any, now: Any) -> bool:
     if key == "meta.feature_norm":
         return (saved == "layernorm") != (now == "layernorm")
     if key == "train.zero_stage":
-        return not (saved in ZERO_STAGES_SHARING_A_LAYOUT and now in ZERO_STAGES_SHARING_A_LAYOUT)
+        return (saved == 0) != (now == 0)
     return key in SHAPE_KEYS or key == "train.precision"
 
 

@@ -112,15 +112,13 @@ def read_state(path: Path) -> TrainerState:
 
 
 def resume_mismatch(state: TrainerState, now: dict) -> str | None:
-    """Why a run with `now` (world_size, global_batch, micro_batch, seq_len, tokenizer_hash) cannot resume
-    from a checkpoint whose trainer state is `state`; None when it can. A field the checkpoint lacks is not
-    compared (checkpoints from before it was recorded)."""
-    geometry = ("world_size", "global_batch", "micro_batch", "seq_len")
-    saved = tuple(getattr(state, k) for k in geometry)
-    have = tuple(now.get(k) for k in geometry)
-    if saved != have:
-        return (f"it was written with world_size, global_batch, micro_batch, seq_len = {saved}, this run has "
-                f"{have}; start a new train.run_dir or match the original geometry")
+    """Why a run with `now` (seq_len, tokenizer_hash) cannot resume from a checkpoint whose trainer state is
+    `state`; None when it can. The number of processes, the micro-batch and the global batch may change (the
+    DeepSpeed state is converted, the data continues from its global position). A field the checkpoint lacks is
+    not compared (checkpoints from before it was recorded)."""
+    if state.seq_len is not None and state.seq_len != now.get("seq_len"):
+        return (f"it was written with train.seq_len={state.seq_len}, this run has {now.get('seq_len')}; start a new "
+                f"train.run_dir or resume with train.seq_len={state.seq_len}")
     old, new = state.tokenizer_hash, now.get("tokenizer_hash")
     if old and new and old != new:
         return (f"tokenizer mismatch: the checkpoint was trained with tokenizer {old[:16]}..., the shards in "

@@ -45,7 +45,8 @@ def load_rank_state(ckpt: Path, rank: int) -> dict:
     """{"data": the loader state, "rng": the RNG states}; CheckpointError naming the file for anything else."""
     path = rank_file(ckpt, rank)
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: was the checkpoint written with a different world size?")
+        raise CheckpointError(f"{path} is missing: the checkpoint lacks the data position and RNG state of a rank "
+                              f"that wrote it (copied in part?)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -191,24 +191,32 @@ def _train(cfg) -> int:
     from metalm.train.errors import TrainingError
     from metalm.train.loop import Trainer
 
-    from torch.distributed import DistNetworkError
+    from torch.distributed import DistError
 
-    from metalm.train.dist import rendezvous_error
+    from metalm.train.dist import collective_failure, rendezvous_error
 
     try:
         dist = init_distributed(cfg.train)
     except DeviceError as e:
         print(f"metalm: error: {e}", file=sys.stderr)
         return 2
-    except DistNetworkError as e:
+    except DistError as e:  # DistNetworkError (no connection), DistStoreError (not every rank came in time)
         rank = os.environ.get("RANK", "0")
-        sys.stderr.write(f"metalm: error (rank {rank}): {rendezvous_error(e, dict(os.environ))}\n")
+        line = rendezvous_error(e, dict(os.environ), cfg.train.collective_timeout)
+        sys.stderr.write(f"metalm: error (rank {rank}): {line}\n")
         return 1
     _log_warnings(dist.rank if dist.world_size > 1 else None)
     try:
         return Trainer(cfg, dist).run()
     except (DataError, CheckpointError, ConfigError, TrainingError) as e:
         sys.stderr.write(f"metalm: error (rank {dist.rank}): {e}\n")  # one write: ranks' lines stay whole
+        sys.stderr.flush()
+        return 1
+    except RuntimeError as e:  # torch's DistError types are RuntimeErrors too
+        lost = collective_failure(e, cfg.train.collective_timeout) if dist.world_size > 1 else None
+        if lost is None:
+            raise
+        sys.stderr.write(f"metalm: error (rank {dist.rank}): {lost}\n")
         sys.stderr.flush()
         return 1
     finally:

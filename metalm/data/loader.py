@@ -1,26 +1,33 @@
 """The training stream: prepared shards -> `torch.LongTensor` batches of shape (micro_batch, seq_len + 1).
 
-Partition. For a split of N samples, every (rank, worker) pair is a *slot* ``j = rank * W + worker`` out of
-``S = world_size * W`` (W = max(1, num_workers)). Each epoch lays the shards out in a seeded order (the
-shard order is a permutation of (seed, epoch)), and the samples of each shard in a seeded in-shard order
-(a permutation of (seed, epoch, shard)); this gives a virtual sequence of the N samples, and slot j reads
-the contiguous range ``[j*N//S, (j+1)*N//S)`` of it. So, in every epoch, every sample is read by exactly
-one slot, slot sizes differ by at most one, and each slot opens only the few shards its range covers (a
-shard is shared by neighbouring slots when there are fewer shards than slots: they read disjoint parts of
-it). Documents were already shuffled across the corpus when the shards were prepared.
+Order. Each epoch lays the shards out in a seeded order (the shard order is a permutation of (seed, epoch)),
+and the samples of each shard in a seeded in-shard order (a permutation of (seed, epoch, shard)); this gives a
+virtual sequence of the N samples of a split. Documents were already shuffled across the corpus when the shards
+were prepared.
 
-Stream. A slot's stream is its range of epoch 0, then of epoch 1, ... (train: infinite, a batch may span
-two epochs) or one pass without shuffling (val: finite, the last batch of a worker may be smaller). For val,
-every rank gets the same number of samples, N // world_size (the last N % world_size samples are left out),
-split among its workers the same way on every rank, so all ranks run the same number of val batches
-(collectives inside the forward, e.g. ZeRO-3, cannot hang). Batches are consecutive samples of one slot;
-with workers, the torch DataLoader returns worker batches round-robin.
+Train: one global sample order, whatever the processes. Epoch 0's sequence, then epoch 1's, ... form one
+infinite global sequence; optimizer step s (counted from the loader's start position P) reads its positions
+``[P + s*G, P + (s+1)*G)``, G = the global batch. Micro-batch a (of `accum`) of rank r takes the `micro_batch`
+positions that start at ``P + s*G + (a*world_size + r)*micro_batch``. So any split of G into processes x
+accumulation x micro-batch draws the same samples for the same step, each epoch reads every sample exactly once,
+and a batch may span two epochs. With workers, worker w of a rank builds that rank's micro-batches w, w + W, ...
+(W = num_workers), handed out round-robin. Since every step's G positions interleave the micro-batches of all
+ranks, every rank, and every worker of a rank, reads (for remote shards: downloads and checks) every shard of
+the split each epoch, using only its own samples of it.
 
-Resume. The state is, per worker, the number of stream positions consumed (so the epoch and the position
-inside it are implied), plus which worker the next batch comes from. It is counted in the main process
-from the batches actually handed out (prefetched batches do not count), is JSON-serialisable, and a loader
-restored from it yields exactly the batches the uninterrupted loader would have. Only the shard under the
-cursor is read again on resume: whole shards before it are skipped without being opened.
+Val: one pass without shuffling, in slots: every (rank, worker) pair is a slot ``j = rank * W + worker`` and
+reads a contiguous range of the sequence. Every rank gets the same number of samples, N // world_size (the last
+N % world_size samples are left out), split among its workers the same way on every rank, so all ranks run the
+same number of val batches (collectives inside the forward, e.g. ZeRO-3, cannot hang); the last batch of a worker
+may be smaller.
+
+Resume. The train state is the global position of the next step (`samples`, the same on every rank) and the
+global batch it was read with. It is counted in the main process from the micro-batches actually handed out
+(prefetched ones do not count), is JSON-serialisable, and a loader restored from it, with any world size,
+micro-batch and workers but the same global batch, yields exactly the samples the uninterrupted run would have
+read at every step. With another global batch it continues from the same position (no sample repeated or
+skipped), with a warning. Only the shard under the cursor is read again on resume: whole shards before it are
+skipped without being opened.
 
 Storage. The shards directory is any location of `metalm.storage`: a local directory (read in place), or a URL
 (s3://, gs://, https://, pipe:...). Remote shards are downloaded whole, checked (size, sha256), and parsed in
@@ -34,7 +41,12 @@ Checks. A shard whose size or sha256 differs from the manifest (truncated, modif
 tar, or whose sample count differs, raises DataError naming the shard; so does, in format version 1, a
 ``__meta__.json`` that disagrees with the manifest (tokenizer hash, seq_len, dtype). A sample of the wrong
 length or dtype or with a token id >= vocab_size raises DataError naming the shard and sample, or, with
-on_bad_sample="skip", is skipped and counted (`ShardLoader.skipped`).
+on_bad_sample="skip", is skipped and counted (`ShardLoader.skipped`); in train, its micro-batch is then that
+much smaller (the step's other samples stay where the global order puts them).
+
+Record. With `record` (a file path), the train loader appends one JSON line per micro-batch it hands out:
+``{"position": its first global position, "ids": [the global id of each sample]}``, a sample's id being its
+index in the split in manifest order (shard by shard). data.record_samples turns it on for a training run.
 """
 from __future__ import annotations
 
@@ -51,6 +63,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Iterator
+from itertools import islice
 
 import numpy as np
 import torch
@@ -64,7 +77,7 @@ from metalm.fsutil import write_atomic
 from metalm.storage import LocalStore, Store, StorageError, cache_path, describe, open_store, retry
 
 log = logging.getLogger("metalm.data")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the global sample order (1: per-rank slots)
 _SPLIT_CODE = {"train": 0, "val": 1}
 READ_AHEAD = 2  # remote shards a reader downloads ahead of the one it reads
 RETRIES = 4  # attempts after the first for a shard download
@@ -79,6 +92,7 @@ class _Plan:
         self.shards = manifest["splits"][split]["shards"]
         self.counts = np.array([s["samples"] for s in self.shards], dtype=np.int64)
         self.num_samples = int(self.counts.sum())
+        self.first_id = np.concatenate([[0], np.cumsum(self.counts)[:-1]])  # a shard's first sample id
         self.world_size, self.workers = world_size, workers
         self.slots = world_size * workers
         self.equal_ranks = equal_ranks
@@ -508,35 +522,100 @@ def _batches(plan: _Plan, reader: _ShardReader, slot: int, start: int, skipped: 
         reader.close()
 
 
-class _WorkerStreams(IterableDataset):
-    """DataLoader dataset: worker i serves logical worker (i + first) % W from its saved position."""
+def _micro_positions(geometry: tuple[int, int, int, int, int], first: int, stride: int) -> Iterator[int]:
+    """The first global position of micro-batches first, first + stride, ... of a rank, whose geometry is
+    (start position, global batch, accum, world size x micro_batch, rank x micro_batch)."""
+    start, global_batch, accum, row, offset = geometry
+    k = first
+    while True:
+        step, a = divmod(k, accum)
+        yield start + step * global_batch + a * row + offset
+        k += stride
 
-    def __init__(self, loader: ShardLoader, first: int, positions: list[int], skipped: list[int], infinite: bool):
+
+def _shards_at(plan: _Plan, q: int, micro_batch: int) -> Iterator[int]:
+    """The shards that global positions [q, q + micro_batch) of `plan` (one slot spanning the split) read, in
+    order (each run once); what `plan.stream(0, q, True)` reads, without shuffling inside the shards."""
+    n, end = plan.num_samples, q + micro_batch
+    while q < end:
+        epoch, offset = divmod(q, n)
+        order, starts = plan.layout(epoch)
+        k = int(np.searchsorted(starts, offset, side="right")) - 1
+        shard = int(order[k])
+        yield shard
+        q = min(end, epoch * n + int(starts[k]) + int(plan.counts[shard]))
+
+
+def _shards_of(plan: _Plan, positions: Iterator[int], micro_batch: int) -> Iterator[int]:
+    """The shards the micro-batches at `positions` read, in order, each run of the same shard once: what a reader
+    downloads ahead. Ends once a whole epoch of positions goes by without another shard (a single-shard split,
+    or a rank that keeps missing the other shards): the reader's cache serves that shard, and a shard it did not
+    foresee is downloaded when it is read."""
+    last, since = None, None
+    for q in positions:
+        for shard in _shards_at(plan, q, micro_batch):
+            if shard != last:
+                yield shard
+                last, since = shard, q
+        if q - since > plan.num_samples:
+            return
+
+
+def _global_batches(plan: _Plan, reader: _ShardReader, positions: Callable[[], Iterator[int]],
+                    micro_batch: int) -> Iterator[tuple[np.ndarray | None, int, list[int], int]]:
+    """(int64 batch or None when every sample was bad, first global position, sample ids, bad samples skipped)
+    of each micro-batch at `positions()` in the global order of `plan` (one slot spanning the whole split)."""
+    reader.follow(_shards_of(plan, positions(), micro_batch))
+    try:
+        for q in positions():
+            rows, ids, bad = [], [], 0
+            for _, shard, r in islice(plan.stream(0, q, True), micro_batch):
+                arr = reader.sample(reader.load(shard), r)
+                if arr is None:
+                    bad += 1
+                    continue
+                rows.append(arr)
+                ids.append(int(plan.first_id[shard]) + r)
+            yield (np.stack(rows).astype(np.int64) if rows else None), q, ids, bad
+    finally:
+        reader.close()
+
+
+class _WorkerStreams(IterableDataset):
+    """DataLoader dataset. Val: worker i serves slot (rank, i) of the plan. Train: worker i builds the rank's
+    micro-batches first + i, first + i + W, ... of the global order."""
+
+    def __init__(self, loader: ShardLoader, first: int):
         self.args = (loader.store, loader.manifest, loader.split, loader.world_size, loader.workers,
                      loader.seed, loader.shuffle, loader.verify, loader.on_bad_sample)
         self.fetch = loader._fetch_settings
-        self.rank, self.micro_batch = loader.rank, loader.micro_batch
-        self.first, self.positions, self.skipped, self.infinite = first, positions, skipped, infinite
+        self.rank, self.micro_batch, self.infinite = loader.rank, loader.micro_batch, loader.infinite
+        self.geometry, self.first = loader._geometry(), first
 
     def __iter__(self):
         info = get_worker_info()
         wid = 0 if info is None else info.id
         store, manifest, split, world_size, workers, seed, shuffle, verify, on_bad = self.args
-        lw = (wid + self.first) % workers
-        plan = _Plan(manifest, split, world_size, workers, seed, shuffle, equal_ranks=not self.infinite)
         reader = _ShardReader(store, manifest, split, verify=verify, on_bad_sample=on_bad, **self.fetch)
-        slot = self.rank * workers + lw
-        for batch, pos, skipped in _batches(plan, reader, slot, self.positions[lw], self.skipped[lw], self.infinite,
-                                            self.micro_batch):
-            tokens = None if batch is None else torch.from_numpy(batch)
-            yield {"tokens": tokens, "worker": lw, "pos": pos, "skipped": skipped}
+        if self.infinite:
+            plan = _Plan(manifest, split, 1, 1, seed, shuffle)
+            positions = lambda: _micro_positions(self.geometry, self.first + wid, workers)
+            for batch, q, ids, bad in _global_batches(plan, reader, positions, self.micro_batch):
+                yield {"tokens": None if batch is None else torch.from_numpy(batch), "position": q, "ids": ids,
+                       "bad": bad, "worker": wid}
+            return
+        plan = _Plan(manifest, split, world_size, workers, seed, shuffle, equal_ranks=True)
+        for batch, _, skipped in _batches(plan, reader, self.rank * workers + wid, 0, 0, False, self.micro_batch):
+            yield {"tokens": None if batch is None else torch.from_numpy(batch), "skipped": skipped, "worker": wid}
 
 
 class ShardLoader:
     """Iterate batches of a prepared split for one rank; see the module doc for the guarantees.
 
-    Train (``split="train"``): an infinite iterator; calling `iter()` again continues where the last batch
-    handed out left off. Val: one finite pass in a fixed order, restarted by every `iter()`.
+    Train (``split="train"``): an infinite iterator of this rank's micro-batches of the global order (steps of
+    `global_batch` samples, accumulation global_batch / (micro_batch x world_size)); calling `iter()` again
+    continues where the last batch handed out left off. Val: one finite pass in a fixed order, restarted by
+    every `iter()`.
     """
 
     def __init__(self, shards_dir: str | Path, *, split: str = "train", seq_len: int, micro_batch: int,
@@ -544,13 +623,18 @@ class ShardLoader:
                  on_bad_sample: str = "error", verify: bool = True, expected_tokenizer_hash: str | None = None,
                  pin_memory: bool = False, prefetch_factor: int = 2, mp_context: str | None = None,
                  cache_dir: str | None = None, read_ahead: int = READ_AHEAD, retries: int = RETRIES,
-                 retry_backoff_s: float = RETRY_BACKOFF_S):
+                 retry_backoff_s: float = RETRY_BACKOFF_S, global_batch: int | None = None,
+                 record: str | Path | None = None):
         if split not in SPLITS:
             raise DataError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
         if not 0 <= rank < world_size:
             raise DataError(f"rank={rank}: expected 0 <= rank < world_size={world_size}")
         if micro_batch <= 0:
             raise DataError(f"micro_batch={micro_batch}: expected a positive integer")
+        global_batch = micro_batch * world_size if global_batch is None else int(global_batch)
+        if global_batch <= 0 or global_batch % (micro_batch * world_size):
+            raise DataError(f"global_batch={global_batch}: expected a positive multiple of micro_batch x world_size "
+                            f"= {micro_batch} x {world_size}")
         if num_workers < 0:
             raise DataError(f"num_workers={num_workers}: expected >= 0")
         if on_bad_sample not in ON_BAD_SAMPLE:
@@ -572,34 +656,27 @@ class ShardLoader:
                             f"the loader was asked for seq_len={seq_len}")
         self.split, self.seq_len, self.micro_batch, self.seed = split, seq_len, micro_batch, int(seed)
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.global_batch, self.accum = global_batch, global_batch // (micro_batch * world_size)
         self.workers = max(1, num_workers)
         self.infinite = split == "train"
         self.shuffle = bool(shuffle) and self.infinite
         self.on_bad_sample, self.verify = on_bad_sample, verify
         self.pin_memory, self.prefetch_factor, self.mp_context = pin_memory, prefetch_factor, mp_context
-        self.plan = _Plan(self.manifest, split, world_size, self.workers, self.seed, self.shuffle,
-                          equal_ranks=not self.infinite)
+        self.plan = (_Plan(self.manifest, split, 1, 1, self.seed, self.shuffle) if self.infinite else
+                     _Plan(self.manifest, split, world_size, self.workers, self.seed, self.shuffle, equal_ranks=True))
         n = self.plan.num_samples
         if n == 0:
             raise DataError(validation_problem(self.manifest, str(self._manifest_dir)) if split == "val"
                             else f"{self._manifest_dir}: split {split!r} has no samples")
-        sizes = [self.plan.slot_size(self._slot(w)) for w in range(self.workers)]
-        if self.infinite and n < self.plan.slots:  # checked on every rank alike: none starts, none waits
-            raise DataError(f"{self._manifest_dir}: split {split!r} has {n} samples, fewer than world_size x "
-                            f"workers = {self.plan.slots}; use fewer data.num_workers or more data")
-        if not self.infinite and sum(sizes) == 0:
+        if not self.infinite and sum(self.plan.slot_size(rank * self.workers + w) for w in range(self.workers)) == 0:
             raise DataError(f"{self._manifest_dir}: split {split!r} has {n} samples, fewer than world_size="
                             f"{world_size}: no rank would get one")
-        self._sizes = sizes
-        self._positions = [0] * self.workers
-        self._skipped = [0] * self.workers
-        self._next_worker = 0
-        self._batches = 0
+        self.record = Path(record) if record and self.infinite else None
+        self._start = 0  # global position of step 0 of this loader (the resume position)
+        self._handed = 0  # micro-batches of this rank handed out since _start
+        self._skipped = 0
 
     # -- properties ---------------------------------------------------------------------------------------
-    def _slot(self, worker: int) -> int:
-        return self.rank * self.workers + worker
-
     @property
     def tokenizer_path(self) -> Path:
         """A local file holding the shards' tokenizer.json: the file itself for local shards; for remote ones a
@@ -640,119 +717,169 @@ class ShardLoader:
         return self.plan.num_samples
 
     @property
-    def worker_sizes(self) -> list[int]:
-        """Samples per epoch of each (logical) worker of this rank; index = worker id in `state_dict()`."""
-        return list(self._sizes)
+    def position(self) -> int:
+        """Train: the global position of the next step (samples read by all ranks in the steps handed out so
+        far, counted from the start of epoch 0)."""
+        return self._start + self._handed // self.accum * self.global_batch
 
     @property
     def epoch(self) -> int:
-        """The epoch of the least advanced worker of this rank (train)."""
-        return min(p // s for p, s in zip(self._positions, self._sizes) if s) if any(self._sizes) else 0
+        """Train: the epoch of the next step's first sample."""
+        return self.position // self.num_samples
 
     @property
     def skipped(self) -> int:
         """Bad samples skipped so far (on_bad_sample="skip")."""
-        return sum(self._skipped)
+        return self._skipped
 
     def __len__(self) -> int:
-        """Val: batches of one pass for this rank. Train: batches per epoch (approximate; it never ends)."""
-        return sum(-(-s // self.micro_batch) for s in self._sizes)
+        """Val: batches of one pass for this rank. Train: micro-batches of this rank per epoch (approximate; it
+        never ends)."""
+        if self.infinite:
+            return -(-self.num_samples // (self.micro_batch * self.world_size))
+        sizes = [self.plan.slot_size(self.rank * self.workers + w) for w in range(self.workers)]
+        return sum(-(-s // self.micro_batch) for s in sizes)
+
+    def _geometry(self) -> tuple[int, int, int, int, int]:
+        return (self._start, self.global_batch, self.accum, self.world_size * self.micro_batch,
+                self.rank * self.micro_batch)
 
     # -- iteration ----------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[torch.Tensor]:
         if not self.infinite:
-            self._skipped = [0] * self.workers  # val: counts of the current pass
-            return self._iterate(first=0, positions=[0] * self.workers, skipped=[0] * self.workers, track=False)
-        return self._iterate(first=self._next_worker, positions=list(self._positions), skipped=list(self._skipped),
-                             track=True)
-
-    def _iterate(self, first: int, positions: list[int], skipped: list[int], track: bool) -> Iterator[torch.Tensor]:
+            self._skipped = 0  # val: counts of the current pass
         if self.num_workers == 0:
-            plan = self.plan
-            reader = _ShardReader(self.store, self.manifest, self.split, verify=self.verify,
-                                  on_bad_sample=self.on_bad_sample, **self._fetch_settings)
-            for batch, pos, skip in _batches(plan, reader, self._slot(0), positions[0], skipped[0], self.infinite,
-                                             self.micro_batch):
-                self._skipped[0] = skip
-                if batch is None:
-                    continue
-                if track:
-                    self._positions[0] = pos
-                    self._batches += 1
-                tokens = torch.from_numpy(batch)
-                yield tokens.pin_memory() if self.pin_memory else tokens
+            return self._in_process()
+        return self._from_workers()
+
+    def _reader(self) -> _ShardReader:
+        return _ShardReader(self.store, self.manifest, self.split, verify=self.verify,
+                            on_bad_sample=self.on_bad_sample, **self._fetch_settings)
+
+    def _in_process(self) -> Iterator[torch.Tensor]:
+        reader = self._reader()
+        if self.infinite:
+            first = self._handed
+            positions = lambda: _micro_positions(self._geometry(), first, 1)
+            for batch, q, ids, bad in _global_batches(self.plan, reader, positions, self.micro_batch):
+                tokens = self._hand_out(None if batch is None else torch.from_numpy(batch), q, ids, bad)
+                yield self._pinned(tokens)
             return
-        dataset = _WorkerStreams(self, first, positions, skipped, self.infinite)
+        for batch, _, skip in _batches(self.plan, reader, self.rank * self.workers, 0, 0, False, self.micro_batch):
+            self._skipped = skip
+            if batch is not None:
+                yield self._pinned(torch.from_numpy(batch))
+
+    def _from_workers(self) -> Iterator[torch.Tensor]:
+        dataset = _WorkerStreams(self, self._handed)
         dl = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                         prefetch_factor=self.prefetch_factor, multiprocessing_context=self.mp_context)
-        expected = first
+        if not self.infinite:
+            done = [0] * self.workers
+            for item in dl:
+                done[item["worker"]] = item["skipped"]
+                self._skipped = sum(done)
+                if item["tokens"] is not None:
+                    yield item["tokens"]
+            return
+        expected = 0
         for item in dl:
-            lw = item["worker"]
-            self._skipped[lw] = item["skipped"]
-            if item["tokens"] is None:
-                continue
-            if track:
-                if lw != expected:
-                    raise DataError(f"loader: batch from worker {lw} where worker {expected} was due (DataLoader "
-                                    f"order changed?); the resume state would be wrong")
-                self._positions[lw] = item["pos"]
-                self._batches += 1
-                self._next_worker = expected = (lw + 1) % self.workers
-            yield item["tokens"]
+            if item["worker"] != expected:
+                raise DataError(f"loader: batch from worker {item['worker']} where worker {expected} was due "
+                                f"(DataLoader order changed?); the resume state would be wrong")
+            expected = (expected + 1) % self.workers
+            yield self._hand_out(item["tokens"], item["position"], item["ids"], item["bad"])  # pinned by the DataLoader
+
+    def _hand_out(self, tokens: torch.Tensor | None, q: int, ids: list[int], bad: int) -> torch.Tensor:
+        """Train: count (and record) one micro-batch as handed out."""
+        self._skipped += bad
+        if tokens is None:
+            raise DataError(f"{self._manifest_dir}: every sample of the micro-batch at global position {q} "
+                            f"(samples {q}..{q + self.micro_batch - 1} of the order) is bad; nothing to train on")
+        self._handed += 1
+        if self.record is not None:
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.record, "a") as f:
+                f.write(json.dumps({"position": q, "ids": ids}) + "\n")
+        return tokens
+
+    def _pinned(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.pin_memory() if self.pin_memory else tokens
 
     # -- resumable state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """JSON-serialisable position of this rank's stream (train)."""
+        """JSON-serialisable position of the train stream (the same on every rank), at a step boundary."""
+        if self._handed % self.accum:
+            raise DataError(f"loader state asked for inside a step ({self._handed % self.accum} of {self.accum} "
+                            f"micro-batches of it handed out): the state is kept per step")
         return {
             "version": STATE_VERSION,
             "split": self.split,
             "seed": self.seed,
             "shuffle": self.shuffle,
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
             "num_samples": self.num_samples,
             "tokenizer_hash": self.tokenizer_hash,
             "data_hash": self.data_hash,
+            "samples": self.position,
+            "global_batch": self.global_batch,
+            "epoch": self.epoch,
+            "skipped": self._skipped,
+            # how this rank read them: informative, a resume may change any of these
+            "world_size": self.world_size,
             "rank": self.rank,
             "micro_batch": self.micro_batch,
-            "epoch": self.epoch,
-            "batches": self._batches,
-            "next_worker": self._next_worker,
-            "positions": list(self._positions),
-            "worker_epochs": [p // s if s else 0 for p, s in zip(self._positions, self._sizes)],
-            "skipped": list(self._skipped),
+            "num_workers": self.num_workers,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from `state` (from `state_dict()` of a loader with the same data, seed and layout)."""
+    def load_state_dict(self, state: dict) -> str | None:
+        """Continue from `state` (from `state_dict()` of a loader on the same data and seed, with any world size,
+        micro-batch and workers). Returns a warning when the global batch differs: the run then continues from
+        the same global position with steps of this loader's global batch."""
         if not isinstance(state, dict):
             raise DataError(f"loader state: expected a dict, got {type(state).__name__}")
-        missing = [k for k in ("version", "positions", "skipped", "next_worker", "batches") if k not in state]
+        state = _from_version_1(state, self.global_batch)
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"loader state: version {state.get('version')!r} is not {STATE_VERSION}")
+        missing = [k for k in ("samples", "global_batch", "skipped") if k not in state]
         if missing:
             raise DataError(f"loader state: missing {', '.join(missing)}")
-        if state["version"] != STATE_VERSION:
-            raise DataError(f"loader state: version {state['version']} is not {STATE_VERSION}")
-        for key in ("split", "seed", "shuffle", "world_size", "num_workers", "num_samples", "tokenizer_hash"):
+        for key in ("split", "seed", "shuffle", "num_samples", "tokenizer_hash"):
             if key in state and state[key] != getattr(self, key):
                 raise DataError(f"loader state: {key}={state[key]!r} but this loader has {getattr(self, key)!r}; "
-                                f"an exact resume needs the same data, seed, world size and data.num_workers")
-        positions, skipped = state["positions"], state["skipped"]
-        for name, values in (("positions", positions), ("skipped", skipped)):
-            if (not isinstance(values, list) or len(values) != self.workers
-                    or not all(isinstance(v, int) and v >= 0 for v in values)):
-                raise DataError(f"loader state: {name} should be {self.workers} non-negative integers, got {values!r}")
-        if not isinstance(state["next_worker"], int) or not 0 <= state["next_worker"] < self.workers:
-            raise DataError(f"loader state: next_worker={state['next_worker']!r} out of range")
-        self._positions = list(positions)
-        self._skipped = list(skipped)
-        self._next_worker = state["next_worker"]
-        self._batches = int(state["batches"])
+                                f"an exact resume needs the same data and seed")
+        for key in ("samples", "global_batch", "skipped"):
+            v = state[key]
+            least = 1 if key == "global_batch" else 0
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise DataError(f"loader state: {key}={v!r}, expected an integer >= {least}")
+        self._start, self._handed, self._skipped = state["samples"], 0, state["skipped"]
+        if state["global_batch"] != self.global_batch:
+            return (f"the global batch changed from {state['global_batch']} to {self.global_batch}: continuing from "
+                    f"global sample position {self._start:,} (no sample repeated or skipped), steps now read "
+                    f"{self.global_batch} samples")
+        return None
+
+
+def _from_version_1(state: dict, global_batch: int) -> dict:
+    """A loader state of version 1 (per-rank slots, before the global order) as version 2, when it has one: a
+    run of one process without workers read its one slot in the global order. Others are refused."""
+    if state.get("version") != 1:
+        return state
+    positions = state.get("positions")
+    if state.get("world_size") != 1 or not isinstance(positions, list) or len(positions) != 1:
+        raise DataError(f"loader state: version 1, written by world_size={state.get('world_size')!r} with "
+                        f"{len(positions) if isinstance(positions, list) else '?'} data worker slot(s): a checkpoint "
+                        f"from before the global sample order continues exactly only from 1 process without data "
+                        f"workers; resume it with the metalm that wrote it, or start a new train.run_dir")
+    return {**state, "version": STATE_VERSION, "samples": positions[0], "global_batch": global_batch,
+            "skipped": sum(state.get("skipped") or [0])}
 
 
 def build_loader(d, *, split: str, seq_len: int, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1,
                  **overrides: Any) -> ShardLoader:
     """The loader for `split` of ``d.shards`` (``d``: the data config section); `overrides` replace the
-    section's loader settings (num_workers, shuffle, on_bad_sample, verify, cache_dir, read_ahead, retries)."""
+    section's loader settings (num_workers, shuffle, on_bad_sample, verify, cache_dir, read_ahead, retries) or
+    add the train stream's global_batch and record."""
     settings = {"num_workers": int(d.num_workers), "shuffle": bool(d.shuffle), "on_bad_sample": str(d.on_bad_sample),
                 "verify": bool(d.verify_shards), "cache_dir": str(d.cache_dir) or None,
                 "read_ahead": int(d.read_ahead), "retries": int(d.retries), **overrides}

@@ -1,11 +1,13 @@
 """Evaluate one checkpoint: every metric its config's `eval.metrics` asks for (validation loss, effective rank,
-attention entropy, NER), returned as a result record that the watcher writes (metalm/eval/watcher.py).
+attention entropy, NER, downstream benchmarks, matrix statistics, CKA to the previous checkpoint), returned as a
+result record that the watcher writes (metalm/eval/watcher.py).
 
 Every file read is first checked against the checkpoint's COMPLETE marker (sizes, and sha256 where the marker
 records them): a corrupted file is a CheckpointError naming it, never a metric computed from it. A metric that
 cannot run for want of data is skipped with a WARNING saying why and how to supply what it needs; a local input
-file the config names (NER data, probe text) that is not there is an InputError before the model is loaded; a
-metric that raises is listed under "failed" and the metrics computed before and after it are kept.
+file the config names (NER data, probe text, a downstream task) that is not there is an InputError before the
+model is loaded; a metric that raises is listed under "failed" and the metrics computed before and after it are
+kept.
 
 The validation shards are the config's `data.shards`, unless `shards` (the evaluator's --shards) names others;
 when `data.shards` is a relative path that does not exist from the current directory (the trainer ran
@@ -42,7 +44,8 @@ class InputError(OverrideError):
 
 def input_problems(cfg) -> list[str]:
     """One message per local file named by `cfg.eval` (eval.ner.train/dev/test, the eval.ner.langs entries,
-    eval.probe_text) that is not a file; URLs are left to the reader."""
+    eval.probe_text) that is not a file, and one naming the eval.downstream_tasks without a request file when
+    downstream is asked for; URLs are left to the reader."""
     nc = cfg.eval.ner
     named = [(f"eval.ner.{k}", getattr(nc, k)) for k in ("train", "dev", "test")]
     for i, entry in enumerate(nc.langs or []):
@@ -53,6 +56,15 @@ def input_problems(cfg) -> list[str]:
         if value and "://" not in str(value) and not Path(str(value)).is_file():
             what = "a text/jsonl file" if key == "eval.probe_text" else "an IOB2 file in Universal NER's format"
             problems.append(f"{key}={value}: no such file (expected {what}; relative paths are from {os.getcwd()})")
+    if "downstream" in cfg.eval.metrics:
+        from metalm.eval.downstream import PackageMissing, unknown_tasks
+
+        try:
+            unknown = unknown_tasks(list(cfg.eval.downstream_tasks))
+        except PackageMissing:
+            unknown = None  # no request files at all: the metric is skipped with the fix when it runs
+        if unknown:
+            problems.append(unknown)
     return problems
 
 
@@ -85,6 +97,9 @@ VAL_FIX = ("pass --shards DIR (the run's shards directory, with manifest.json) o
            "val_loss out of eval.metrics")
 NER_DATA_FIX = ("set eval.ner.train and eval.ner.test (IOB2 files) or eval.ner.langs with --config, or leave ner out "
                 "of eval.metrics")
+CKA_FIX = "evaluate through the watcher (launchers/evaluate.py), which passes its results directory"
+CKA_FIRST_FIX = ("CKA needs an earlier checkpoint evaluated with cka on the same probe batch in the same results "
+                 "directory; later checkpoints are compared with this one")
 NER_TOKENIZER_FIX = "the checkpoint has no usable tokenizer.json: set data.tokenizer with --config"
 
 
@@ -112,7 +127,8 @@ def _overrides_set(overrides: list[str], key: str) -> bool:
 
 def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, device: str = "cpu",
                         progress: Callable[[str], None] = lambda s: None, *, name: str | None = None,
-                        origin: str | None = None, shards: str | None = None, verify: bool = True) -> dict:
+                        origin: str | None = None, shards: str | None = None, verify: bool = True,
+                        results: Path | None = None) -> dict:
     """Every metric in the checkpoint's `eval.metrics` (after overrides), plus `ner` whenever eval.ner.train and
     eval.ner.test (or eval.ner.langs) are set. A metric that cannot run (no validation shards, no probe batch, no
     NER data) is listed under "skipped" with the reason and the fix, and logged as a WARNING. Returns the result
@@ -121,7 +137,8 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
     `name` is the checkpoint's name in the record and in log lines (default: the directory's name); `origin` the
     location named in messages instead of `ckpt_dir` (the watcher evaluates a snapshot of the checkpoint);
     `shards` replaces the validation shards of the config (see the module doc); `verify` checks the sha256 of
-    every file against the marker before it is read."""
+    every file against the marker before it is read; `results` is the results directory, where `cka` keeps each
+    checkpoint's activations (metalm/eval/cka.py; without it `cka` is skipped)."""
     import torch
 
     from metalm.checkpoint import CheckpointError, checkpoint_problem, load_model, read_state
@@ -191,7 +208,7 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
     if "ner" not in wanted and ((nc.train and nc.test) or nc.langs):
         wanted.append("ner")  # NER data configured: evaluate it (set eval.ner.train=null to turn it off)
     probe = None
-    if "rank" in wanted or "entropy" in wanted:
+    if {"rank", "entropy", "stats", "cka"} & set(wanted):
         try:
             probe, src = _probe_batch(cfg, model, ckpt_dir, text_encoder)
         except (DataError, OSError) as e:  # unreadable shards, probe text or tokenizer; a bug propagates
@@ -238,6 +255,37 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
             details["entropy"] = r
             metrics.update(entropy.flatten("entropy", r))
             progress(f"entropy: normalised {r['norm_mean']:.3f}")
+        elif metric == "stats":
+            from metalm.eval import matrix_stats
+
+            r = matrix_stats.weight_stats(model)
+            details["stats_weight"] = r
+            metrics.update(matrix_stats.flatten("stats/weight", r))
+            if probe is None:
+                skip(("stats_activations",), details["probe"]["reason"], PROBE_FIX)
+            else:
+                ra = matrix_stats.activation_stats(model, probe[:, :-1])
+                details["stats_activations"] = ra
+                metrics.update(matrix_stats.flatten("stats/act", ra))
+            progress(f"stats: weight condition number {r['mean']['cond']:.3g}, Hoyer {r['mean']['hoyer']:.3f}")
+        elif metric == "cka":
+            from metalm.eval import cka
+
+            if results is None:
+                skip(("cka",), "no results directory to keep activations in", CKA_FIX)
+                return
+            if probe is None:
+                skip(("cka",), details["probe"]["reason"], PROBE_FIX)
+                return
+            inputs = probe[:, :-1]
+            acts = cka.layer_activations(model, inputs, cfg.eval.cka_tokens)
+            r, reason = cka.cka_to_previous(Path(results), state.step, acts, cka.probe_digest(inputs))
+            if r is None:
+                skip(("cka",), reason, CKA_FIRST_FIX)
+                return
+            details["cka"] = r
+            metrics.update(cka.flatten("cka", r))
+            progress(f"cka: mean {r['mean']:.4f} against step {r['prev_step']}")
         elif metric == "ner":
             from metalm.eval import ner
 
@@ -254,6 +302,25 @@ def evaluate_checkpoint(ckpt_dir: Path, overrides: list[str] | None = None, devi
             metrics.update(ner.flatten("ner", r))
             if "test" in r:
                 progress(f"ner: test F1 {r['test']['f1']:.4f}")
+
+        elif metric == "downstream":
+            from metalm.eval import downstream
+
+            try:
+                downstream.tasks_root()
+                enc = downstream.text_encoder(tokenizer())
+            except downstream.PackageMissing as e:
+                skip(("downstream",), str(e), downstream.INSTALL_FIX)
+                return
+            except (DataError, OSError) as e:  # no readable tokenizer; a bug propagates
+                skip(("downstream",), f"no tokenizer: {e}", NER_TOKENIZER_FIX)
+                return
+            tasks = list(cfg.eval.downstream_tasks)
+            r = downstream.run_downstream(model, enc, tasks, cfg.eval.downstream_limit,
+                                          cfg.eval.downstream_batch_tokens, device, progress)
+            details["downstream"] = r
+            metrics.update(downstream.flatten("downstream", r))
+            progress(f"downstream: mean bpb {r['bpb']:.4f} over {', '.join(tasks)}")
 
     for metric in wanted:
         t0 = time.time()

@@ -20,9 +20,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-ATTN_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_KINDS = ("gate_proj", "up_proj", "down_proj")
-KINDS = ATTN_KINDS + MLP_KINDS
+from metalm.eval.layers import ATTN_KINDS, MLP_KINDS, block_matrices, layer_outputs
+
 
 
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
@@ -59,16 +58,6 @@ def er_and_per(matrix: torch.Tensor) -> dict:
     return {"er": er, "per": er / min(matrix.shape)}
 
 
-def _block_matrices(model, layer: int) -> dict[str, torch.nn.Parameter]:
-    block = model.model.layers[layer]
-    return {
-        "q_proj": block.self_attn.q_proj.weight, "k_proj": block.self_attn.k_proj.weight,
-        "v_proj": block.self_attn.v_proj.weight, "o_proj": block.self_attn.o_proj.weight,
-        "gate_proj": block.mlp.gate_proj.weight, "up_proj": block.mlp.up_proj.weight,
-        "down_proj": block.mlp.down_proj.weight,
-    }
-
-
 def _summarise(layers: list[dict[str, dict]]) -> dict:
     """Per-layer {kind: {er, per}} plus the aggregates (means over matrices)."""
     out: dict = {"layers": layers}
@@ -90,22 +79,14 @@ def weight_ranks(model) -> dict:
     """ER/PER of every q/k/v/o/gate/up/down weight, per layer, plus the paper's attention mean."""
     layers = []
     for i in range(len(model.model.layers)):
-        layers.append({k: er_and_per(w) for k, w in _block_matrices(model, i).items()})
+        layers.append({k: er_and_per(w) for k, w in block_matrices(model, i).items()})
     return _summarise(layers)
 
 
 @torch.no_grad()
 def activation_ranks(model, input_ids: torch.Tensor) -> dict:
     """ER/PER of each layer's residual-stream output on a fixed batch, as a (B·T, d_model) matrix."""
-    was_training = model.training
-    model.eval()
-    try:
-        _, per_layer = model.hidden_states(input_ids, all_layers=True)
-    finally:
-        model.train(was_training)
-    layers = []
-    for h in per_layer:
-        layers.append(er_and_per(h.reshape(-1, h.shape[-1]).float()))
+    layers = [er_and_per(h) for h in layer_outputs(model, input_ids)]
     return {
         "layers": layers,
         "mean_er": sum(x["er"] for x in layers) / len(layers),
@@ -132,7 +113,7 @@ def gradient_ranks(model, batch: torch.Tensor) -> dict:
     try:
         names, params = [], []
         for i in range(len(model.model.layers)):
-            for k, w in _block_matrices(model, i).items():
+            for k, w in block_matrices(model, i).items():
                 names.append((i, k))
                 params.append(w)
         flags = [p.requires_grad for p in params]

@@ -1,7 +1,10 @@
 """Validation loss / perplexity, and the fixed token batch the rank and entropy probes run on.
 
 val_loss is the token-weighted mean next-token cross-entropy (nats) over every target token of the held-out
-batches; val_ppl = exp(val_loss).
+batches; val_ppl = exp(val_loss). The trainer's periodic val_loss (metalm.train.loop.Trainer.validate) has the
+same definition over the batches it reads, so the two are one number whenever they read the same sequences.
+The logits are computed a chunk of positions at a time (`nll_sum`), never for a whole batch at once: at a
+50k vocabulary a batch of 8 x 2048 tokens would be 3.3 GB of them.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from metalm.storage import is_url
 from metalm.data.errors import DataError, parse_json
 
 log = logging.getLogger("metalm.eval.valloss")
+LOGIT_ELEMENTS = 1 << 22  # fp32 logits per LM-head chunk (16 MiB): a batch's full logits are never materialised
 
 
 def as_tokens(item) -> torch.Tensor:
@@ -29,8 +33,23 @@ def as_tokens(item) -> torch.Tensor:
     return t.long()
 
 
+def nll_sum(model, inp: torch.Tensor, tgt: torch.Tensor, logit_elements: int = LOGIT_ELEMENTS) -> float:
+    """Sum over every position of -log p(tgt | inp) (nats): the LM head and the cross-entropy run on chunks of
+    positions whose fp32 logits hold at most `logit_elements` numbers (at least one position per chunk)."""
+    h = model.hidden_states(inp)
+    h = h.reshape(-1, h.shape[-1])
+    flat = tgt.reshape(-1)
+    rows = max(1, logit_elements // model.cfg.vocab_size)
+    total = 0.0
+    for start in range(0, h.shape[0], rows):
+        logits = model.lm_head(h[start: start + rows]).float()
+        total += float(F.cross_entropy(logits, flat[start: start + rows], reduction="sum"))
+    return total
+
+
 @torch.no_grad()
-def validation_loss(model, batches: Iterable, max_batches: int | None = None, device="cpu") -> dict:
+def validation_loss(model, batches: Iterable, max_batches: int | None = None, device="cpu",
+                    logit_elements: int = LOGIT_ELEMENTS) -> dict:
     was = model.training
     model.eval()
     total, count, n = 0.0, 0, 0
@@ -41,8 +60,7 @@ def validation_loss(model, batches: Iterable, max_batches: int | None = None, de
             b = as_tokens(item).to(device)
             T = min(b.shape[1] - 1, model.cfg.max_seq_len)
             inp, tgt = b[:, :T], b[:, 1: T + 1]
-            logits = model(inp).float()
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"))
+            total += nll_sum(model, inp, tgt, logit_elements)
             count += tgt.numel()
             n += 1
     finally:

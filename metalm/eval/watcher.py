@@ -235,7 +235,7 @@ class Watcher:
             try:
                 rec = evaluate_checkpoint(snap, self.overrides, self.device,
                                           progress=lambda s: log.info("%s: %s", ref.name, s), name=ref.name,
-                                          origin=ref.location, shards=self.shards)
+                                          origin=ref.location, shards=self.shards, results=self.results)
             except OverrideError as e:  # the overrides' fault: no error file, so a corrected restart evaluates it
                 self._evaluating = False
                 self._override_failed.add(ref.name)

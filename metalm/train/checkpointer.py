@@ -25,6 +25,7 @@ import errno
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 from collections.abc import Callable
 
@@ -38,6 +39,7 @@ from metalm.fsutil import write_atomic
 from metalm.storage import Limits, describe, is_url
 from metalm.train.dist import Collectives
 from metalm.train.engine import Engine
+from metalm.train.universal import to_universal
 from metalm.train.errors import TrainingError, describe_error
 from metalm.train.preflight import check_free_space, free_bytes
 from metalm.train.uploader import Uploader
@@ -110,8 +112,14 @@ class Checkpointer:
 
     def resume(self, now: dict) -> TrainerState | None:
         """Collective: rank 0 picks (and verifies) the checkpoint that checkpoint.resume names and checks that a
-        run with `now` (geometry, tokenizer hash) can continue it; every rank then loads its part. Returns the
-        checkpoint's TrainerState (None: start from scratch). Any problem is a CheckpointError on every rank."""
+        run with `now` (geometry, ZeRO stage, tokenizer hash) can continue it; every rank then loads its part.
+        Returns the checkpoint's TrainerState (None: start from scratch). Any problem is a CheckpointError on every
+        rank.
+
+        A checkpoint written by another number of processes or ZeRO stage is first converted by rank 0 into
+        DeepSpeed's universal format (in `.tmp-step_N-universal/` beside it, removed after the load), which every
+        rank then loads into its own partitions. The data position is global (the same in every rank's file);
+        a rank the checkpoint did not have takes rank 0's RNG state."""
         if self.cfg.resume == "never":
             return None
         choice, err = None, None
@@ -125,25 +133,56 @@ class Checkpointer:
             raise CheckpointError(err)
         if choice is None:
             return None
-        path = Path(choice)
+        path, convert = Path(choice[0]), choice[1]
         rank_state, err = None, None
         try:
             state = ckpt.read_state(path)
-            rank_state = ckpt.load_rank_state(path, self.rank)
+            saved_world = state.world_size or self.comm.dist.world_size
+            rank_state = ckpt.load_rank_state(path, self.rank if self.rank < saved_world else 0)
         except CheckpointError as e:
             err = f"rank {self.rank}: {e}"
         self.comm.raise_agreed(err, CheckpointError)  # before DeepSpeed's collectives: all ranks stop alike
-        self.engine.load(str(path))
-        self.loader.load_state_dict(rank_state["data"])
+        if convert:
+            self._load_converted(path, convert, now["zero_stage"])
+        else:
+            self.engine.load(str(path))
+        data_warning = self.loader.load_state_dict(rank_state["data"])
         ckpt.set_rng_state(rank_state["rng"])
         self.saved_step = state.step
         if self.rank == 0:
+            if data_warning:
+                warn(f"resuming from {path}: {data_warning}")
             print(f"metalm: resumed from {path} at step {state.step}", flush=True)
             if self.last_step is not None and state.step >= self.last_step:
                 self._finish_uploads()  # nothing left to train: this run's only work is what the last one left
         return state
 
-    def _pick(self, now: dict) -> str | None:
+    def _load_converted(self, path: Path, why: str, zero_stage: int) -> None:
+        """Collective: rank 0 converts the checkpoint's DeepSpeed state to the universal format for this run's ZeRO
+        stage, every rank loads that, rank 0 removes it."""
+        scratch = self.root / f".tmp-{path.name}-universal"
+        err = None
+        if self.rank == 0:
+            print(f"metalm: {path} was written with {why}: converting its DeepSpeed state to the universal "
+                  f"format in {scratch}", flush=True)
+            shutil.rmtree(scratch, ignore_errors=True)
+            started = time.perf_counter()
+            try:
+                to_universal(path / Engine.TAG, scratch / Engine.TAG, zero_stage)
+            except CheckpointError as e:
+                err = str(e)
+            else:
+                print(f"metalm: converted in {time.perf_counter() - started:.1f} s", flush=True)
+        self.comm.raise_agreed(err, CheckpointError)
+        try:
+            self.engine.load(str(scratch), universal=True)
+        finally:
+            self.comm.barrier()
+            if self.rank == 0:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+    def _pick(self, now: dict) -> tuple[str, str | None] | None:
+        """Rank 0: (the checkpoint to resume from, why its DeepSpeed state needs converting or None), or None."""
         mode = self.cfg.resume
         if mode == "auto":
             path = ckpt.find_latest(self.root, verify=self.cfg.checksums)
@@ -176,18 +215,34 @@ class Checkpointer:
         mismatch = ckpt.resume_mismatch(state, now)
         if mismatch:
             raise CheckpointError(f"cannot resume from {path}: {mismatch}")
-        self._check_changes(path, state)
-        return str(path)
+        saved_stage = self._check_changes(path, state)
+        return str(path), self._conversion(state, saved_stage, now)
 
-    def _check_changes(self, path: Path, state: TrainerState) -> None:
+    def _conversion(self, state: TrainerState, saved_stage: int | None, now: dict) -> str | None:
+        """Why the checkpoint's DeepSpeed state must go through the universal format to load into this run (its
+        number of processes, or a ZeRO stage with another partition layout), or None: it loads as it is. Stage 0
+        keeps the whole optimizer state in one file and loads on any number of processes."""
+        stage, saved_world, world = now.get("zero_stage"), state.world_size, now["world_size"]
+        reasons = []
+        if saved_world is not None and saved_world != world and stage != 0:
+            reasons.append(f"{saved_world} process(es), this run has {world}")
+        shared = {saved_stage, stage} <= set(compat.ZERO_STAGES_SHARING_A_LAYOUT)
+        if None not in (saved_stage, stage) and saved_stage != stage and not shared:
+            reasons.append(f"ZeRO stage {saved_stage}, this run has {stage}")
+        return "; ".join(reasons) or None
+
+    def _check_changes(self, path: Path, state: TrainerState) -> int | None:
         """Rank 0: refuse a resume whose config changes the parameters' shapes, or whose shards are not the
-        checkpoint's (unless checkpoint.allow_data_change); warn about config changes that load."""
+        checkpoint's (unless checkpoint.allow_data_change); warn about config changes that load. Returns the
+        checkpoint's ZeRO stage (None when its config cannot be read)."""
         now = yaml.safe_load(self.config_yaml)
+        saved_stage = None
         try:
             saved = to_dict(load_config(path / "config.yaml"))
         except ConfigError as e:
             warn(f"{path}/config.yaml cannot be compared with this run's config ({e}); resuming unchecked")
         else:
+            saved_stage = saved["train"]["zero_stage"]
             refused, warned = compat.config_changes(saved, now)
             if refused:
                 raise CheckpointError(compat.refusal(str(path), refused))
@@ -203,6 +258,7 @@ class Checkpointer:
             if not self.cfg.allow_data_change:
                 raise CheckpointError(compat.data_refusal(str(path), change))
             warn(compat.data_warning(str(path), change))
+        return saved_stage
 
     def _remote_latest(self) -> str | None:
         if self.remote is None:

@@ -1,7 +1,8 @@
 """The DeepSpeed adapter: process-group set-up and the one surface the training loop, the checkpointer and the
 benchmarks use (forward, backward, step(skip), save, load, gather_for_export).
 
-This is the only module that touches DeepSpeed's internals. Each workaround says which DeepSpeed version it
+This module and metalm/train/universal.py (the universal-checkpoint conversion and load) are the only ones that
+touch DeepSpeed's internals. Each workaround says which DeepSpeed version it
 was written against (0.19.x, pinned in constraints.txt); on an upgrade, check the ones marked here and nothing
 else.
 """
@@ -12,6 +13,8 @@ import os
 import pickle
 import socket
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
 
@@ -22,6 +25,7 @@ from metalm.config import OptimConfig, TrainConfig, grad_accum
 from metalm.device import resolve_device
 from metalm.train.dist import Dist
 from metalm.train.lr_schedule import lr_lambda
+from metalm.train.universal import deepspeed_safe_globals, repair_stage3_universal_load, weights_only_torch_load
 
 
 def _free_port() -> int:
@@ -40,6 +44,23 @@ def _skip_cpu_shm_build() -> None:
     ds_torch.build_shm_op = lambda: None
 
 
+def _collective_timeout(seconds: float) -> timedelta:
+    """train.collective_timeout for every process group of the run. The default group and its store (the
+    rendezvous of env:// at init, TCPStore waits) get it from init_process_group, through DeepSpeed's
+    init_distributed. DeepSpeed 0.19 runs ZeRO's collectives on groups of its own (utils/groups.py: a clone of
+    the world group, made by `new_group(ranks)` without a timeout), and torch 2.13 gives such groups its own
+    default (30 minutes for gloo, 10 for NCCL), not the default group's: so the defaults that `new_group` reads
+    are set to the same value first."""
+    from torch.distributed import distributed_c10d
+
+    timeout = timedelta(seconds=seconds)
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if not hasattr(distributed_c10d, name):  # an upgrade renamed them: fail here, not hang in a collective
+            raise RuntimeError(f"torch.distributed.distributed_c10d.{name} is gone: see _collective_timeout")
+        setattr(distributed_c10d, name, timeout)
+    return timeout
+
+
 def init_distributed(train: TrainConfig) -> Dist:
     """Initialise torch.distributed through DeepSpeed (works under deepspeed, torchrun and plain python)."""
     device_type = resolve_device(train.device, "train.device")
@@ -53,7 +74,8 @@ def init_distributed(train: TrainConfig) -> Dist:
     import deepspeed
 
     backend = "nccl" if device_type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    timeout = _collective_timeout(train.collective_timeout)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
@@ -162,23 +184,13 @@ def deferred_io_errors(ds_engine, errors: list) -> Iterator[None]:
         yield
 
 
-def _deepspeed_safe_globals() -> list:
-    """DeepSpeed 0.19: the only non-container classes it pickles into its checkpoints (ZeRO 0-3, fp32/bf16/fp16):
-    plain data records (an enum, a dataclass, loss-scaler settings). Unpickling them cannot run code."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
 @contextmanager
 def safe_deepspeed_load(ds_engine) -> Iterator[None]:
     """Make DeepSpeed's `load_checkpoint` read its files with torch.load(weights_only=True): tensors, plain
     containers and the few DeepSpeed records above, never arbitrary pickled objects (DeepSpeed 0.19 itself
     passes weights_only=False to `checkpoint_engine.load`, which runs whatever code a tampered file carries).
     A file holding anything else raises CheckpointError naming it."""
-    allowed = _deepspeed_safe_globals()
+    allowed = deepspeed_safe_globals()
 
     def load(path: str, map_location=None):
         try:
@@ -251,6 +263,17 @@ class Engine:
                 flat.zero_()
         return not skip and self.ds.was_step_applied()
 
+    def full_gradients(self) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Collective at ZeRO 1-3 (every rank iterates it whole, in the same order): each parameter's name and its
+        whole gradient as the optimizer will receive it, between the step's last backward and `step` (reduced
+        over ranks, not yet clipped); None for a parameter without one. DeepSpeed 0.19's `safe_get_full_grad`
+        assembles it from the partitions (an all-reduce per parameter at ZeRO 1/2, an all-gather at ZeRO 3)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        for name, p in self.ds.module.named_parameters():
+            if p.requires_grad:
+                yield name, safe_get_full_grad(p)
+
     @property
     def lr(self) -> float:
         return self.ds.get_lr()[0]
@@ -270,14 +293,23 @@ class Engine:
         with deferred_io_errors(self.ds, errors):
             self.ds.save_checkpoint(directory, tag=self.TAG, save_latest=False)
 
-    def load(self, directory: str) -> None:
+    def load(self, directory: str, universal: bool = False) -> None:
         """Collective: model, optimizer and LR-scheduler state from `directory`/ds, read without unpickling
-        code."""
-        with safe_deepspeed_load(self.ds):
-            path, _ = self.ds.load_checkpoint(directory, tag=self.TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        code. universal=True: `directory`/ds is in DeepSpeed's universal format (`to_universal`), loaded into this
+        run's world size and ZeRO stage."""
+        flag = self.ds._config.load_universal_checkpoint  # DeepSpeed 0.19 reads it at load time only
+        self.ds._config.load_universal_checkpoint = universal
+        try:
+            with safe_deepspeed_load(self.ds), weights_only_torch_load() if universal else nullcontext():
+                path, _ = self.ds.load_checkpoint(directory, tag=self.TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        finally:
+            self.ds._config.load_universal_checkpoint = flag
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {directory}/{self.TAG}")
+        if universal and self.zero_stage == 3:
+            saved = Path(directory) / self.TAG / "zero" / "optimizer_state.pt"
+            repair_stage3_universal_load(self.ds.basic_optimizer, saved)
 
     @contextmanager
     def gather_for_export(self) -> Iterator[torch.nn.Module | None]:

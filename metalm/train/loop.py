@@ -25,10 +25,13 @@ from metalm.train.engine import Engine
 from metalm.train.errors import TrainingError
 from metalm.train.guards import StepGuards, StopRequest
 from metalm.train.interval import Interval, StepTotals
+from metalm.train.grad_stats import GradStats
 from metalm.train.step import HybridStep
 from metalm.train.metrics import MetricsLogger
 from metalm.train.module import PretrainModule
 from metalm.train.preflight import (RunLock, check_step_memory, checkpoint_bytes, probe_dirs, step_memory_bytes)
+
+PREPARE_WAIT_S = 7 * 24 * 3600.0  # how long the other ranks wait for rank 0 to prepare the shards
 
 # Dense bf16 peak FLOP/s by device name, for MFU. Unknown devices (and CPUs) report no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -67,8 +70,10 @@ class Trainer:
         self._check_memory()
         self.engine = Engine(self.module, cfg.optim, t, d)
         torch.manual_seed(t.seed + 1000 + d.rank)  # dropout differs per rank, reproducibly
+        record = self.run_dir / "samples" / f"rank_{d.rank:05d}.jsonl" if cfg.data.record_samples else None
         self.loader = build_loader(cfg.data, split="train", seq_len=t.seq_len, micro_batch=t.micro_batch,
-                                   seed=t.seed, rank=d.rank, world_size=d.world_size)
+                                   seed=t.seed, rank=d.rank, world_size=d.world_size, global_batch=t.global_batch,
+                                   record=record)
         self.meta = self._meta_step() if cfg.meta.enabled else None
         self.warned_at: dict[str, int] = {}  # inert-meta warning -> step it was last printed
         self.guards = StepGuards(t, d.world_size)
@@ -87,7 +92,8 @@ class Trainer:
         self.metrics.begin(self.step)
         self.peak = peak_flops(d.device)
         self.hybrid = HybridStep(cfg, self.engine, self.comm, self.meta, self.accum, before_update=self._before_update,
-                                 on_record=self.metrics.log, on_microbatch=self._heartbeat)
+                                 on_record=self.metrics.log, on_microbatch=self._heartbeat,
+                                 on_gradients=GradStats(t.grad_stats_every, self.engine, d.rank, self.metrics.log))
         self.first_step = self.step  # the first step this process runs: its first micro-batch shows the pace
         self.last_beat = self.step_started = 0.0
         self._announce()
@@ -114,7 +120,7 @@ class Trainer:
                                    seed=t.seed, progress=self.cfg.logging.progress)
 
         manifest = prepare() if self.dist.rank == 0 else None
-        self.comm.barrier()
+        self.comm.wait_for(PREPARE_WAIT_S)  # a first preparation can outlast train.collective_timeout
         return manifest if manifest is not None else prepare()
 
     def _check_memory(self) -> None:
@@ -139,7 +145,7 @@ class Trainer:
     def _resume(self) -> None:
         t = self.cfg.train
         now = {"world_size": self.dist.world_size, "global_batch": t.global_batch, "micro_batch": t.micro_batch,
-               "seq_len": t.seq_len, "tokenizer_hash": self.manifest.get("tokenizer_hash")}
+               "seq_len": t.seq_len, "tokenizer_hash": self.manifest.get("tokenizer_hash"), "zero_stage": t.zero_stage}
         state = self.checkpointer.resume(now)
         if state is not None:
             self.step, self.tokens, self.flops = state.step, state.tokens, state.flops
@@ -240,22 +246,25 @@ class Trainer:
                     warn(w)
 
     def validate(self) -> float:
-        """Collective: the mean AR loss over train.val_batches batches of the validation split."""
+        """Collective: val_loss over the first train.val_batches batches of each rank's validation stream, with the
+        evaluator's definition (metalm.eval.valloss): the token-weighted mean next-token cross-entropy over every
+        target token read, on all ranks together (a short last batch weighs by its tokens, not as a whole batch)."""
         from metalm.data import build_loader
 
         t = self.cfg.train
         loader = build_loader(self.cfg.data, split="val", seq_len=t.seq_len, micro_batch=t.micro_batch,
                               seed=t.seed, rank=self.dist.rank, world_size=self.dist.world_size)
-        total, n = torch.zeros((), device=self.dist.device), 0
+        total, count = torch.zeros((), device=self.dist.device), 0
         with self.engine.evaluating():
             for i, batch in enumerate(loader):
                 if i >= t.val_batches:
                     break
                 losses, _ = self.engine(batch.to(self.dist.device))
-                total += losses["ar"].detach().float()
-                n += 1
-        total, n = self.comm.reduce([total, n])
-        val = total / max(n, 1)
+                targets = batch.shape[0] * (batch.shape[1] - 1)  # the AR loss is the mean over these
+                total += losses["ar"].detach().float() * targets
+                count += targets
+        total, count = self.comm.reduce([total, count])
+        val = total / max(count, 1)
         self.metrics.log({"step": self.step, "tokens": self.tokens, "flops": self.flops, "val_loss": val})
         if self.dist.rank == 0:
             print(f"metalm: step {self.step} val_loss {val:.4f}", flush=True)

@@ -7,8 +7,9 @@ so all ranks take the same branch), the episode, the forward through the engine,
 metalm.meta.budget), the backward, the step's sums, the FLOPs (`micro_batch_flops`, the one formula the
 benchmarks use too) and the gradient diagnostics every meta.diag_every steps. The loop only sequences: it hands
 the step its batches, and hooks decide what the step does not know: `before_update(step, totals)` whether to
-skip the update (the guards, with their collective), `on_record(record)` where diagnostics go, and
-`on_microbatch(step, micro, seconds)` a heartbeat for slow steps.
+skip the update (the guards, with their collective), `on_record(record)` where diagnostics go,
+`on_microbatch(step, micro, seconds)` a heartbeat for slow steps, and `on_gradients(step)` what looks at the
+step's complete gradient before the update (the per-layer gradient norms of metalm.train.grad_stats).
 """
 from __future__ import annotations
 
@@ -77,10 +78,12 @@ class HybridStep:
     def __init__(self, cfg: Config, engine, comm: Collectives, meta: MetaStep | None, accum: int, *,
                  before_update: Callable[[int, StepTotals], bool] = lambda step, totals: False,
                  on_record: Callable[[dict], None] = lambda record: None,
-                 on_microbatch: Callable[[int, int, float], None] = lambda step, micro, seconds: None):
+                 on_microbatch: Callable[[int, int, float], None] = lambda step, micro, seconds: None,
+                 on_gradients: Callable[[int], None] = lambda step: None):
         self.cfg, self.engine, self.comm, self.meta, self.accum = cfg, engine, comm, meta, accum
         self.device = comm.dist.device
         self.before_update, self.on_record, self.on_microbatch = before_update, on_record, on_microbatch
+        self.on_gradients = on_gradients
         self.tokens_per_micro = cfg.train.micro_batch * cfg.train.seq_len * comm.dist.world_size
         self.ar_flops, self.meta_flops = micro_batch_flops(cfg, comm.dist.world_size)
         self.budgeted = meta is not None and uses_budget(cfg.meta)
@@ -101,6 +104,7 @@ class HybridStep:
             totals.add(loss, stats, meta=episode is not None)
             flops += self.meta_flops if episode is not None else self.ar_flops
             self.on_microbatch(step, micro, time.perf_counter() - t0)
+        self.on_gradients(step + 1)
         skip = self.before_update(step + 1, totals)
         applied = self.engine.step(skip)
         return StepOutcome(totals, skip, applied, self.accum * self.tokens_per_micro, flops)
