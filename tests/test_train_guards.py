@@ -120,3 +120,36 @@ def test_duplicate_delivery_is_one_request_a_later_signal_exits_at_once(monkeypa
     stop._handle(signal.SIGTERM, None)
     assert exits == [128 + signal.SIGTERM]
 
+
+
+def test_the_launcher_watchdog_is_a_stop_request_never_a_second_signal(monkeypatch):
+    """After a Ctrl-C the deepspeed runner dies at once, and a rank's watcher notices up to a second later, while
+    the rank is still checkpointing: that notice must not count as the second signal that exits at once."""
+    clock = {"t": 100.0}
+    exits = []
+    monkeypatch.setattr(guards.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(guards.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(guards.StopRequest, "_say", staticmethod(lambda text: None))
+    stop = guards.StopRequest()
+    stop._handle(signal.SIGINT, None)
+    clock["t"] += 1.0
+    stop._launcher_gone(guards.StopRequest.LAUNCHER_GONE, None)
+    assert not exits and stop.signame == "SIGINT"
+    alone = guards.StopRequest()  # the runner killed by itself: the watcher's notice is the request
+    alone._launcher_gone(guards.StopRequest.LAUNCHER_GONE, None)
+    assert alone.requested and alone.signame == "its launcher's exit" and not exits
+    clock["t"] += 5.0
+    alone._handle(signal.SIGTERM, None)  # a real signal after it still exits at once
+    assert exits == [128 + signal.SIGTERM]
+
+
+def test_installed_handlers_route_the_launcher_signal_to_the_watchdog_path():
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, guards.StopRequest.LAUNCHER_GONE)}
+    stop = guards.StopRequest()
+    try:
+        stop.install()
+        assert signal.getsignal(guards.StopRequest.LAUNCHER_GONE) == stop._launcher_gone
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -104,12 +104,13 @@ def _stop_with_deepspeed_runner() -> None:
     The runner starts a per-node launcher, which starts the ranks. A SIGTERM to the runner's PID alone (`kill PID`,
     a supervisor that signals only the process it started) kills the runner, but its launcher and the ranks train
     on, unseen. A watcher thread checks once a second that the launcher (this rank's parent) still has the runner
-    as its parent; when it has not, this rank stops as for any SIGTERM: checkpoint at the next step boundary,
-    exit 0. (The launcher is recognised by the CROSS_RANK variable it sets; Linux only.)
+    as its parent; when it has not, this rank stops as for a first SIGTERM (StopRequest.LAUNCHER_GONE):
+    checkpoint at the next step boundary, exit 0. (The launcher is recognised by the CROSS_RANK variable it
+    sets; Linux only.)
     """
     if "CROSS_RANK" not in os.environ or not sys.platform.startswith("linux"):
         return
-    import signal
+    from metalm.train.guards import StopRequest
     import threading
     import time
 
@@ -121,7 +122,7 @@ def _stop_with_deepspeed_runner() -> None:
     def watch() -> None:
         while _parent_of(launcher) == runner:
             time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), StopRequest.LAUNCHER_GONE)  # a stop request, never the "second signal" of a Ctrl-C
 
     threading.Thread(target=watch, name="metalm-runner-watch", daemon=True).start()
 

@@ -187,9 +187,15 @@ class StopRequest:
     A signal arriving within DUPLICATE_S of the first is the same request delivered twice, not a second one:
     Ctrl-C in a terminal reaches the launcher and every rank, and torchrun / the deepspeed launcher forward
     the launcher's copy to the ranks as well, milliseconds later.
+
+    LAUNCHER_GONE (SIGUSR1) is what a rank's own watchdog sends itself when its launcher is gone (the deepspeed
+    runner's watcher in metalm/cli/train.py): a stop request like a first SIGTERM, but never a second one, since
+    after a Ctrl-C the watchdog notices the runner's death up to a second later, while the rank is still
+    checkpointing.
     """
 
     DUPLICATE_S = 0.5
+    LAUNCHER_GONE = signal.SIGUSR1
 
     def __init__(self) -> None:
         self.requested = False
@@ -199,6 +205,7 @@ class StopRequest:
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+        signal.signal(self.LAUNCHER_GONE, self._launcher_gone)
 
     @staticmethod
     def _say(text: str) -> None:
@@ -215,3 +222,10 @@ class StopRequest:
         self.requested, self.signame, self.first_at = True, name, now
         self._say(f"metalm: {name} received: checkpointing at the end of this step, then exiting "
                   "(send it again to exit immediately)\n")
+
+    def _launcher_gone(self, signum, frame) -> None:
+        if self.requested:
+            return  # already stopping: the launcher went away because of that same request
+        self.requested, self.signame, self.first_at = True, "its launcher's exit", time.monotonic()
+        self._say("metalm: the launcher that started this rank is gone: checkpointing at the end of this step, "
+                  "then exiting\n")
