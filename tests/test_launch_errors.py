@@ -73,6 +73,13 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def _terminal_signals() -> None:
+    """In the launcher's process: SIGINT as a terminal's foreground job has it. A test run started in the
+    background (`make test &`, nohup, some CI runners) inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt in the deepspeed runner, whose status becomes its launcher's 1 instead of 130."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def documented_status(launcher: str, signal_words: str) -> int:
     """The exit status docs/troubleshooting.md's table gives for `launcher` and the row's signal column."""
     for line in (REPO / "docs" / "troubleshooting.md").read_text().splitlines():
@@ -101,7 +108,7 @@ def test_a_stopped_run_exits_with_the_documented_launcher_status(tmp_path, shard
            f"train.run_dir={run_dir}"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_run_env(), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_terminal_signals)
     try:
         deadline = time.monotonic() + 240
         metrics = run_dir / "metrics.jsonl"
