@@ -103,13 +103,20 @@ def test_step_guards_stop_on_a_dead_model():
 # ------------------------------------------------------------------------------------------------ signals
 
 
-def test_duplicate_delivery_is_one_request_a_later_signal_exits_at_once(monkeypatch):
-
+@pytest.fixture
+def stop_clock(monkeypatch):
+    """StopRequest on a hand-driven clock, with its exits recorded instead of taken and its messages silenced:
+    ({"t": seconds}, [exit codes])."""
     clock = {"t": 100.0}
     exits = []
     monkeypatch.setattr(guards.time, "monotonic", lambda: clock["t"])
     monkeypatch.setattr(guards.os, "_exit", lambda code: exits.append(code))
     monkeypatch.setattr(guards.StopRequest, "_say", staticmethod(lambda text: None))
+    return clock, exits
+
+
+def test_duplicate_delivery_is_one_request_a_later_signal_exits_at_once(stop_clock):
+    clock, exits = stop_clock
     stop = guards.StopRequest()
     stop._handle(signal.SIGINT, None)
     assert stop.requested and stop.signame == "SIGINT" and not exits
@@ -121,15 +128,10 @@ def test_duplicate_delivery_is_one_request_a_later_signal_exits_at_once(monkeypa
     assert exits == [128 + signal.SIGTERM]
 
 
-
-def test_the_launcher_watchdog_is_a_stop_request_never_a_second_signal(monkeypatch):
+def test_the_launcher_watchdog_is_a_stop_request_never_a_second_signal(stop_clock):
     """After a Ctrl-C the deepspeed runner dies at once, and a rank's watcher notices up to a second later, while
     the rank is still checkpointing: that notice must not count as the second signal that exits at once."""
-    clock = {"t": 100.0}
-    exits = []
-    monkeypatch.setattr(guards.time, "monotonic", lambda: clock["t"])
-    monkeypatch.setattr(guards.os, "_exit", lambda code: exits.append(code))
-    monkeypatch.setattr(guards.StopRequest, "_say", staticmethod(lambda text: None))
+    clock, exits = stop_clock
     stop = guards.StopRequest()
     stop._handle(signal.SIGINT, None)
     clock["t"] += 1.0

@@ -219,13 +219,13 @@ class StopRequest:
                 return
             self._say(f"metalm: second {name}: exiting now; the last complete checkpoint is intact\n")
             os._exit(128 + signum)
-        self.requested, self.signame, self.first_at = True, name, now
-        self._say(f"metalm: {name} received: checkpointing at the end of this step, then exiting "
-                  "(send it again to exit immediately)\n")
+        self._request(name, now, f"{name} received", " (send it again to exit immediately)")
 
     def _launcher_gone(self, signum, frame) -> None:
         if self.requested:
             return  # already stopping: the launcher went away because of that same request
-        self.requested, self.signame, self.first_at = True, "its launcher's exit", time.monotonic()
-        self._say("metalm: the launcher that started this rank is gone: checkpointing at the end of this step, "
-                  "then exiting\n")
+        self._request("its launcher's exit", time.monotonic(), "the launcher that started this rank is gone")
+
+    def _request(self, name: str, now: float, why: str, hint: str = "") -> None:
+        self.requested, self.signame, self.first_at = True, name, now
+        self._say(f"metalm: {why}: checkpointing at the end of this step, then exiting{hint}\n")
