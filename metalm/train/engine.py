@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import pickle
 import socket
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -25,7 +24,7 @@ from metalm.config import OptimConfig, TrainConfig, grad_accum
 from metalm.device import resolve_device
 from metalm.train.dist import Dist
 from metalm.train.lr_schedule import lr_lambda
-from metalm.train.universal import deepspeed_safe_globals, repair_stage3_universal_load, weights_only_torch_load
+from metalm.train.universal import load_weights_only, repair_stage3_universal_load, weights_only_torch_load
 
 
 def _free_port() -> int:
@@ -187,18 +186,11 @@ def deferred_io_errors(ds_engine, errors: list) -> Iterator[None]:
 @contextmanager
 def safe_deepspeed_load(ds_engine) -> Iterator[None]:
     """Make DeepSpeed's `load_checkpoint` read its files with torch.load(weights_only=True): tensors, plain
-    containers and the few DeepSpeed records above, never arbitrary pickled objects (DeepSpeed 0.19 itself
+    containers and the few DeepSpeed records universal.py allows, never arbitrary pickled objects (DeepSpeed 0.19 itself
     passes weights_only=False to `checkpoint_engine.load`, which runs whatever code a tampered file carries).
     A file holding anything else raises CheckpointError naming it."""
-    allowed = deepspeed_safe_globals()
-
     def load(path: str, map_location=None):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:
-            detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), str(e)[:300])
-            raise CheckpointError(f"{path}: refusing to unpickle it: {detail}") from None
+        return load_weights_only(torch.load, path, map_location)
 
     with _instance_patch(ds_engine.checkpoint_engine, load=load):
         yield

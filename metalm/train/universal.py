@@ -30,6 +30,17 @@ def deepspeed_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+def load_weights_only(load, f, map_location=None):
+    """`load` (torch.load) of file `f` with weights_only=True and the DeepSpeed records above allowed; a file
+    holding anything else raises CheckpointError naming it and the first unsupported global."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return load(f, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), str(e)[:300])
+        raise CheckpointError(f"{f}: refusing to unpickle it: {detail}") from None
+
+
 @contextmanager
 def weights_only_torch_load() -> Iterator[None]:
     """Inside this block every `torch.load` reads with weights_only=True (and the DeepSpeed records above).
@@ -38,15 +49,9 @@ def weights_only_torch_load() -> Iterator[None]:
     `torch.load(..., weights_only=False)` itself, not through the checkpoint engine: this keeps a tampered
     checkpoint from running code during a conversion or a universal load too."""
     real = torch.load
-    allowed = deepspeed_safe_globals()
 
     def load(f, map_location=None, **_: Any):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return real(f, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:
-            detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), str(e)[:300])
-            raise CheckpointError(f"{f}: refusing to unpickle it: {detail}") from None
+        return load_weights_only(real, f, map_location)
 
     torch.load = load
     try:
